@@ -1,0 +1,54 @@
+"""`bitplan eval`: KL divergence, top-1 agreement and perplexity of a candidate against a reference."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from . import app, console, err_console
+
+
+@app.command("eval")
+def eval_command(
+    reference: str = typer.Option(..., "--reference", "-r", help="the original model: folder, .gguf, hub id or built-in name"),
+    candidate: str = typer.Option(..., "--candidate", "-c", help="the model to judge (e.g. a bitplan checkpoint folder)"),
+    data: str = typer.Option(..., "--data", "-d", help="held-out text: .txt, .jsonl (field \"text\") or hf:NAME[:CONFIG[:SPLIT]]"),
+    windows: int = typer.Option(32, "--windows", "-n", help="number of token windows"),
+    seqlen: int = typer.Option(512, "--seqlen", "-t", help="tokens per window"),
+    seed: int = typer.Option(0, "--seed", help="which windows are drawn"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results to this JSON file"),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="cache reference logits on disk"),
+    cache_gb: float = typer.Option(2.0, "--cache-gb", help="size cap of the reference-logit cache"),
+) -> None:
+    """Compare a candidate with its reference on held-out text."""
+    from ..evaluate import evaluate
+
+    result = evaluate(reference, candidate, data, windows=windows, seqlen=seqlen, seed=seed, cache=cache,
+                      cache_gb=cache_gb, json_out=json_out)
+    for note in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {note}")
+    console.print(eval_table(result))
+    if json_out:
+        console.print(f"[dim]wrote {json_out}[/]")
+
+
+def eval_table(r) -> Table:
+    table = Table(title=f"{r.candidate} vs {r.reference} — {r.tokens:,} tokens ({r.windows} × {r.seqlen}) of {r.data}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [
+        ("KL mean ± se", f"{r.kl_mean:.6f} ± {r.kl_se:.6f}"),
+        ("KL median", f"{r.kl_median:.6f}"),
+        ("KL p90 / p99 / p99.9", f"{r.kl_p90:.5f} / {r.kl_p99:.5f} / {r.kl_p999:.5f}"),
+        ("KL max", f"{r.kl_max:.5f}"),
+        ("top-1 agreement", f"{100 * r.top1_agreement:.3f} % ± {100 * r.top1_se:.3f}"),
+        ("perplexity reference", f"{r.ppl_reference:.4f}"),
+        ("perplexity candidate", f"{r.ppl_candidate:.4f}"),
+        ("perplexity ratio", f"{r.ppl_ratio:.5f}"),
+        ("RMS Δp (correct token)", f"{100 * r.rms_dp:.3f} % ± {100 * r.rms_dp_se:.3f}"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table

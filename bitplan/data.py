@@ -1,0 +1,145 @@
+"""Text for calibration and evaluation: plain text, JSONL with a `text` field, or a named Hugging Face dataset,
+cut into seeded, fixed-length token windows.
+
+Documents are joined with the tokenizer's EOS token between them into one stream; windows are distinct
+non-overlapping slices of that stream, chosen by a seeded permutation, so a window never depends on how many
+others were asked for (the first k windows of a run with n > k are the same k windows).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import BitplanError
+
+HF_PREFIX = "hf:"
+
+
+@dataclass(frozen=True)
+class TextSource:
+    spec: str                  # what the user passed
+    sha256: str                # of the file bytes, or of the dataset spec
+    documents: int
+
+    def describe(self) -> dict:
+        return {"source": self.spec, "sha256": self.sha256, "documents": self.documents}
+
+
+def load_texts(source: str) -> list[str]:
+    """Documents from `source`: a .txt file (one document), a .jsonl file (one per line, field "text"),
+    or `hf:NAME[:CONFIG[:SPLIT]]` (a Hugging Face dataset, where `datasets` and a network are available)."""
+    texts = _read(source)
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise BitplanError(f"{source} holds no text")
+    return texts
+
+
+def describe_source(source: str) -> TextSource:
+    p = Path(source)
+    digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else hashlib.sha256(source.encode()).hexdigest()
+    return TextSource(spec=source, sha256=digest, documents=len(load_texts(source)))
+
+
+def _read(source: str) -> list[str]:
+    if source.startswith(HF_PREFIX):
+        return _read_hf(source[len(HF_PREFIX):])
+    p = Path(source).expanduser()
+    if not p.exists():
+        raise BitplanError(f"text file not found: {source} (for a Hugging Face dataset write hf:NAME[:CONFIG[:SPLIT]])")
+    if p.is_dir():
+        raise BitplanError(f"{source} is a folder; pass a .txt or .jsonl file")
+    raw = p.read_text(encoding="utf-8", errors="replace")
+    if p.suffix.lower() in (".jsonl", ".ndjson"):
+        texts = []
+        for i, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BitplanError(f"{source}, line {i}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise BitplanError(f"{source}, line {i}: expected an object with a string field \"text\"")
+            texts.append(record["text"])
+        return texts
+    return [raw]
+
+
+def _read_hf(spec: str) -> list[str]:
+    parts = spec.split(":")
+    name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), (parts[2] if len(parts) > 2 else "test")
+    try:
+        import datasets
+    except ImportError:
+        raise BitplanError("reading a Hugging Face dataset needs the `datasets` package: pip install datasets") from None
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:
+        raise BitplanError(f"could not load dataset {name} ({config}, {split}): {type(e).__name__}: {e}") from None
+    if "text" not in ds.column_names:
+        raise BitplanError(f"dataset {name} has no \"text\" column (columns: {', '.join(ds.column_names)})")
+    return list(ds["text"])
+
+
+def needs_bos(tokenizer) -> bool:
+    """True when the tokenizer puts BOS in front of encoded text (Llama-2/3 style): windows then start with BOS."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return len(ids) > 0 and ids[0] == bos
+
+
+def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
+    """All documents tokenized (without special tokens) and joined by EOS into one 1-D stream."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sequence longer than the model's maximum": we cut windows ourselves
+        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    pieces: list[int] = []
+    for i, ids in enumerate(encoded):
+        if i and eos is not None:
+            pieces.append(eos)
+        pieces.extend(ids)
+    return torch.tensor(pieces, dtype=torch.long)
+
+
+def token_windows(tokenizer, source: str, n_windows: int, seqlen: int, seed: int = 0,
+                  max_context: int | None = None) -> torch.Tensor:
+    """`n_windows` distinct token windows of length `seqlen` from `source`, chosen by `seed`: LongTensor [n, seqlen]."""
+    if n_windows <= 0:
+        raise BitplanError(f"the number of windows must be positive (got {n_windows})")
+    if seqlen < 2:
+        raise BitplanError(f"the window length must be at least 2 tokens (got {seqlen})")
+    if max_context is not None and seqlen > max_context:
+        raise BitplanError(f"a window of {seqlen} tokens is longer than the model's context of {max_context}")
+    stream = token_stream(tokenizer, load_texts(source))
+    bos = tokenizer.bos_token_id if needs_bos(tokenizer) else None
+    body = seqlen - 1 if bos is not None else seqlen
+    available = len(stream) // body
+    if available == 0:
+        raise BitplanError(f"{source} has {len(stream)} tokens, shorter than one window of {seqlen}")
+    if n_windows > available:
+        raise BitplanError(f"{source} has {len(stream)} tokens: {available} windows of {seqlen} at most, "
+                           f"{n_windows} asked for")
+    order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:n_windows]
+    windows = stream[: available * body].view(available, body)[order]
+    if bos is not None:
+        windows = torch.cat([torch.full((n_windows, 1), bos, dtype=torch.long), windows], dim=1)
+    return windows
+
+
+def warn_if_same_source(calibration: dict | None, evaluation: TextSource) -> str | None:
+    """A warning text when the evaluation text is the calibration text (the figure would be in-sample)."""
+    if not calibration:
+        return None
+    if calibration.get("sha256") == evaluation.sha256 or calibration.get("source") == evaluation.spec:
+        return (f"the evaluation text {evaluation.spec} is the calibration text of the candidate: "
+                "its figures are in-sample; evaluate on text the method did not fit")
+    return None

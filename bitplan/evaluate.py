@@ -1,0 +1,176 @@
+"""How faithful is a candidate model to its reference, on held-out text (`bitplan eval`).
+
+Per scored token (each position predicting the next token of the window):
+- KL(P_reference ‖ P_candidate) over the whole vocabulary,
+- whether both models' most likely tokens agree,
+- each model's negative log-likelihood of the actual next token (for perplexity),
+- the change in the probability of the actual next token (Δp).
+
+Windows are streamed one at a time and reduced to these per-token numbers at once, so memory does not grow
+with the number of windows or the vocabulary beyond one window's logits. Statistics follow llama.cpp's
+`--kl-divergence` report (mean ± standard error, percentiles, same-top-token rate, RMS Δp).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import describe_source, token_windows, warn_if_same_source
+from .errors import BitplanError
+from .io import write_json
+from .logit_cache import LogitCache
+from .models import LoadedModel, cache_dir, load_model, same_tokenizer, weights_sha256
+
+TOKEN_CHUNK = 128  # positions per float64 softmax: bounds memory at 128 × vocab × 8 bytes per model
+
+
+@dataclass
+class TokenStats:
+    """Per-token numbers for one window (numpy float64 / bool arrays of the scored positions)."""
+    kl: np.ndarray
+    agree: np.ndarray
+    nll_reference: np.ndarray
+    nll_candidate: np.ndarray
+    dp: np.ndarray
+
+
+@dataclass
+class EvalResult:
+    reference: str
+    candidate: str
+    data: str
+    windows: int
+    seqlen: int
+    seed: int
+    tokens: int
+    kl_mean: float
+    kl_se: float
+    kl_median: float
+    kl_p90: float
+    kl_p99: float
+    kl_p999: float
+    kl_max: float
+    top1_agreement: float
+    top1_se: float
+    ppl_reference: float
+    ppl_candidate: float
+    ppl_ratio: float
+    rms_dp: float
+    rms_dp_se: float
+    warnings: list[str]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def token_stats(ref_logits: torch.Tensor, cand_logits: torch.Tensor, window: torch.Tensor) -> TokenStats:
+    """Per-token statistics of one window from both models' logits [T, V]; computed in float64."""
+    if ref_logits.shape != cand_logits.shape:
+        raise BitplanError(f"reference and candidate disagree on the vocabulary size "
+                           f"({ref_logits.shape[-1]} vs {cand_logits.shape[-1]})")
+    targets = window[1:]
+    parts: list[list[np.ndarray]] = [[], [], [], [], []]
+    n = targets.shape[0]
+    for s in range(0, n, TOKEN_CHUNK):
+        e = min(s + TOKEN_CHUNK, n)
+        lp = torch.log_softmax(ref_logits[s:e].double(), dim=-1)
+        lq = torch.log_softmax(cand_logits[s:e].double(), dim=-1)
+        if not (torch.isfinite(lp).all() and torch.isfinite(lq).all()):
+            raise BitplanError("a model produced NaN or infinite logits")
+        t = targets[s:e, None]
+        kl = (lp.exp() * (lp - lq)).sum(-1)
+        agree = ref_logits[s:e].argmax(-1) == cand_logits[s:e].argmax(-1)
+        nll_p, nll_q = -lp.gather(-1, t)[:, 0], -lq.gather(-1, t)[:, 0]
+        dp = torch.exp(-nll_q) - torch.exp(-nll_p)
+        for bucket, value in zip(parts, (kl, agree, nll_p, nll_q, dp)):
+            bucket.append(value.numpy())
+    return TokenStats(*(np.concatenate(p) for p in parts))
+
+
+def summarize(stats: list[TokenStats]) -> dict:
+    """Aggregate statistics over every scored token."""
+    kl = np.concatenate([s.kl for s in stats])
+    agree = np.concatenate([s.agree for s in stats]).astype(np.float64)
+    nll_p = np.concatenate([s.nll_reference for s in stats])
+    nll_q = np.concatenate([s.nll_candidate for s in stats])
+    dp = np.concatenate([s.dp for s in stats])
+    n = kl.size
+    top1 = float(agree.mean())
+    dp2 = dp * dp
+    rms = math.sqrt(float(dp2.mean()))
+    # Standard error of an RMS by the delta method: se(mean(x²)) / (2·rms).
+    rms_se = float(dp2.std(ddof=1) / math.sqrt(n) / (2 * rms)) if rms > 0 and n > 1 else 0.0
+    q = np.quantile(kl, [0.5, 0.9, 0.99, 0.999])
+    return dict(
+        tokens=n,
+        kl_mean=float(kl.mean()), kl_se=float(kl.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
+        kl_median=float(q[0]), kl_p90=float(q[1]), kl_p99=float(q[2]), kl_p999=float(q[3]), kl_max=float(kl.max()),
+        top1_agreement=top1, top1_se=math.sqrt(top1 * (1 - top1) / (n - 1)) if n > 1 else 0.0,
+        ppl_reference=math.exp(nll_p.mean()), ppl_candidate=math.exp(nll_q.mean()),
+        ppl_ratio=math.exp(nll_q.mean() - nll_p.mean()),
+        rms_dp=rms, rms_dp_se=rms_se,
+    )
+
+
+def _as_loaded(model: str | LoadedModel) -> LoadedModel:
+    return model if isinstance(model, LoadedModel) else load_model(model)
+
+
+def _context_length(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+@torch.inference_mode()
+def _logits(model, window: torch.Tensor) -> torch.Tensor:
+    return model(window[None]).logits[0].float()
+
+
+def evaluate(reference: str | LoadedModel, candidate: str | LoadedModel, data: str, windows: int = 32,
+             seqlen: int = 512, seed: int = 0, cache: bool = True, cache_gb: float = 2.0,
+             json_out: str | Path | None = None, progress: bool = True) -> EvalResult:
+    """Compare `candidate` with `reference` on `windows` held-out windows of `data` (see module docstring)."""
+    if windows <= 0:
+        raise BitplanError(f"--windows must be positive (got {windows})")
+    source = describe_source(data)  # a missing or empty file fails here, before any model is loaded
+    ref = _as_loaded(reference)
+    same_spec = isinstance(reference, str) and isinstance(candidate, str) and reference == candidate
+    cand = ref if same_spec else _as_loaded(candidate)
+    if not same_tokenizer(ref.tokenizer, cand.tokenizer):
+        raise BitplanError(f"{ref.spec} and {cand.spec} use different tokenizers; KL needs the same vocabulary")
+    context = min(c for c in (_context_length(ref.model), _context_length(cand.model), 10**9) if c)
+    tokens = token_windows(ref.tokenizer, data, windows, seqlen, seed, max_context=context)
+
+    notes = []
+    calibration = getattr(cand.model.config, "quantization_config", None)
+    if isinstance(calibration, dict):
+        note = warn_if_same_source(calibration.get("calibration"), source)
+        if note:
+            notes.append(note)
+
+    logit_cache = LogitCache(cache_dir() / "logits", int(cache_gb * 2**30)) if cache else None
+    ref_hash = weights_sha256(ref.model) if logit_cache else ""
+    stats: list[TokenStats] = []
+    from rich.progress import Progress
+
+    with Progress(transient=True, disable=not progress) as bar:
+        task = bar.add_task(f"eval {cand.model_id} vs {ref.model_id}", total=windows)
+        for window in tokens:
+            key = logit_cache.key(ref_hash, window) if logit_cache else None
+            ref_logits = logit_cache.get(key) if logit_cache else None
+            if ref_logits is None:
+                ref_logits = _logits(ref.model, window)
+                if logit_cache:
+                    logit_cache.put(key, ref_logits)
+            cand_logits = ref_logits if cand is ref else _logits(cand.model, window)
+            stats.append(token_stats(ref_logits[:-1], cand_logits[:-1], window))
+            bar.advance(task)
+
+    result = EvalResult(reference=ref.spec, candidate=cand.spec, data=data, windows=windows, seqlen=seqlen,
+                        seed=seed, warnings=notes, **summarize(stats))
+    if json_out is not None:
+        write_json(json_out, result.to_json())
+    return result

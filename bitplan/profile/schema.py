@@ -1,0 +1,147 @@
+"""profile.json: the records `bitplan profile` writes and `bitplan solve` reads.
+
+A profile is budget-independent: per block linear layer it holds the layer's shape and the sensitivity
+coefficients, and per candidate format the layer's measured relative error t² = ‖W − Ŵ‖²/‖W‖² after rotation.
+The solver's cost of giving layer l format f is `alpha_l(objective) * rel_err_l(f)`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import BitplanError
+from ..io import read_json, write_json
+
+SCHEMA = "bitplan.profile"
+VERSION = 1
+
+# The coefficient each solver objective uses. Held-out variants are preferred when present.
+OBJECTIVES = {
+    "yaqa": ("alpha_yaqa_heldout", "alpha_yaqa"),
+    "hessian": ("alpha_hessian",),
+    "noise": ("alpha_noise",),
+}
+
+
+@dataclass
+class LayerRecord:
+    name: str                      # module path, e.g. "model.layers.3.mlp.down_proj"
+    block: int                     # decoder block index
+    kind: str                      # projection kind, e.g. "q_proj", "down_proj"
+    shape: tuple[int, int]         # (out_features m, in_features n)
+    weight_sq_norm: float          # ‖W‖²_F
+    trace_h_in: float | None = None
+    trace_h_out: float | None = None
+    alpha_noise: float | None = None       # ΔKL per unit t², measured by noise injection
+    alpha_noise_r2: float | None = None    # R² of the line through the origin
+    alpha_hessian: float | None = None     # predicted, round-to-nearest
+    alpha_yaqa: float | None = None        # predicted after two-sided LDLQ, in-sample
+    alpha_yaqa_heldout: float | None = None  # predicted after two-sided LDLQ, cross-fitted
+    rel_err: dict[str, float] = field(default_factory=dict)  # format name -> measured t² after rotation
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def params(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def alpha(self, objective: str) -> float:
+        """The coefficient for `objective`, or a clear error naming what the profile lacks."""
+        if objective not in OBJECTIVES:
+            raise BitplanError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        for key in OBJECTIVES[objective]:
+            value = getattr(self, key)
+            if value is not None:
+                return max(float(value), 0.0)  # a slightly negative fit is noise: no layer improves by quantizing
+        raise BitplanError(
+            f"profile has no {' or '.join(OBJECTIVES[objective])} for layer {self.name}; "
+            f"re-run `bitplan profile` with that measurement, or pick another --objective"
+        )
+
+
+@dataclass
+class ExtraTensor:
+    """Embeddings and the output head: listed separately, kept in fp16 by default."""
+    name: str
+    kind: str                      # "embedding" or "head"
+    shape: tuple[int, int]
+    tied_to: str | None = None     # the head shares the embedding's storage when tied
+
+    @property
+    def params(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+@dataclass
+class Profile:
+    model: dict[str, Any]          # {"id", "weights_sha256", "architecture", "n_params", ...}
+    calibration: dict[str, Any]    # {"source", "samples", "seqlen", "seed", "tokens", ...}
+    formats: list[str]             # candidate format names
+    layers: list[LayerRecord]
+    extras: list[ExtraTensor] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    version: int = VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"schema": SCHEMA, "version": self.version, "model": self.model, "calibration": self.calibration,
+               "settings": self.settings, "formats": self.formats,
+               "layers": [asdict(r) for r in self.layers], "extras": [asdict(e) for e in self.extras]}
+        for rec in out["layers"] + out["extras"]:
+            rec["shape"] = list(rec["shape"])
+        return out
+
+    def save(self, path: str | Path) -> None:
+        write_json(path, self.to_json())
+
+
+def profile_path(path: str | Path) -> Path:
+    """Accept a profile directory or the profile.json inside it."""
+    path = Path(path)
+    return path / "profile.json" if path.is_dir() else path
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read and validate a profile.json; every defect is a one-line BitplanError."""
+    file = profile_path(path)
+    if not file.exists():
+        raise BitplanError(f"no profile at {path} (expected a profile directory or its profile.json)")
+    data = read_json(file, "profile")
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise BitplanError(f"{file} is not a bitplan profile (missing \"schema\": \"{SCHEMA}\")")
+    if data.get("version") != VERSION:
+        raise BitplanError(f"{file} has profile version {data.get('version')}; this bitplan reads version {VERSION}")
+    try:
+        layers = [_layer(r) for r in data["layers"]]
+        extras = [ExtraTensor(name=e["name"], kind=e["kind"], shape=tuple(int(x) for x in e["shape"]),
+                              tied_to=e.get("tied_to")) for e in data.get("extras", [])]
+        profile = Profile(model=dict(data["model"]), calibration=dict(data.get("calibration", {})),
+                          formats=[str(f) for f in data["formats"]], layers=layers, extras=extras,
+                          settings=dict(data.get("settings", {})))
+    except (KeyError, TypeError, ValueError) as e:
+        raise BitplanError(f"{file} is malformed: {type(e).__name__}: {e}") from None
+    if not profile.layers:
+        raise BitplanError(f"{file} lists no layers")
+    names = [r.name for r in profile.layers]
+    if len(set(names)) != len(names):
+        raise BitplanError(f"{file} lists a layer twice")
+    return profile
+
+
+def _layer(r: dict[str, Any]) -> LayerRecord:
+    shape = tuple(int(x) for x in r["shape"])
+    if len(shape) != 2 or min(shape) <= 0:
+        raise ValueError(f"layer {r.get('name')} has shape {r['shape']}")
+    rec = LayerRecord(name=str(r["name"]), block=int(r["block"]), kind=str(r["kind"]), shape=shape,
+                      weight_sq_norm=float(r["weight_sq_norm"]),
+                      rel_err={str(k): float(v) for k, v in r.get("rel_err", {}).items()},
+                      extra=dict(r.get("extra", {})))
+    for key in ("trace_h_in", "trace_h_out", "alpha_noise", "alpha_noise_r2", "alpha_hessian",
+                "alpha_yaqa", "alpha_yaqa_heldout"):
+        value = r.get(key)
+        if value is not None:
+            value = float(value)
+            if not math.isfinite(value):
+                raise ValueError(f"layer {rec.name} has {key} = {value}")
+        setattr(rec, key, value)
+    return rec
