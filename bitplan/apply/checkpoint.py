@@ -1,0 +1,214 @@
+"""The quantized checkpoint: writing it atomically, and loading it back into a transformers model.
+
+Layout of a checkpoint folder:
+    config.json          the model's config with `quantization_config` = {quant_method: "bitplan", version,
+                         modules: {name: format}, files: {name: sha256}, plan, calibration, rounding, ...}
+    model.safetensors    per quantized module `<name>.codes` (int32 packed), `<name>.scale` / `.zero` (fp16),
+                         `<name>.rotation_seeds` (2 × uint64 stored as int64); fp16 modules `<name>.weight`;
+                         each grid's codebook once as `bitplan.codebook.grid-p{p}-n{n}`; every other tensor fp16
+                         (norm weights fp32: they are tiny and sensitive)
+    tokenizer files
+The whole folder is written under a temporary name and renamed into place, so a reader never sees half of one;
+the sha256 of model.safetensors in config.json catches truncation and corruption on load.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import BitplanError
+from ..formats import get_format
+from ..solve.accounting import codebook_key
+from .module import QuantizedLinear
+
+QUANT_METHOD = "bitplan"
+CHECKPOINT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CODEBOOK_PREFIX = "bitplan.codebook."
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_checkpoint(folder: str | Path) -> bool:
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        qc = json.loads(config.read_text()).get("quantization_config") or {}
+    except (json.JSONDecodeError, AttributeError):
+        return False
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+
+
+def _keep_precision(name: str, t: torch.Tensor) -> torch.Tensor:
+    """Non-quantized tensors are stored fp16 (what plans account for); 1-D norm weights and biases stay fp32."""
+    if not t.is_floating_point():
+        return t
+    return t.to(torch.float32) if t.dim() == 1 else t.to(torch.float16)
+
+
+def write_checkpoint(out_dir: str | Path, model: nn.Module, tokenizer, layers: dict[str, dict[str, torch.Tensor]],
+                     formats: dict[str, str], metadata: dict[str, Any]) -> Path:
+    """Write a checkpoint of `model` whose modules in `layers` (name → packed tensors) are replaced."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not is_checkpoint(out_dir):
+        raise BitplanError(f"{out_dir} exists and is not a bitplan checkpoint; refusing to overwrite it")
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    quantized_weights = {f"{name}.weight" for name in layers}
+    for key, t in model.state_dict(keep_vars=False).items():
+        if key in quantized_weights or "rotary" in key or key.endswith("inv_freq"):
+            continue
+        if t.data_ptr() in seen:  # a tied weight (the head sharing the embedding) is stored once
+            continue
+        seen.add(t.data_ptr())
+        tensors[key] = _keep_precision(key, t.detach()).contiguous()
+    for name, packed in layers.items():
+        for key, t in packed.items():
+            tensors[f"{name}.{key}"] = t.contiguous()
+    for fmt_name in sorted(set(formats.values())):  # one table per grid, shared by its group sizes
+        fmt = get_format(fmt_name)
+        table = fmt.codebook()
+        if table is not None:
+            tensors[CODEBOOK_PREFIX + codebook_key(fmt)] = table.to(torch.float32).contiguous()
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        qc = {"quant_method": QUANT_METHOD, "version": CHECKPOINT_VERSION, "modules": dict(formats),
+              "files": {WEIGHTS: file_sha256(tmp / WEIGHTS)}, **metadata}
+        config = model.config.to_dict()
+        config["quantization_config"] = qc
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def read_quantization_config(folder: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BitplanError(f"{folder}/config.json is unreadable ({type(e).__name__}: {e})") from None
+    qc = config.get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        raise BitplanError(f"{folder} is not a bitplan checkpoint (no quantization_config with quant_method \"bitplan\")")
+    if qc.get("version") != CHECKPOINT_VERSION:
+        raise BitplanError(f"{folder} is a bitplan checkpoint of version {qc.get('version')}; "
+                           f"this bitplan reads version {CHECKPOINT_VERSION}")
+    if not isinstance(qc.get("modules"), dict) or not qc["modules"]:
+        raise BitplanError(f"{folder}/config.json lists no quantized modules")
+    return qc
+
+
+def load_tensors(folder: Path, qc: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, after checking the file is complete and unchanged."""
+    path = folder / WEIGHTS
+    if not path.is_file():
+        raise BitplanError(f"{folder} is incomplete: {WEIGHTS} is missing")
+    expected = (qc.get("files") or {}).get(WEIGHTS)
+    if expected and file_sha256(path) != expected:
+        raise BitplanError(f"{path} is truncated or corrupted (its sha256 differs from the one in config.json)")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for damaged headers
+        raise BitplanError(f"{path} is unreadable ({type(e).__name__}: {e})") from None
+
+
+def build_model(folder: Path, qc: dict[str, Any], tensors: dict[str, torch.Tensor], cache: bool = True) -> nn.Module:
+    """A transformers model whose quantized modules are QuantizedLinear, every other weight from the file."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..models import _quiet_transformers
+
+    with _quiet_transformers():
+        config = AutoConfig.from_pretrained(folder)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval()
+    for fmt_name in set(qc["modules"].values()):
+        fmt = get_format(fmt_name)
+        table = fmt.codebook()
+        stored = tensors.get(CODEBOOK_PREFIX + codebook_key(fmt)) if table is not None else None
+        if table is not None and (stored is None or not torch.equal(stored, table.to(torch.float32))):
+            raise BitplanError(f"the checkpoint's {fmt_name} codebook differs from this bitplan's grid table; "
+                               "it was made with other grids")
+    used: set[str] = {k for k in tensors if k.startswith(CODEBOOK_PREFIX)}
+    for name, fmt_name in qc["modules"].items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise BitplanError(f"checkpoint module {name} does not exist in the {config.model_type} model") from None
+        if not isinstance(old, nn.Linear):
+            raise BitplanError(f"checkpoint module {name} is a {type(old).__name__}, not a linear layer")
+        prefix = f"{name}."
+        packed = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and k[len(prefix):] != "bias"}
+        bias = tensors.get(prefix + "bias")
+        if not packed:
+            raise BitplanError(f"the checkpoint has no tensors for module {name}")
+        used.update(prefix + k for k in packed)
+        if bias is not None:
+            used.add(prefix + "bias")
+        module = QuantizedLinear(old.in_features, old.out_features, fmt_name, packed,
+                                 bias.float() if bias is not None else None, cache=cache)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, module)
+    rest = {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items() if k not in used}
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    quantized_prefixes = tuple(f"{n}." for n in qc["modules"])
+    missing = [k for k in missing if not k.startswith(quantized_prefixes) and "rotary" not in k and not k.endswith("inv_freq")]
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        head = model.get_output_embeddings()
+        missing = [k for k in missing if head is None or not k.startswith(next(n for n, m in model.named_modules() if m is head))]
+    if missing or unexpected:
+        raise BitplanError(f"checkpoint tensors do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.requires_grad_(False)
+    return model
+
+
+def load_quantized(folder: str | Path, cache: bool = True):
+    """Load a bitplan checkpoint as a LoadedModel (see bitplan.models) that runs on the CPU or any device."""
+    from ..models import LoadedModel, _quiet_transformers
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise BitplanError(f"no checkpoint at {folder} (config.json missing)")
+    qc = read_quantization_config(folder)
+    model = build_model(folder, qc, load_tensors(folder, qc), cache=cache)
+    from transformers import AutoTokenizer
+
+    with _quiet_transformers():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except Exception as e:
+            raise BitplanError(f"{folder} has no usable tokenizer ({type(e).__name__}: {e})") from None
+    model.config.quantization_config = qc
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=str(folder), model_id=folder.name, path=folder)

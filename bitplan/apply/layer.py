@@ -1,0 +1,108 @@
+"""One layer, start to finish: rotate, fix the scales, round with the chosen feedback, pack.
+
+Rounding methods:
+- `yaqa`: two-sided block LDLQ with the profile's Kronecker factors H_O ⊗ H_I;
+- `ldlq`: one-sided block LDLQ (GPTQ-equivalent): H_O = I, H_I = E[xxᵀ] of the layer's inputs;
+- `rtn`:  round-to-nearest.
+Factors are rotated into the same randomized-Hadamard basis as the weights (the proxy is invariant), normalized
+to mean diagonal 1, damped until Cholesky succeeds, and split by block LDL in float64.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import BitplanError
+from ..formats import Format, QuantizedWeight, RandomizedHadamard, rotate_weight, unrotate_weight
+from ..linalg import block_ldl, normalize
+from .ldlq import ldlq_round, proxy
+from .module import encode_seeds
+from ..profile.relerr import rotation_seeds
+
+ROUNDINGS = ("yaqa", "ldlq", "rtn")
+TILE = 16  # rows/columns per LDL block, as in YAQA and QTIP
+
+
+@dataclass
+class LayerResult:
+    name: str
+    format: str
+    tensors: dict[str, torch.Tensor]    # what the checkpoint stores for this layer (packed)
+    W_hat: torch.Tensor                 # dequantized weights in the original basis, float32 [m, n]
+    stats: dict = field(default_factory=dict)
+
+
+def tile_width(fmt: Format) -> int:
+    """Columns per tile: a multiple of 16 that whole p-vectors fill (48 for p = 3)."""
+    return TILE * fmt.vector_dim // math.gcd(TILE, fmt.vector_dim)
+
+
+def rotate_factor(H: torch.Tensor, seed: int) -> torch.Tensor:
+    """R H Rᵀ for the layer's randomized Hadamard R (the factor seen by the rotated weights)."""
+    had = RandomizedHadamard(H.shape[0], seed)
+    return had.forward(had.forward(H, dim=0), dim=1)
+
+
+def prepare_factor(H: torch.Tensor, seed: int, block: int, shrink: float, name: str):
+    """Rotate, normalize, shrink toward I, and block-LDL a factor; returns (normalized H, LDL)."""
+    Hn = normalize(rotate_factor(H.to(torch.float64), seed))
+    if shrink:
+        Hn = (1.0 - shrink) * Hn + shrink * torch.eye(Hn.shape[0], dtype=Hn.dtype)
+    return Hn, block_ldl(Hn, block, name=name)
+
+
+def quantize_layer(name: str, W: torch.Tensor, fmt: Format, rounding: str = "yaqa",
+                   H_in: torch.Tensor | None = None, H_out: torch.Tensor | None = None,
+                   shrink_out: float = 0.0, seed: int = 0) -> LayerResult:
+    """Quantize one linear weight W [out, in] to `fmt`.
+
+    H_in / H_out are the layer's factors in the original basis (float32/64); `yaqa` needs both, `ldlq` needs
+    H_in = E[xxᵀ]; `rtn` needs neither. `shrink_out` moves the normalized H_O toward the identity.
+    """
+    if rounding not in ROUNDINGS:
+        raise BitplanError(f"unknown rounding {rounding!r}; choose one of {', '.join(ROUNDINGS)}")
+    if not torch.isfinite(W).all():
+        raise BitplanError(f"{name}: weight has NaN or Inf values")
+    W = W.detach().to(torch.float64)
+    m, n = W.shape
+    if fmt.kind == "fp16":
+        w16 = W.to(torch.float16)
+        return LayerResult(name, fmt.name, {"weight": w16}, w16.to(torch.float32), {"rel_err": _rel(W, w16.double())})
+
+    seed_out, seed_in = rotation_seeds(name, seed)
+    W_rot = rotate_weight(W, seed_out, seed_in)
+    params = fmt.fit(W_rot.to(torch.float32))
+    scale, zero = fmt.per_weight(params, n)
+    scale, zero = scale.double(), (zero.double() if zero is not None else None)
+    stats: dict = {}
+    if rounding == "rtn":
+        codes = fmt.quantize(W_rot.to(torch.float32)).codes  # fit is deterministic: the same params
+    else:
+        if H_in is None or (rounding == "yaqa" and H_out is None):
+            raise BitplanError(f"{name}: {rounding} rounding needs the profile's Hessian factors for this layer")
+        bi = tile_width(fmt)
+        if n % bi or m % TILE:
+            raise BitplanError(f"{name}: a {m}×{n} layer does not split into {TILE}×{bi} tiles for {fmt.name}; "
+                               f"use --rounding rtn or a format with vector length 1, 2 or 4")
+        Hi, ldl_in = prepare_factor(H_in, seed_in, bi, 0.0, f"{name} (H_in)")
+        Ho, ldl_out = (prepare_factor(H_out, seed_out, TILE, shrink_out, f"{name} (H_out)")
+                       if rounding == "yaqa" else (None, None))
+        rounded = ldlq_round(W_rot, fmt, scale, zero, ldl_in.L, ldl_out.L if ldl_out else None, bi, TILE)
+        codes = rounded.codes
+        E = W_rot - rounded.W_hat
+        stats.update(sigma_in=ldl_in.sigma, sigma_out=ldl_out.sigma if ldl_out else 0.0,
+                     proxy=proxy(E, Hi, Ho), proxy_rtn=proxy(W_rot - fmt.round(W_rot, scale, zero), Hi, Ho))
+    qw = QuantizedWeight(fmt.name, (m, n), codes.to(torch.int32), params)
+    tensors = fmt.pack(qw)
+    tensors["rotation_seeds"] = encode_seeds(seed_out, seed_in)
+    # Dequantize from what is stored, so W_hat is exactly what a loaded checkpoint computes with.
+    W_hat_rot = fmt.dequantize(fmt.unpack({k: v for k, v in tensors.items() if k != "rotation_seeds"}, m, n))
+    W_hat = unrotate_weight(W_hat_rot.to(torch.float64), seed_out, seed_in)
+    stats["rel_err"] = _rel(W, W_hat)
+    return LayerResult(name, fmt.name, tensors, W_hat.to(torch.float32), stats)
+
+
+def _rel(W: torch.Tensor, W_hat: torch.Tensor) -> float:
+    return float((W - W_hat).pow(2).sum() / W.pow(2).sum().clamp_min(1e-300))

@@ -1,0 +1,197 @@
+"""`bitplan apply`: quantize every layer of a model to its assigned format and write a packed checkpoint.
+
+Layers are independent (the factors come from the original model), so each is rounded on its own, in parallel
+threads if asked, and saved as one part file in a job folder beside the output. A killed run resumes from the
+parts already written; a part is reused only if it was made from the same weights, format, rounding and factors.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..errors import BitplanError
+from ..formats import get_format
+from ..io import atomic_path
+from ..models import LoadedModel, find_linears, load_model, weights_sha256
+from .checkpoint import write_checkpoint
+from .layer import ROUNDINGS, LayerResult, quantize_layer
+
+
+@dataclass
+class ApplyResult:
+    out_dir: Path
+    formats: dict[str, str]
+    stats: dict[str, dict] = field(default_factory=dict)
+
+
+def job_dir(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.job"
+
+
+def _part_key(weights_hash: str, name: str, fmt: str, rounding: str, shrink: float, factors_id: str) -> str:
+    return hashlib.sha256(f"{weights_hash}|{name}|{fmt}|{rounding}|{shrink}|{factors_id}".encode()).hexdigest()
+
+
+def _read_part(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("bitplan", "{}"))
+            if meta.get("key") != key:
+                return None
+            return {k: f.get_tensor(k) for k in f.keys()}, meta.get("stats", {})
+    except Exception:  # a damaged part is redone, never trusted
+        return None
+
+
+def load_layer_factors(profile_dir: Path | None, name: str, rounding: str):
+    """(H_in, H_out, identity) for a layer: the profile's summed halves; one-sided LDLQ uses E[xxᵀ]."""
+    if rounding == "rtn":
+        return None, None, "none"
+    if profile_dir is None:
+        raise BitplanError(f"{rounding} rounding needs a profile with Hessian factors (hessians/); "
+                           "pass the profile, or use --rounding rtn")
+    from ..profile.hessians import factors_path, load_factors
+
+    path = factors_path(profile_dir, name)
+    f = load_factors(profile_dir, name)
+    ident = f"{path}:{path.stat().st_size}:{path.stat().st_mtime_ns}"
+    if rounding == "ldlq":
+        xtx = getattr(f, "xtx", None)
+        if xtx is None:
+            raise BitplanError(f"the profile's factors for {name} lack E[xxᵀ] (needed by --rounding ldlq); "
+                               "re-run `bitplan profile` with this version")
+        return xtx, None, ident
+    return f.h_in, f.h_out, ident
+
+
+def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: str | Path, rounding: str = "yaqa",
+                  profile_dir: str | Path | None = None, shrink: float | dict[str, float] = 0.0, workers: int = 1,
+                  metadata: dict[str, Any] | None = None, progress: bool = True) -> ApplyResult:
+    """Quantize `model`'s layers to `formats` (layer name → format name) and write a checkpoint to `out_dir`.
+
+    `shrink` moves each normalized H_O toward the identity (one λ, or λ per layer). Layers not named in
+    `formats` keep their original weights.
+    """
+    if rounding not in ROUNDINGS:
+        raise BitplanError(f"unknown rounding {rounding!r}; choose one of {', '.join(ROUNDINGS)}")
+    lm = model if isinstance(model, LoadedModel) else load_model(model)
+    out_dir = Path(out_dir)
+    known = {info.name: info for info in find_linears(lm.model)}
+    unknown = sorted(set(formats) - set(known))
+    if unknown:
+        raise BitplanError(f"the plan names {len(unknown)} layer(s) the model does not have, e.g. {unknown[0]}")
+    fmts = {name: get_format(f) for name, f in formats.items()}  # unknown format names fail before any work
+    profile_dir = Path(profile_dir) if profile_dir else None
+    weights_hash = weights_sha256(lm.model)
+    jobs = job_dir(out_dir)
+    jobs.mkdir(parents=True, exist_ok=True)
+
+    def one(name: str) -> tuple[str, dict[str, torch.Tensor], dict]:
+        fmt = fmts[name]
+        lam = shrink.get(name, 0.0) if isinstance(shrink, dict) else shrink
+        needs_factors = rounding != "rtn" and fmt.kind != "fp16"
+        H_in, H_out, ident = load_layer_factors(profile_dir, name, rounding) if needs_factors else (None, None, "none")
+        key = _part_key(weights_hash, name, fmt.name, rounding, lam, ident)
+        part = jobs / f"{name}.safetensors"
+        cached = _read_part(part, key)
+        if cached is not None:
+            return name, *cached
+        W = lm.model.get_submodule(name).weight
+        res: LayerResult = quantize_layer(name, W, fmt, rounding if fmt.kind != "fp16" else "rtn", H_in, H_out,
+                                          shrink_out=lam)
+        stats = {**res.stats, "format": fmt.name, "shrink_out": lam}
+        with atomic_path(part) as tmp:
+            save_file({k: v.contiguous() for k, v in res.tensors.items()}, str(tmp),
+                      metadata={"bitplan": json.dumps({"key": key, "stats": stats})})
+        return name, res.tensors, stats
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    stats: dict[str, dict] = {}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=True, disable=not progress) as bar:
+        task = bar.add_task(f"{rounding} rounding", total=len(formats))
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for name, tensors, st in pool.map(one, list(formats)):
+                layers[name], stats[name] = tensors, st
+                bar.advance(task)
+
+    meta = {"rounding": rounding, "source_model": {"id": lm.model_id, "weights_sha256": weights_hash},
+            "layers": stats, **(metadata or {})}
+    write_checkpoint(out_dir, lm.model, lm.tokenizer, layers, {n: fmts[n].name for n in formats}, meta)
+    import shutil
+
+    shutil.rmtree(jobs, ignore_errors=True)
+    return ApplyResult(out_dir=out_dir, formats={n: fmts[n].name for n in formats}, stats=stats)
+
+
+def simulate(model: torch.nn.Module, W_hat: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The dequantized ("fake-quantized") model: `model` with each named layer's weight replaced, in place,
+    and every other tensor rounded as the checkpoint stores it (fp16 matrices, fp32 vectors)."""
+    from .checkpoint import _keep_precision
+
+    with torch.no_grad():
+        for key, t in model.state_dict(keep_vars=True).items():
+            if t.is_floating_point():
+                t.copy_(_keep_precision(key, t).to(t.dtype))
+        for name, W in W_hat.items():
+            model.get_submodule(name).weight.copy_(W)
+    return model
+
+
+def _profile_dir_of(plan, plan_path: Path) -> Path | None:
+    """The folder of the profile a plan was solved from (relative paths: from the cwd, then the plan's folder)."""
+    recorded = (plan.profile or {}).get("path")
+    if not recorded:
+        return None
+    p = Path(recorded)
+    for candidate in (p, plan_path.parent / p):
+        if candidate.exists():
+            return candidate if candidate.is_dir() else candidate.parent
+    return None
+
+
+def apply_plan(plan_path: str | Path, out_dir: str | Path, model: str | LoadedModel | None = None,
+               rounding: str = "yaqa", profile_dir: str | Path | None = None, shrink: float = 0.0,
+               workers: int = 1, progress: bool = True) -> ApplyResult:
+    """Quantize the model a plan names (or `model`) to the plan's formats; factors from the plan's profile
+    (or `profile_dir`, e.g. a profile run with Hessians when the plan came from a shipped profile)."""
+    from ..profile.schema import load_profile
+    from ..solve import load_plan
+
+    plan_path = Path(plan_path)
+    plan = load_plan(plan_path)
+    recorded = (plan.profile or {}).get("model") or {}
+    spec = model if model is not None else recorded.get("spec") or recorded.get("id")
+    if spec is None:
+        raise BitplanError(f"{plan_path} does not name its model; pass --model")
+    lm = spec if isinstance(spec, LoadedModel) else load_model(spec)
+    expected = recorded.get("weights_sha256")
+    if expected and weights_sha256(lm.model) != expected:
+        raise BitplanError(f"{plan_path} was made for other weights than {lm.spec} (weights hash differs); "
+                           "profile and solve for this model, or pass the model the plan was made for")
+    source_profile = _profile_dir_of(plan, plan_path)
+    factors_dir = Path(profile_dir) if profile_dir else source_profile
+    if rounding != "rtn" and (factors_dir is None or not (factors_dir / "hessians").is_dir()):
+        raise BitplanError(f"{rounding} rounding needs Hessian factors, and {factors_dir or 'the plan’s profile'} has "
+                           "no hessians/ (shipped profiles leave them out): run `bitplan profile` and pass its folder "
+                           "with --profile, or use --rounding rtn")
+    calibration = {}
+    if factors_dir is not None and (factors_dir / "profile.json").is_file():
+        calibration = load_profile(factors_dir).calibration
+    metadata = {"plan": {"path": str(plan_path), "budget": plan.budget.get("given"), "totals": plan.totals,
+                         "objective": plan.objective},
+                "calibration": calibration, "shrink_out": shrink}
+    return apply_formats(lm, plan.formats(), out_dir, rounding=rounding, profile_dir=factors_dir, shrink=shrink,
+                         workers=workers, metadata=metadata, progress=progress)

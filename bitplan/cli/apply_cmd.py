@@ -1,0 +1,36 @@
+"""`bitplan apply`: round a model into its plan's formats and write a packed checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from . import app, console
+
+
+@app.command("apply")
+def apply_command(
+    plan: Path = typer.Argument(..., help="plan.json from `bitplan solve`"),
+    out: Path = typer.Option(..., "--out", "-o", help="checkpoint folder to write"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="the model (default: the one the plan names)"),
+    rounding: str = typer.Option("yaqa", "--rounding", help="yaqa (two-sided LDLQ), ldlq (one-sided, GPTQ) or rtn"),
+    profile: Optional[Path] = typer.Option(None, "--profile", help="profile folder with hessians/ (default: the plan's)"),
+    shrink: float = typer.Option(0.0, "--shrink", help="λ: H_O ← (1−λ)·H_O + λ·I after normalization"),
+    workers: int = typer.Option(1, "--workers", help="layers rounded in parallel threads"),
+) -> None:
+    """Quantize a model per its plan (YAQA rounding by default) into a packed checkpoint."""
+    from ..apply import apply_plan
+
+    result = apply_plan(plan, out, model=model, rounding=rounding, profile_dir=profile, shrink=shrink, workers=workers)
+    table = Table(title=f"{len(result.formats)} layers → {result.out_dir}")
+    for column in ("format", "layers", "mean t²"):
+        table.add_column(column, justify="right" if column != "format" else "left")
+    by_format: dict[str, list[float]] = {}
+    for name, fmt in result.formats.items():
+        by_format.setdefault(fmt, []).append(result.stats[name].get("rel_err", float("nan")))
+    for fmt, errs in sorted(by_format.items()):
+        table.add_row(fmt, str(len(errs)), f"{sum(errs) / len(errs):.5f}")
+    console.print(table)
+    console.print(f"evaluate it: bitplan eval --reference {model or 'MODEL'} --candidate {result.out_dir} --data TEXT")

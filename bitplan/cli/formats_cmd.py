@@ -1,0 +1,40 @@
+"""`bitplan formats`: the quantization formats with their bits, Gaussian MSE and distance to Shannon's bound."""
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.table import Table
+
+from . import app, console
+
+
+@app.command("formats")
+def formats_command(
+    json_out: bool = typer.Option(False, "--json", help="print machine-readable JSON instead of a table"),
+    candidates: bool = typer.Option(False, "--candidates", help="only the solver's default candidates"),
+    kind: str = typer.Option("", "--kind", help="only this kind: grid, int or fp16"),
+    m: int = typer.Option(4096, "--m", help="out features of the layer used for storage bits per weight"),
+    n: int = typer.Option(4096, "--n", help="in features of the layer used for storage bits per weight"),
+) -> None:
+    """List the quantization formats (storage bits per weight at an m×n layer, scales and seeds included)."""
+    from ..errors import BitplanError
+    from ..formats import all_formats, default_candidates
+    from ..formats.registry import format_summary
+
+    if kind and kind not in ("grid", "int", "fp16"):
+        raise BitplanError(f"unknown kind {kind!r}; choose grid, int or fp16")
+    default = {f.name for f in default_candidates()}
+    rows = [format_summary(f, m, n) | {"default_candidate": f.name in default}
+            for f in (default_candidates() if candidates else all_formats()) if not kind or f.kind == kind]
+    if json_out:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table(title=f"bitplan formats (bits per weight at a {m}×{n} layer; mse_q on i.i.d. N(0,1))")
+    for col, just in [("name", "left"), ("kind", "left"), ("nominal bits", "right"), ("storage bpw", "right"),
+                      ("mse_q", "right"), ("÷ 4^-bits", "right"), ("default", "center")]:
+        table.add_column(col, justify=just)
+    for r in rows:
+        table.add_row(r["name"], r["kind"], f"{r['nominal_bits']:.3f}", f"{r['bits_per_weight']:.4f}",
+                      f"{r['mse_q']:.4g}", f"{r['shannon_ratio']:.3f}", "✓" if r["default_candidate"] else "")
+    console.print(table)

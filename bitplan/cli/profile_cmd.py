@@ -1,0 +1,50 @@
+"""`bitplan profile`: Kronecker-factored Hessians, linearity coefficients and the sensitivity report of a model."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import app, console
+
+
+@app.command("profile")
+def profile_command(
+    model: str = typer.Argument("smollm2-135m", help="folder, .gguf file, cached hub id or built-in name"),
+    calib: str = typer.Option(..., "--calib", "-c", help="calibration text: .txt, .jsonl (field \"text\") or hf:NAME[:CONFIG[:SPLIT]]"),
+    samples: int = typer.Option(128, "--samples", "-n", help="calibration windows (split into two seeded halves)"),
+    seqlen: int = typer.Option(256, "--seqlen", "-t", help="tokens per window"),
+    seed: int = typer.Option(0, "--seed", help="seeds the windows, the halves, the sampled labels and the noise"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory (default ./profile-<model id>)"),
+    sketch_chunk: int = typer.Option(32, "--sketch-chunk", help="tokens per factor sample T' (1 = per token, seqlen = YAQA sketch B)"),
+    formats: str = typer.Option("default", "--formats", help="candidate formats, comma-separated, or 'default'"),
+    noise_samples: int = typer.Option(4, "--noise-samples", help="calibration windows used for noise injection (0 skips α_noise)"),
+    batch_size: int = typer.Option(4, "--batch-size", help="windows per forward/backward pass (memory vs speed; results do not depend on it)"),
+    checkpoint_every: int = typer.Option(32, "--checkpoint-every", help="windows between checkpoints of the running factor sums"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a profile or job of other settings in --out"),
+    keep_job: bool = typer.Option(False, "--keep-job", help="keep OUT/.job (per-layer intermediate results) after finishing"),
+    threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0: torch's default); on a machine shared "
+                                "with other jobs, 1 avoids oversubscription"),
+) -> None:
+    """Profile a model: what each block linear layer costs in KL per unit of quantization error.
+
+    Interrupted runs resume: run the same command again."""
+    from ..profile import default_out_dir, profile_model
+    from ..profile.report import sensitivity_table, summary_line
+
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+
+    profile = profile_model(model, calib, samples, seqlen, seed, out, sketch_chunk=sketch_chunk,
+                            noise_samples=noise_samples, formats=formats, batch_size=batch_size,
+                            checkpoint_every=checkpoint_every, overwrite=overwrite, keep_job=keep_job)
+    console.print(sensitivity_table(profile))
+    where = out if out is not None else default_out_dir(profile.model["id"])
+    console.print(f"[bold]{profile.model['id']}[/]: {summary_line(profile)}")
+    timing = profile.extra.get("timing_s", {})
+    if timing:
+        console.print("[dim]time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items())
+                      + f"; peak memory {profile.extra.get('peak_rss_gb', 0):.2f} GB; wrote {where}[/]")

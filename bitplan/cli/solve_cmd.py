@@ -1,0 +1,134 @@
+"""`bitplan solve`: choose a format for every block linear layer under a budget, and explain the choice."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from . import app, console
+
+_BPW_STYLE = [(2.5, "red"), (3.5, "yellow"), (5.0, "green"), (99.0, "cyan")]
+
+
+@app.command("solve")
+def solve_command(
+    profile: str = typer.Argument(..., help="profile directory (or its profile.json) from `bitplan profile`"),
+    budget: Optional[str] = typer.Option(None, "--budget", "-b",
+                                         help="3.25bpw (storage bits per weight over block linears), or a whole-file "
+                                              "size: 2.1GB, 1.8GiB, 500MB, 700MiB"),
+    out: Path = typer.Option(Path("plan.json"), "--out", "-o", help="where to write the plan (and sweep files)"),
+    solver: str = typer.Option("dp", "--solver", help="dp (exact dynamic program) or ilp (CBC; exact codebooks, "
+                                                      "needed for --resource)"),
+    objective: Optional[str] = typer.Option(None, "--objective",
+                                            help="yaqa, hessian or noise (default: the best the profile has)"),
+    formats: Optional[str] = typer.Option(None, "--formats",
+                                          help="comma list of format names and sets: profile (default), default, "
+                                               "all, grid, int, kernel"),
+    pin: List[str] = typer.Option([], "--pin", help="REGEX=FORMAT: layers whose name matches get FORMAT "
+                                                    "(repeatable)"),
+    min_bits: Optional[float] = typer.Option(None, "--min-bits", help="lowest nominal bits per weight of any layer"),
+    max_bits: Optional[float] = typer.Option(None, "--max-bits", help="highest nominal bits per weight of any layer"),
+    tie: Optional[str] = typer.Option(None, "--tie", help="layers sharing one format: comma list of qkv, gateup, "
+                                                          "attn, mlp, block"),
+    resource: Optional[Path] = typer.Option(None, "--resource", help="second resource table (JSON or CSV: format, "
+                                                                     "amount per weight); needs --solver ilp"),
+    resource_limit: Optional[float] = typer.Option(None, "--resource-limit",
+                                                   help="limit on the resource's mean per weight"),
+    sweep: Optional[str] = typer.Option(None, "--sweep", help="e.g. 2.5:4.5:0.25 (start, stop, step in bpw): Pareto "
+                                                              "table (CSV) and plot (PNG) next to -o"),
+    resolution: float = typer.Option(1e-6, "--resolution", help="DP cell size in bits per weight"),
+    time_limit: Optional[float] = typer.Option(None, "--time-limit", help="ILP time limit in seconds "
+                                                                          "(default 60)"),
+    top: int = typer.Option(8, "--top", help="how many of the largest predicted-ΔKL layers to list"),
+) -> None:
+    """Allocate bits: minimize predicted ΔKL within a budget; writes plan.json."""
+    from ..errors import BitplanError
+    from ..solve import parse_sweep, solve
+    from ..solve import sweep as run_sweep
+    from ..solve.sweep import plot_sweep, sweep_paths, write_sweep_csv
+
+    if budget is None and sweep is None:
+        raise BitplanError("give a --budget (e.g. 3.25bpw or 2.1GB) or a --sweep A:B:STEP")
+    kwargs = dict(solver=solver, objective=objective, formats=formats, pins=pin, min_bits=min_bits,
+                  max_bits=max_bits, tie=tie, resource=resource, resource_limit=resource_limit,
+                  resolution=resolution, time_limit=time_limit)
+    if sweep is not None:
+        budgets = parse_sweep(sweep)
+        rows, used_objective = run_sweep(profile, budgets, **kwargs)
+        csv_path, png_path = sweep_paths(out)
+        write_sweep_csv(rows, csv_path)
+        plot_sweep(rows, png_path, title=f"{Path(profile).name}: predicted ΔKL ({used_objective}) vs size")
+        console.print(sweep_table(rows, used_objective))
+        console.print(f"[dim]wrote {csv_path} and {png_path}[/]")
+    if budget is not None:
+        plan = solve(profile, budget, **kwargs)
+        plan.save(out)
+        print_plan(plan, objective is None, top)
+        console.print(f"[dim]wrote {out}[/]")
+
+
+def _style(bpw: float) -> str:
+    return next(s for limit, s in _BPW_STYLE if bpw < limit)
+
+
+def print_plan(plan, defaulted: bool, top: int) -> None:
+    from ..solve import report
+
+    t, s = plan.totals, plan.solver
+    how = "the best coefficient this profile has" if defaulted else "as asked"
+    console.print(f"objective [bold]{plan.objective}[/] ({how}); solver {s['name']}"
+                  f"{'' if s.get('optimal') else ' (not proven optimal)'} in {s.get('seconds', 0):.2f} s; "
+                  f"budget {plan.budget['given']} = {plan.budget['resolved']}")
+
+    kinds = Table(title="formats by projection kind")
+    for col, just in (("kind", "left"), ("layers", "right"), ("bpw", "right"), ("formats (count)", "left"),
+                      ("predicted ΔKL", "right")):
+        kinds.add_column(col, justify=just)
+    for row in report.by_kind(plan):
+        fmts = ", ".join(f"{name} ×{n}" for name, n in row.formats[:4])
+        if len(row.formats) > 4:
+            fmts += f", … {len(row.formats) - 4} more"
+        kinds.add_row(row.kind, str(row.layers), f"[{_style(row.bpw)}]{row.bpw:.3f}[/]", fmts,
+                      "–" if row.predicted_dkl is None else f"{row.predicted_dkl:.4g}")
+    console.print(kinds)
+
+    labels, kind_names, grid = report.by_depth(plan)
+    depth = Table(title="storage bits per weight by depth (blocks) and kind")
+    depth.add_column("blocks")
+    for k in kind_names:
+        depth.add_column(k, justify="right")
+    for label, row in zip(labels, grid):
+        depth.add_row(label, *("" if v is None else f"[{_style(v)}]{v:.2f}[/]" for v in row))
+    console.print(depth)
+
+    total = t["predicted_dkl"] or 0.0
+    worst = Table(title=f"largest predicted ΔKL (top {top})")
+    for col, just in (("layer", "left"), ("format", "left"), ("bpw", "right"), ("predicted ΔKL", "right"),
+                      ("share", "right")):
+        worst.add_column(col, justify=just)
+    for lp in report.top_layers(plan, top):
+        share = f"{100 * lp.predicted_dkl / total:.1f} %" if total else "–"
+        worst.add_row(lp.name, lp.format, f"{lp.bpw:.3f}", f"{lp.predicted_dkl:.4g}", share)
+    console.print(worst)
+
+    console.print(f"totals: nominal {t['nominal_bpw']:.4f} bpw, storage {t['storage_bpw']:.4f} bpw "
+                  f"(codebooks {t['codebook_bits']:,} bits), file {t['total_bytes']:,} bytes "
+                  f"(embedding/head fp16: {t['extras_bits'] // 8:,} bytes)")
+    console.print(report.comparison(plan))
+
+
+def sweep_table(rows, objective: str) -> Table:
+    table = Table(title=f"Pareto sweep (predicted ΔKL, objective {objective})")
+    for col in ("budget bpw", "storage bpw", "predicted ΔKL", "best uniform", "uniform bpw", "uniform ΔKL", "ratio"):
+        table.add_column(col, justify="left" if col == "best uniform" else "right")
+    for r in rows:
+        if r.predicted_dkl is None:
+            table.add_row(f"{r.budget_bpw:g}", "–", "–", "[dim]infeasible[/]", "", "", "")
+            continue
+        ratio = f"{r.uniform_dkl / r.predicted_dkl:.2f}×" if r.uniform_dkl and r.predicted_dkl else ""
+        table.add_row(f"{r.budget_bpw:g}", f"{r.storage_bpw:.4f}", f"{r.predicted_dkl:.4g}", r.uniform_format or "–",
+                      "" if r.uniform_bpw is None else f"{r.uniform_bpw:.4f}",
+                      "" if r.uniform_dkl is None else f"{r.uniform_dkl:.4g}", ratio)
+    return table

@@ -1,0 +1,25 @@
+"""Quantization formats: randomized Hadamard rotations, Gaussian vector grids, integer groups, bit packing.
+
+    fmt = get_format("higgs-p2-n256-g128")
+    W_rot = rotate_weight(W, seed_out, seed_in)   # grid and int formats expect rotated weights (fmt.rotated)
+    qw = fmt.quantize(W_rot); W_hat = unrotate_weight(fmt.dequantize(qw), seed_out, seed_in)
+"""
+from .base import Format, GroupParams, QuantizedWeight
+from .hadamard import RandomizedHadamard, is_supported, rotate_weight, unrotate_weight
+from .packing import pack_bits, unpack_bits
+from .registry import all_formats, default_candidates, get_format
+
+__all__ = [
+    "Format",
+    "GroupParams",
+    "QuantizedWeight",
+    "RandomizedHadamard",
+    "all_formats",
+    "default_candidates",
+    "get_format",
+    "is_supported",
+    "pack_bits",
+    "rotate_weight",
+    "unpack_bits",
+    "unrotate_weight",
+]

@@ -1,0 +1,75 @@
+"""Grid formats `higgs-p{p}-n{n}-g{g}`: RMS-scaled groups, p-vectors snapped to an n-point Gaussian grid.
+
+The caller rotates W on both sides first (randomized Hadamard), so entries are ≈ i.i.d. Gaussian and the
+error per entry is the grid's Gaussian MSE times the group's mean square. Each group of g entries along the
+input dimension gets s = ‖w_group‖ / √len (fp16); each run of p consecutive entries of a row, divided
+elementwise by their scales, is replaced by its nearest grid point (exact search, see grids.py).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import BitplanError
+from .base import Format, GroupParams, check_finite, check_matrix, to_fp16_values
+from .grids import grid_encoder, grid_table
+
+
+def _check_tile(T: torch.Tensor, scale: torch.Tensor | None, p: int, name: str) -> None:
+    if not isinstance(T, torch.Tensor) or T.dim() < 1:
+        raise BitplanError(f"{name}: expected a tensor with a last dim to quantize")
+    if T.shape[-1] % p:
+        raise BitplanError(f"{name}: last dim {T.shape[-1]} is not a multiple of the vector size {p}; tiles must hold whole vectors")
+    if scale is None or tuple(scale.shape) != tuple(T.shape):
+        raise BitplanError(f"{name}: needs a per-weight scale of shape {tuple(T.shape)} (see per_weight), got {None if scale is None else tuple(scale.shape)}")
+
+
+@dataclass(frozen=True)
+class GridFormat(Format):
+    levels: int = 0  # number of grid points n
+
+    @classmethod
+    def make(cls, p: int, n: int, g: int, mse_q: float) -> "GridFormat":
+        return cls(
+            name=f"higgs-p{p}-n{n}-g{g}", kind="grid", nominal_bits=math.log2(n) / p, group_size=g, vector_dim=p,
+            code_bits=int(math.log2(n)), mse_q=mse_q, rotated=True, codebook_bits=32 * n * p, levels=n,
+        )
+
+    def codebook(self) -> torch.Tensor:
+        return torch.from_numpy(grid_table(self.vector_dim, self.levels).copy())
+
+    def fit(self, W: torch.Tensor) -> GroupParams:
+        check_matrix(W)
+        m, n = W.shape
+        g = self.group_size
+        G = math.ceil(n / g)
+        W64 = W.detach().to(torch.float64)
+        padded = torch.cat([W64, W64.new_zeros(m, G * g - n)], dim=1) if G * g != n else W64
+        sq = padded.reshape(m, G, g).pow(2).sum(-1)
+        lens = torch.full((G,), float(g), dtype=torch.float64)
+        lens[-1] = n - (G - 1) * g
+        return GroupParams(to_fp16_values((sq / lens).sqrt(), "group RMS scale"), None)
+
+    def _normalized(self, T: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        # float64 so the code depends only on the values, not on a float32 rounding of T / s
+        s = scale.detach().to(torch.float64)
+        z = T.detach().to(torch.float64) / torch.where(s == 0, 1.0, s)
+        return torch.where(s == 0, 0.0, z)
+
+    def encode(self, T: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | None = None) -> torch.Tensor:
+        _check_tile(T, scale, self.vector_dim, self.name)
+        check_finite(T, f"{self.name}: input")
+        p = self.vector_dim
+        z = self._normalized(T, scale).reshape(-1, p)
+        codes = grid_encoder(p, self.levels).encode(z.cpu())
+        return torch.from_numpy(codes).to(torch.int32).reshape(*T.shape[:-1], T.shape[-1] // p).to(T.device)
+
+    def decode(self, codes: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | None = None) -> torch.Tensor:
+        p = self.vector_dim
+        if scale is None or tuple(scale.shape) != (*codes.shape[:-1], codes.shape[-1] * p):
+            raise BitplanError(f"{self.name}: decode needs a per-weight scale of shape {(*codes.shape[:-1], codes.shape[-1] * p)}")
+        cb = self.codebook().to(codes.device)
+        vals = cb[codes.long()].reshape(scale.shape)
+        return vals * scale.to(torch.float32)

@@ -1,0 +1,118 @@
+"""Factor preprocessing shared by profile (predicted gains) and apply (YAQA rounding).
+
+All routines work in float64: the block LDL of a damped, nearly singular factor loses digits fast in float32.
+A factor is first normalized to mean diagonal 1, so that the damping σ·I is relative (σ = 0.01 is 1 % of the
+mean diagonal), then damped until Cholesky succeeds, then split into H = L D Lᵀ with L unit block-lower-triangular.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import BitplanError
+
+
+def normalize(H: torch.Tensor) -> torch.Tensor:
+    """H / mean(diag H): scale-free, so damping and traces compare across layers and calibration sizes."""
+    mean_diag = H.diagonal().mean()
+    if not torch.isfinite(mean_diag) or mean_diag <= 0:
+        raise BitplanError(f"a Hessian factor has mean diagonal {float(mean_diag):.3g}; "
+                           "it was accumulated from no data or from non-finite gradients")
+    return H / mean_diag
+
+
+@dataclass
+class DampedCholesky:
+    chol: torch.Tensor     # lower-triangular C with C Cᵀ = H + sigma·I
+    sigma: float           # total damping added (a multiple of the step)
+
+
+def damped_cholesky(H: torch.Tensor, sigma: float = 0.01, max_tries: int = 40,
+                    name: str = "a layer") -> DampedCholesky:
+    """Cholesky of H + k·σ·I for the smallest k = 1, 2, … that succeeds (YAQA's adaptive damping).
+
+    H should be normalized first: σ is added as an absolute amount. Raises BitplanError naming `name`
+    when max_tries steps are not enough (the factor is then not positive semi-definite in any useful sense).
+    """
+    H = H.to(torch.float64)
+    H = (H + H.T) / 2
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for k in range(1, max_tries + 1):
+        chol, info = torch.linalg.cholesky_ex(H + (k * sigma) * eye)
+        if int(info) == 0:
+            return DampedCholesky(chol=chol, sigma=k * sigma)
+    raise BitplanError(f"Hessian factor of {name} stays indefinite after damping by {max_tries * sigma:g}·I; "
+                       "its calibration statistics are broken (non-finite or far from positive semi-definite)")
+
+
+@dataclass
+class BlockLDL:
+    L: torch.Tensor        # n×n, unit block-lower-triangular (identity diagonal blocks)
+    D: torch.Tensor        # [n/block, block, block], symmetric positive definite diagonal blocks
+    sigma: float           # damping that was needed
+
+    @property
+    def trace_d(self) -> float:
+        return float(self.D.diagonal(dim1=-2, dim2=-1).sum())
+
+    def dense_d(self) -> torch.Tensor:
+        return torch.block_diag(*self.D)
+
+
+def block_ldl(H: torch.Tensor, block: int = 16, *, sigma: float = 0.01, max_tries: int = 40,
+              name: str = "a layer", damp: bool = True) -> BlockLDL:
+    """H (+ damping) = L D Lᵀ with L unit block-lower-triangular and D block-diagonal (blocks of `block`).
+
+    From Cholesky H = C Cᵀ: D_i = C_ii C_iiᵀ and L = C · blockdiag(C_ii)⁻¹. With damp=False, H must
+    already be positive definite (sigma is then 0).
+    """
+    n = H.shape[0]
+    if H.shape != (n, n):
+        raise BitplanError(f"{name}: a Hessian factor must be square, got {tuple(H.shape)}")
+    if n % block:
+        raise BitplanError(f"{name}: dimension {n} is not a multiple of the LDL block {block}")
+    if damp:
+        dc = damped_cholesky(H, sigma=sigma, max_tries=max_tries, name=name)
+        C, total = dc.chol, dc.sigma
+    else:
+        C, info = torch.linalg.cholesky_ex(((H + H.T) / 2).to(torch.float64))
+        if int(info):
+            raise BitplanError(f"{name}: Hessian factor is not positive definite")
+        total = 0.0
+    nb = n // block
+    Cb = C.view(nb, block, nb, block)
+    diag = torch.stack([Cb[i, :, i, :] for i in range(nb)])                     # [nb, b, b] lower-triangular
+    eye = torch.eye(block, dtype=C.dtype, device=C.device).expand(nb, block, block)
+    inv = torch.linalg.solve_triangular(diag, eye, upper=False)                 # C_ii⁻¹
+    L = torch.einsum("rjk,jkl->rjl", C.view(n, nb, block), inv).reshape(n, n)
+    Lb = L.view(nb, block, nb, block)
+    for i in range(nb):  # exactly I (C_ii C_ii⁻¹ is I only up to rounding): no feedback inside a tile
+        Lb[i, :, i, :] = torch.eye(block, dtype=C.dtype, device=C.device)
+    D = diag @ diag.transpose(-1, -2)
+    return BlockLDL(L=L, D=D, sigma=total)
+
+
+def ldl_gain(H: torch.Tensor, block: int = 16, sigma: float = 0.01, name: str = "a layer") -> float:
+    """tr(D) / tr(H) for the normalized factor: the expected error of block LDLQ relative to round-to-nearest,
+    on one side, judged in-sample (on the same factor the LDL was computed from)."""
+    Hn = normalize(H.to(torch.float64))
+    return block_ldl(Hn, block, sigma=sigma, name=name).trace_d / float(Hn.diagonal().sum())
+
+
+def heldout_gain(H_fit: torch.Tensor, H_judge: torch.Tensor, block: int = 16, sigma: float = 0.01,
+                 name: str = "a layer") -> float:
+    """Expected error of block LDLQ computed from H_fit, judged under H_judge, relative to round-to-nearest.
+
+    LDLQ leaves the error E = L⁻ᵀ F with F the quantizer's white error, so under H_judge its expected
+    proxy is σ² tr(L⁻¹ H_judge L⁻ᵀ) against σ² tr(H_judge) for round-to-nearest. Equal to ldl_gain when
+    H_judge = H_fit (up to damping).
+    """
+    ldl = block_ldl(normalize(H_fit.to(torch.float64)), block, sigma=sigma, name=name)
+    Hj = normalize(H_judge.to(torch.float64))
+    Hj = (Hj + Hj.T) / 2
+    # tr(L⁻¹ Hj L⁻ᵀ) = Σ_ij (L⁻¹ Hj)_ij (L⁻¹)_ij
+    eye = torch.eye(Hj.shape[0], dtype=Hj.dtype)
+    Linv = torch.linalg.solve_triangular(ldl.L, eye, upper=False, unitriangular=True)
+    num = float((torch.linalg.solve_triangular(ldl.L, Hj, upper=False, unitriangular=True) * Linv).sum())
+    return num / float(Hj.diagonal().sum())

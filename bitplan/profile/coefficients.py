@@ -1,0 +1,68 @@
+"""Predicted linearity coefficients from the Kronecker factors (units of α_noise: mean per-token ΔKL per unit t²).
+
+Per token, the layer's Fisher is F ≈ c·H_O ⊗ H_I with c fixed by tr F = E‖G‖² per token, i.e.
+c = (Σ_c‖G_c‖² / tokens) / (tr H_O · tr H_I). An isotropic error of relative size t² (E[ΔW ΔWᵀ] per entry
+t²‖W‖²/mn) then costs
+
+    round-to-nearest:   ½ c (‖W‖²/mn) tr H_O tr H_I · t²  = ½ (‖W‖²/mn) (Σ_c‖G_c‖² / tokens) · t²
+    two-sided LDLQ:     ½ c (‖W‖²/mn) tr D_O tr D_I · t²  = α_hessian · gain,
+
+gain = (tr D_O / tr H_O)(tr D_I / tr H_I) on the normalized factors. In-sample (LDL and judgement on the same
+factors) the gain is wildly optimistic with small calibration (DESIGN.md); the held-out gain fits the LDL on
+one calibration half and judges it under the other, both ways, and averages the two.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..linalg import block_ldl, heldout_gain, normalize
+from .hessians import LayerFactors
+
+
+@dataclass
+class Coefficients:
+    trace_h_in: float          # of the summed (both halves) factor, as accumulated (a sum over chunks)
+    trace_h_out: float
+    grad_sq_per_token: float   # Σ_c ‖G_c‖² / tokens
+    grad_sq_per_sample: float  # E_c ‖G_c‖²
+    c: float                   # Kronecker scale: F per token ≈ c · H_O ⊗ H_I
+    alpha_hessian: float
+    yaqa_gain: float
+    alpha_yaqa: float
+    yaqa_gain_heldout: float | None
+    alpha_yaqa_heldout: float | None
+    sigma_in: float            # damping the in-sample LDL needed (fraction of the mean diagonal)
+    sigma_out: float
+
+
+def rtn_alpha(c: float, weight_sq_norm: float, m: int, n: int, trace_out: float, trace_in: float) -> float:
+    return 0.5 * c * weight_sq_norm / (m * n) * trace_out * trace_in
+
+
+def layer_coefficients(f: LayerFactors, weight_sq_norm: float, *, block: int = 16, sigma: float = 0.01) -> Coefficients:
+    m, n = f.h_out_a.shape[0], f.h_in_a.shape[0]
+    h_out, h_in = f.h_out, f.h_in
+    tr_out, tr_in = float(torch.trace(h_out)), float(torch.trace(h_in))
+    per_token = f.grad_sq / f.tokens
+    c = per_token / (tr_out * tr_in)
+    alpha = rtn_alpha(c, weight_sq_norm, m, n, tr_out, tr_in)
+
+    ldl_out = block_ldl(normalize(h_out), block, sigma=sigma, name=f"{f.name} (H_out)")
+    ldl_in = block_ldl(normalize(h_in), block, sigma=sigma, name=f"{f.name} (H_in)")
+    gain = (ldl_out.trace_d / m) * (ldl_in.trace_d / n)  # a normalized factor has trace = dimension
+
+    gain_ho = None
+    if f.samples_a > 0 and f.samples_b > 0:
+        ab = (heldout_gain(f.h_out_a, f.h_out_b, block, sigma, f"{f.name} (H_out, half a)")
+              * heldout_gain(f.h_in_a, f.h_in_b, block, sigma, f"{f.name} (H_in, half a)"))
+        ba = (heldout_gain(f.h_out_b, f.h_out_a, block, sigma, f"{f.name} (H_out, half b)")
+              * heldout_gain(f.h_in_b, f.h_in_a, block, sigma, f"{f.name} (H_in, half b)"))
+        gain_ho = 0.5 * (ab + ba)
+    return Coefficients(
+        trace_h_in=tr_in, trace_h_out=tr_out, grad_sq_per_token=per_token,
+        grad_sq_per_sample=f.grad_sq / max(f.samples, 1), c=c, alpha_hessian=alpha,
+        yaqa_gain=gain, alpha_yaqa=alpha * gain,
+        yaqa_gain_heldout=gain_ho, alpha_yaqa_heldout=None if gain_ho is None else alpha * gain_ho,
+        sigma_in=ldl_in.sigma, sigma_out=ldl_out.sigma)

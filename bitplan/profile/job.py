@@ -1,0 +1,196 @@
+"""The resumable job directory OUT/.job/ of `bitplan profile`.
+
+    state.json                  model identity and the result-affecting settings (the job's fingerprint)
+    factors-a.safetensors       float64 running sums of half a's factors, with the next batch index
+    factors-b.safetensors       the same for half b
+    factors.done                every layer's hessians/<name>.safetensors is written
+    noise/<layer>.json          α_noise measurement of one layer
+    layers/<layer>.json         coefficients and per-format errors of one layer
+
+Every file is written atomically; a killed job resumes from the last file it finished. Windows are processed
+in the same batches after a resume and labels are seeded per window, so the result equals an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..errors import BitplanError
+from ..io import atomic_path, read_json, write_json
+from .factors import FactorSums, HalfFactors
+from .hessians import HESSIAN_DIR
+from .schema import SCHEMA
+
+JOB_DIR = ".job"
+OUTPUTS = ("profile.json", "sensitivity.csv", HESSIAN_DIR, JOB_DIR)
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    keys = sorted(set(a) | set(b))
+    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+@dataclass
+class Job:
+    out: Path
+    identity: dict[str, Any]       # {"weights_sha256", "model_id"}
+    fingerprint: dict[str, Any]    # the settings that change results
+    options: dict[str, Any]        # settings that do not (batch size, checkpoint interval): a resumed job keeps its own
+
+    @property
+    def dir(self) -> Path:
+        return self.out / JOB_DIR
+
+    # ------------------------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, out: str | Path, identity: dict[str, Any], fingerprint: dict[str, Any],
+             options: dict[str, Any] | None = None, overwrite: bool = False) -> tuple["Job", bool]:
+        """(job, complete): complete is True when OUT already holds a finished profile of these settings.
+
+        Refuses (BitplanError, nothing touched) an OUT holding another model's profile or job, or the same
+        model's with other settings, unless `overwrite`; then only bitplan's own outputs are removed."""
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise BitplanError(f"output path {out} is a file; pass a directory with --out")
+        job = cls(out, identity, fingerprint, dict(options or {}))
+        existing = job._existing()
+        if existing is not None:
+            what, ident, fp = existing
+            if ident.get("weights_sha256") != identity["weights_sha256"]:
+                if not overwrite:
+                    raise BitplanError(
+                        f"{out} holds a {what} of another model ({ident.get('model_id')}, weights "
+                        f"{str(ident.get('weights_sha256'))[:12]}…, not {identity['weights_sha256'][:12]}…); "
+                        "pass a new --out (or --overwrite to replace it)")
+            elif fp != fingerprint:
+                if not overwrite:
+                    diff = "; ".join(_differences(fp, fingerprint))
+                    raise BitplanError(f"{out} holds a {what} of this model with other settings ({diff}); "
+                                       "pass a new --out, or --overwrite to replace it")
+            elif what == "profile":
+                if not overwrite:
+                    return job, True
+            if overwrite:
+                job.clear()
+        elif any((out / name).exists() for name in OUTPUTS[1:]):
+            if not overwrite:
+                raise BitplanError(f"{out} holds profile files but no profile.json or job state; "
+                                   "pass a new --out, or --overwrite to replace them")
+            job.clear()
+        state = job.dir / "state.json"
+        if state.is_file():
+            # Same batches as before the interruption, so the resumed sums equal an uninterrupted run's.
+            job.options.update(read_json(state, "profile job state").get("options", {}))
+        job.dir.mkdir(parents=True, exist_ok=True)
+        write_json(state, {"identity": identity, "fingerprint": fingerprint, "options": job.options})
+        return job, False
+
+    def _existing(self) -> tuple[str, dict, dict] | None:
+        profile = self.out / "profile.json"
+        if profile.is_file():
+            data = read_json(profile, "profile")
+            if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+                raise BitplanError(f"{profile} is not a bitplan profile; pass another --out")
+            model = data.get("model", {})
+            ident = {"weights_sha256": model.get("weights_sha256"), "model_id": model.get("id")}
+            return "profile", ident, data.get("settings", {}).get("fingerprint", {})
+        state = self.dir / "state.json"
+        if state.is_file():
+            data = read_json(state, "profile job state")
+            return "partial profile job", data.get("identity", {}), data.get("fingerprint", {})
+        return None
+
+    def clear(self) -> None:
+        """Remove bitplan's outputs from OUT (never anything else a user keeps there)."""
+        for name in OUTPUTS:
+            p = self.out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+
+    def finish(self, keep: bool = False) -> None:
+        if not keep and self.dir.exists():
+            shutil.rmtree(self.dir)
+
+    @property
+    def resumed(self) -> bool:
+        return any((self.dir / p).exists() for p in ("factors-a.safetensors", "factors.done", "noise", "layers"))
+
+    def add_time(self, phase: str, seconds: float) -> dict[str, float]:
+        """Accumulate wall time per phase across resumes (timing.json)."""
+        path = self.dir / "timing.json"
+        times = read_json(path, "job timing") if path.is_file() else {}
+        times[phase] = times.get(phase, 0.0) + seconds
+        write_json(path, times)
+        return times
+
+    # --------------------------------------------------------------------------- factor checkpoints
+    def _ckpt(self, half: str) -> Path:
+        return self.dir / f"factors-{half}.safetensors"
+
+    def save_half(self, state: HalfFactors) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        stats: dict[str, list] = {}
+        for name, s in state.layers.items():
+            tensors[f"{name}.h_out"] = s.h_out
+            tensors[f"{name}.h_in"] = s.h_in
+            stats[name] = [s.grad_sq, s.samples, s.tokens]
+        meta = {"half": state.half, "next_batch": state.next_batch, "stats": stats}
+        with atomic_path(self._ckpt(state.half)) as tmp:
+            save_file(tensors, str(tmp), metadata={"bitplan": json.dumps(meta)})
+
+    def load_half(self, half: str, shapes: dict[str, tuple[int, int]]) -> HalfFactors:
+        """The checkpointed sums of `half`, or zeros at batch 0 when there is none."""
+        path = self._ckpt(half)
+        if not path.is_file():
+            return HalfFactors(half, {n: FactorSums.zeros(*shape) for n, shape in shapes.items()}, 0)
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads(fh.metadata()["bitplan"])
+            layers = {}
+            for name in shapes:
+                grad_sq, samples, tokens = meta["stats"][name]
+                layers[name] = FactorSums(fh.get_tensor(f"{name}.h_out"), fh.get_tensor(f"{name}.h_in"),
+                                          grad_sq, samples, tokens)
+        return HalfFactors(half, layers, int(meta["next_batch"]))
+
+    def half_reader(self, half: str):
+        """Lazy access to a finished half's sums, layer by layer (saves holding both halves in memory)."""
+        return _HalfReader(self._ckpt(half))
+
+    def drop_checkpoints(self) -> None:
+        for half in ("a", "b"):
+            self._ckpt(half).unlink(missing_ok=True)
+
+    @property
+    def factors_done(self) -> bool:
+        return (self.dir / "factors.done").is_file()
+
+    def mark_factors_done(self) -> None:
+        write_json(self.dir / "factors.done", {"done": True})
+
+    # ------------------------------------------------------------------------------ per-layer results
+    def result(self, kind: str, name: str) -> dict | None:
+        path = self.dir / kind / f"{name}.json"
+        return read_json(path, f"{kind} result") if path.is_file() else None
+
+    def save_result(self, kind: str, name: str, data: dict) -> None:
+        write_json(self.dir / kind / f"{name}.json", data)
+
+
+class _HalfReader:
+    def __init__(self, path: Path):
+        self._fh = safe_open(str(path), framework="pt")
+        self._meta = json.loads(self._fh.metadata()["bitplan"])
+
+    def get(self, name: str) -> FactorSums:
+        grad_sq, samples, tokens = self._meta["stats"][name]
+        return FactorSums(self._fh.get_tensor(f"{name}.h_out"), self._fh.get_tensor(f"{name}.h_in"),
+                          grad_sq, samples, tokens)

@@ -1,0 +1,180 @@
+"""Linearity-theorem coefficients measured by noise injection, one layer at a time.
+
+W ← W + s·Z with a fixed Gaussian draw Z per layer (seeded by the layer name) scaled to relative sizes t², and
+α_noise is the least-squares line through the origin of ΔKL(t²), where ΔKL is the mean per-token
+KL(original ‖ noisy) on the noise windows. The original model's inputs to every decoder block and its
+log-probabilities are cached once, so a layer's measurement reruns only its own block and those after it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import BitplanError
+from ..models import decoder_layers, decoder_prefix, get_module
+from .seeds import generator
+
+DEFAULT_LEVELS = (0.005, 0.02, 0.06)
+
+
+@dataclass
+class NoiseBatch:
+    block_inputs: list[torch.Tensor]          # hidden states entering each decoder block
+    block_kwargs: list[dict[str, Any]]        # the other arguments each block was called with
+    ref_logprobs: torch.Tensor                # [B, T, V] float32 (float64 for float64 models), the original model
+
+
+@dataclass
+class NoiseCache:
+    batches: list[NoiseBatch] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(b.ref_logprobs.shape[0] * b.ref_logprobs.shape[1] for b in self.batches)
+
+
+@dataclass
+class NoiseFit:
+    t2: list[float]          # realized relative error ‖sZ‖²/‖W‖² at each level
+    dkl: list[float]         # mean per-token KL(original ‖ noisy)
+    alpha: float             # ΔKL per unit t²
+    r2: float | None         # centered R² of the line through the origin (None with fewer than 2 levels)
+
+
+def fit_through_origin(x: list[float], y: list[float]) -> tuple[float, float | None]:
+    """Least squares y ≈ αx with no intercept; R² = 1 − SS_res/SS_tot (centered: a flat response scores 0,
+    so R² near 1 means ΔKL really grows in proportion to t²)."""
+    xt, yt = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
+    alpha = float((xt * yt).sum() / (xt * xt).sum())
+    if len(x) < 2:
+        return alpha, None
+    ss_res = float(((yt - alpha * xt) ** 2).sum())
+    ss_tot = float(((yt - yt.mean()) ** 2).sum())
+    if ss_tot == 0.0:
+        return alpha, 1.0 if ss_res == 0.0 else None
+    return alpha, 1.0 - ss_res / ss_tot
+
+
+class _Tail:
+    """The final norm and the output head: what the model does after its last decoder block."""
+
+    def __init__(self, model: nn.Module):
+        prefix = decoder_prefix(model)
+        base = get_module(model, prefix.rsplit(".", 1)[0]) if "." in prefix else model
+        norm = next((getattr(base, a) for a in ("norm", "final_layernorm", "ln_f") if hasattr(base, a)), None)
+        head = model.get_output_embeddings()
+        if norm is None or head is None:
+            raise BitplanError(f"noise injection does not know the output path of {type(model).__name__} "
+                               "(no final norm or head found); run with --noise-samples 0")
+        self.norm, self.head = norm, head
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(h))
+
+
+def _block_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def build_cache(model: nn.Module, windows: torch.Tensor, batch_size: int) -> NoiseCache:
+    """Run the original model once over `windows`, keeping each block's inputs and the final log-probs.
+    Checks that replaying the blocks from the cache reproduces the logits (else the architecture is unsupported)."""
+    layers = decoder_layers(model)
+    tail = _Tail(model)
+    cache = NoiseCache()
+    for s in range(0, windows.shape[0], batch_size):
+        ids = windows[s:s + batch_size]
+        inputs: list[torch.Tensor | None] = [None] * len(layers)
+        kwargs: list[dict[str, Any] | None] = [None] * len(layers)
+
+        def make_hook(i: int):
+            def hook(module, args, kw):
+                kw = dict(kw)
+                inputs[i] = args[0] if args else kw.pop("hidden_states")
+                kwargs[i] = kw
+                if args[1:]:
+                    raise BitplanError(f"decoder block {i} takes positional arguments bitplan cannot replay; "
+                                       "run with --noise-samples 0")
+            return hook
+
+        handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        try:
+            with torch.inference_mode():
+                logits = model(input_ids=ids, use_cache=False).logits
+        finally:
+            for h in handles:
+                h.remove()
+        if any(x is None for x in inputs):
+            raise BitplanError("not every decoder block ran in the model's forward; noise injection cannot replay it")
+        batch = NoiseBatch(block_inputs=list(inputs), block_kwargs=list(kwargs), ref_logprobs=logits)
+        replay = run_from(model, layers, tail, batch, 0)
+        if not torch.allclose(replay.float(), logits.float(), rtol=1e-4, atol=1e-4 * float(logits.abs().max())):
+            raise BitplanError(f"replaying the decoder blocks of {type(model).__name__} does not reproduce its logits; "
+                               "noise injection does not support this architecture: run with --noise-samples 0")
+        # The reference is the replay itself, so that without noise the measured KL is exactly zero.
+        batch.ref_logprobs = _log_probs(replay)
+        cache.batches.append(batch)
+    return cache
+
+
+def run_from(model: nn.Module, layers: nn.ModuleList, tail: _Tail, batch: NoiseBatch, block: int) -> torch.Tensor:
+    """Logits from the cached input of `block` onwards, with the model's current weights."""
+    with torch.inference_mode():
+        h = batch.block_inputs[block]
+        for i in range(block, len(layers)):
+            h = _block_output(layers[i](h, **batch.block_kwargs[i]))
+        return tail(h)
+
+
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Log-softmax in float32 at least (float64 models keep float64: tiny ΔKL needs the digits)."""
+    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
+def mean_kl(ref_logprobs: torch.Tensor, logits: torch.Tensor) -> tuple[float, int]:
+    """(Σ over tokens of KL(ref ‖ q), number of tokens)."""
+    logq = _log_probs(logits)
+    kl = (ref_logprobs.exp() * (ref_logprobs - logq)).sum(-1)
+    return float(kl.sum(dtype=torch.float64)), kl.numel()
+
+
+class NoiseMeter:
+    """Measures α_noise for one layer at a time against a cache of the original model."""
+
+    def __init__(self, model: nn.Module, cache: NoiseCache, levels: tuple[float, ...] = DEFAULT_LEVELS, seed: int = 0):
+        if not levels or min(levels) <= 0:
+            raise BitplanError(f"noise levels must be positive t² values, got {levels}")
+        self.model, self.cache, self.levels, self.seed = model, cache, tuple(levels), seed
+        self.layers = decoder_layers(model)
+        self.tail = _Tail(model)
+
+    def dkl(self, block: int) -> float:
+        total, count = 0.0, 0
+        for batch in self.cache.batches:
+            s, n = mean_kl(batch.ref_logprobs, run_from(self.model, self.layers, self.tail, batch, block))
+            total, count = total + s, count + n
+        return total / count
+
+    def measure(self, name: str, block: int) -> NoiseFit:
+        weight = get_module(self.model, name).weight
+        original = weight.detach().clone()
+        z = torch.randn(original.shape, generator=generator(self.seed, "noise", name), dtype=torch.float32)
+        z = z.to(original.dtype)
+        w_norm = float(original.double().norm())
+        z_norm = float(z.double().norm())
+        t2s, dkls = [], []
+        try:
+            for level in self.levels:
+                scale = w_norm * level ** 0.5 / original.numel() ** 0.5
+                with torch.no_grad():
+                    weight.copy_(original + scale * z)
+                t2s.append((scale * z_norm / w_norm) ** 2)
+                dkls.append(self.dkl(block))
+        finally:
+            with torch.no_grad():
+                weight.copy_(original)
+        alpha, r2 = fit_through_origin(t2s, dkls)
+        return NoiseFit(t2=t2s, dkl=dkls, alpha=alpha, r2=r2)

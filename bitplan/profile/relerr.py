@@ -1,0 +1,32 @@
+"""Each layer's measured relative error t² = ‖W̃ − Q(W̃)‖²/‖W̃‖² in every candidate format, round-to-nearest.
+
+W̃ is the weight rotated on both sides by randomized Hadamard transforms whose seeds are derived from the layer
+name (`rotation_seeds`), so a later `apply` rotates the same layer the same way. Formats with
+`rotated = False` (fp16) are measured on W itself.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from ..formats import Format, rotate_weight
+
+
+def rotation_seeds(name: str, seed: int = 0) -> tuple[int, int]:
+    """(seed_out, seed_in) for layer `name`: stable across runs, machines and bitplan versions."""
+    def one(side: str) -> int:
+        digest = hashlib.sha256(f"bitplan.rotation:{seed}:{name}:{side}".encode()).digest()
+        return int.from_bytes(digest[:8], "little")
+    return one("out"), one("in")
+
+
+def relative_errors(W: torch.Tensor, name: str, formats: list[Format]) -> dict[str, float]:
+    W = W.detach().to(torch.float32)
+    rotated = rotate_weight(W, *rotation_seeds(name)) if any(f.rotated for f in formats) else None
+    out: dict[str, float] = {}
+    for fmt in formats:
+        src = rotated if fmt.rotated else W
+        err = src.double() - fmt.dequantize(fmt.quantize(src)).double()
+        out[fmt.name] = float((err * err).sum() / (src.double() ** 2).sum())
+    return out

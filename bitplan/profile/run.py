@@ -1,0 +1,367 @@
+"""`profile_model`: the whole profile of a model, resumable, written to an output directory.
+
+Phases (each resumable on its own, see job.py):
+  1. noise   α_noise per layer by noise injection on the first `noise_samples` calibration windows;
+  2. factors Kronecker factors of every block linear on two seeded halves of the calibration windows, one half
+             after the other (only one half's float64 sums are in memory), checkpointed every few batches;
+             then hessians/<layer>.safetensors;
+  3. layers  per layer: predicted coefficients from the factors (block LDL, held-out gains);
+  4. formats per layer: the relative error of every candidate format (the candidate list is not part of the
+             job's fingerprint: asking a finished profile for other formats measures only those);
+then profile.json and sensitivity.csv.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import resource
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+
+from .. import __version__
+from ..errors import BitplanError
+from ..formats import Format, default_candidates, get_format
+from ..models import LoadedModel, find_extras, find_linears, get_module, load_model, weights_sha256
+from .coefficients import layer_coefficients
+from .hessians import LayerFactors, factors_path, load_factors, save_factors
+from .job import Job
+from .noise import DEFAULT_LEVELS, NoiseMeter, build_cache
+from .relerr import relative_errors
+from .schema import LayerRecord, Profile, load_profile
+from .seeds import generator
+from .sketch import SketchTimes, accumulate_batch
+
+# Per-token chunks of 32: DESIGN.md's prototype found chunks of 32 and per-token equal within noise at 8K tokens
+# and chunks of 32 best at 32K tokens (0.76 × LDLQ); plain sketch B (T' = seqlen) lost at every size tried.
+DEFAULT_CHUNK = 32
+DEFAULT_SAMPLES = 128
+DEFAULT_SEQLEN = 256
+DEFAULT_NOISE_SAMPLES = 4
+LDL_BLOCK = 16
+LDL_SIGMA = 0.01
+
+Events = Callable[[str, int], None]
+
+
+@dataclass
+class Calibration:
+    windows: torch.Tensor          # [samples, seqlen] token ids
+    description: dict
+
+
+def default_out_dir(model_id: str) -> Path:
+    return Path(f"profile-{re.sub(r'[^A-Za-z0-9._-]+', '-', model_id).strip('-') or 'model'}")
+
+
+def _resolve_model(model: str | Path | LoadedModel | nn.Module) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, nn.Module):
+        model.eval()
+        return LoadedModel(model=model, tokenizer=None, spec=type(model).__name__, model_id=type(model).__name__,
+                           path=Path("."))
+    return load_model(str(model))
+
+
+def _calibration(loaded: LoadedModel, calib: str | Path | torch.Tensor, samples: int | None, seqlen: int | None,
+                 seed: int) -> Calibration:
+    if isinstance(calib, torch.Tensor):
+        if calib.dim() != 2 or calib.dtype != torch.long:
+            raise BitplanError(f"calibration token ids must be a LongTensor [windows, seqlen], got "
+                               f"{calib.dtype} {tuple(calib.shape)}")
+        for what, given, actual in (("samples", samples, calib.shape[0]), ("seqlen", seqlen, calib.shape[1])):
+            if given is not None and given != actual:
+                raise BitplanError(f"{what}={given} disagrees with the calibration tensor's shape {tuple(calib.shape)}")
+        digest = hashlib.sha256(calib.contiguous().numpy().tobytes()).hexdigest()
+        desc = {"source": "token ids passed to profile_model", "sha256": digest, "documents": None}
+        windows = calib
+    else:
+        from ..data import describe_source, token_windows
+
+        if loaded.tokenizer is None:
+            raise BitplanError("calibration text needs the model's tokenizer; pass token ids instead")
+        samples = DEFAULT_SAMPLES if samples is None else samples
+        seqlen = DEFAULT_SEQLEN if seqlen is None else seqlen
+        context = getattr(loaded.model.config, "max_position_embeddings", None)
+        windows = token_windows(loaded.tokenizer, str(calib), samples, seqlen, seed, max_context=context)
+        desc = describe_source(str(calib)).describe()
+    n, T = windows.shape
+    if n < 2:
+        raise BitplanError(f"profiling needs at least 2 calibration windows (two halves), got {n}")
+    desc.update(samples=n, seqlen=T, seed=seed, tokens=n * T)
+    return Calibration(windows, desc)
+
+
+def _formats(formats: str | list | None) -> list[Format]:
+    if formats is None:
+        return list(default_candidates())
+    if isinstance(formats, str):
+        names = [f for f in re.split(r"[,\s]+", formats) if f]
+        if names == ["default"]:
+            return list(default_candidates())
+        formats = names
+    out = [get_format(f) for f in formats]
+    if not out:
+        raise BitplanError("--formats names no format")
+    return out
+
+
+def split_halves(n: int, seed: int) -> tuple[list[int], list[int]]:
+    """Window indices of halves a and b: a seeded split, each half in window order."""
+    perm = torch.randperm(n, generator=generator(seed, "halves")).tolist()
+    return sorted(perm[: n // 2]), sorted(perm[n // 2:])
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[Progress | None]:
+    if not enabled:
+        yield None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as p:
+        yield p
+
+
+class _Bar:
+    def __init__(self, progress: Progress | None, description: str, total: int, done: int = 0):
+        self.p = progress
+        self.task = progress.add_task(description, total=total, completed=done) if progress else None
+
+    def advance(self, n: int = 1) -> None:
+        if self.p is not None:
+            self.p.advance(self.task, n)
+
+
+def profile_model(model: str | Path | LoadedModel | nn.Module, calib: str | Path | torch.Tensor,
+                  samples: int | None = None, seqlen: int | None = None, seed: int = 0,
+                  out_dir: str | Path | None = None, *, sketch_chunk: int = DEFAULT_CHUNK,
+                  noise_samples: int = DEFAULT_NOISE_SAMPLES, noise_levels: tuple[float, ...] = DEFAULT_LEVELS,
+                  formats: str | list | None = None, batch_size: int = 4, checkpoint_every: int = 32,
+                  overwrite: bool = False, progress: bool = True, keep_job: bool = False,
+                  events: Events | None = None) -> Profile:
+    """Profile `model` on calibration text (a .txt/.jsonl path or hf:NAME) or token ids [windows, seqlen].
+
+    Writes OUT/profile.json, OUT/sensitivity.csv and OUT/hessians/; resumes an interrupted run of the same
+    settings in OUT; returns an existing finished profile of the same settings without recomputing.
+    `events(phase, count)` is called after each checkpoint or per-layer result (tests interrupt through it).
+    """
+    loaded = _resolve_model(model)
+    net = loaded.model
+    infos = find_linears(net)
+    extras = find_extras(net)
+    fmts = _formats(formats)
+    cal = _calibration(loaded, calib, samples, seqlen, seed)
+    n_windows, T = cal.windows.shape
+    if not 1 <= sketch_chunk <= T:
+        raise BitplanError(f"--sketch-chunk must be between 1 and the window length {T}, got {sketch_chunk}")
+    if not 0 <= noise_samples <= n_windows:
+        raise BitplanError(f"--noise-samples must be between 0 and --samples ({n_windows}), got {noise_samples}")
+    if batch_size < 1 or checkpoint_every < 1:
+        raise BitplanError("batch size and checkpoint interval must be positive")
+    levels = tuple(float(x) for x in noise_levels)
+
+    sha = weights_sha256(net)
+    identity = {"weights_sha256": sha, "model_id": loaded.model_id}
+    fingerprint = {"weights_sha256": sha, "calibration_sha256": cal.description["sha256"], "samples": n_windows,
+                   "seqlen": T, "seed": seed, "sketch_chunk": sketch_chunk, "noise_samples": noise_samples,
+                   "noise_levels": list(levels), "ldl_block": LDL_BLOCK, "ldl_sigma": LDL_SIGMA}
+    out = Path(out_dir) if out_dir is not None else default_out_dir(loaded.model_id)
+    job, complete = Job.open(out, identity, fingerprint,
+                             {"batch_size": batch_size, "checkpoint_every": checkpoint_every}, overwrite)
+    if complete:
+        existing = load_profile(out)
+        if existing.formats == [f.name for f in fmts]:
+            return existing
+        return _update_formats(existing, out, net, fmts, progress, emit=events or (lambda phase, count: None))
+    console = Console(stderr=True)
+    if progress and job.resumed:
+        console.print(f"[dim]resuming the profile job in {job.dir}[/]")
+    emit = events or (lambda phase, count: None)
+    sketch_times = SketchTimes()
+
+    with _progress(progress) as bars:
+        t0 = time.perf_counter()
+        noise = _noise_phase(job, net, infos, cal.windows[:noise_samples], levels, seed, bars, emit)
+        timing = job.add_time("noise", time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        _factor_phase(job, net, infos, cal.windows, seed, sketch_chunk, bars, emit, sketch_times)
+        job.add_time("factors.forward_backward", sketch_times.forward_backward)
+        job.add_time("factors.accumulate", sketch_times.accumulate)
+        timing = job.add_time("factors", time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        layer_results = _layer_phase(job, net, infos, bars, emit)
+        job.add_time("layers", time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        rel_errs = _format_phase(job, net, infos, fmts, bars, emit)
+        timing = job.add_time("formats", time.perf_counter() - t0)
+
+    halves = split_halves(n_windows, seed)
+    records = [_layer_record(i, layer_results[i.name], noise.get(i.name), rel_errs[i.name]) for i in infos]
+    params = {id(p): p.numel() for p in net.parameters()}
+    calibration = dict(cal.description, halves={"a": len(halves[0]), "b": len(halves[1])},
+                       noise_samples=noise_samples, noise_tokens=noise_samples * T)
+    profile = Profile(
+        model={"id": loaded.model_id, "spec": loaded.spec, "weights_sha256": sha,
+               "architecture": type(net).__name__, "n_params": sum(params.values()),
+               "block_linear_params": sum(i.params for i in infos), "dtype": str(next(net.parameters()).dtype)},
+        calibration=calibration,
+        formats=[f.name for f in fmts], layers=records, extras=extras,
+        settings={"sketch_chunk": sketch_chunk, "labels": "sampled from the model's output distribution",
+                  "halves": "seeded split of the calibration windows; factors kept per half",
+                  "noise_levels": list(levels), "noise_samples": noise_samples, "ldl_block": LDL_BLOCK,
+                  "ldl_sigma": LDL_SIGMA, "dkl_unit": "mean per-token KL(original ‖ quantized), nats",
+                  "fingerprint": fingerprint, **job.options},
+        extra={"versions": _versions(), "timing_s": {k: round(v, 2) for k, v in timing.items()},
+               "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+               "torch_threads": torch.get_num_threads(),
+               "format_table": _format_table(fmts)})
+    from .report import write_csv
+
+    profile.save(out / "profile.json")
+    write_csv(profile, out / "sensitivity.csv")
+    job.finish(keep_job)
+    return profile
+
+
+def _layer_record(info, res: dict, fit: dict | None, rel_err: dict[str, float]) -> LayerRecord:
+    return LayerRecord(
+        name=info.name, block=info.block, kind=info.kind, shape=(info.out_features, info.in_features),
+        weight_sq_norm=res["weight_sq_norm"], trace_h_in=res["trace_h_in"], trace_h_out=res["trace_h_out"],
+        alpha_noise=fit["alpha"] if fit else None, alpha_noise_r2=fit["r2"] if fit else None,
+        alpha_hessian=res["alpha_hessian"], alpha_yaqa=res["alpha_yaqa"],
+        alpha_yaqa_heldout=res["alpha_yaqa_heldout"], rel_err=rel_err,
+        extra={"n_samples": res["samples"], "tokens": res["tokens"],
+               "grad_sq_per_sample": res["grad_sq_per_sample"], "grad_sq_per_token": res["grad_sq_per_token"],
+               "kron_scale_c": res["c"], "yaqa_gain": res["yaqa_gain"], "yaqa_gain_heldout": res["yaqa_gain_heldout"],
+               "ldl_sigma_in": res["sigma_in"], "ldl_sigma_out": res["sigma_out"],
+               **({"noise_t2": fit["t2"], "noise_dkl": fit["dkl"]} if fit else {})})
+
+
+def _format_table(fmts: list[Format]) -> dict[str, dict]:
+    return {f.name: {"mse_q": f.mse_q, "nominal_bits": f.nominal_bits} for f in fmts}
+
+
+def _update_formats(profile: Profile, out: Path, net: nn.Module, fmts: list[Format], progress: bool,
+                    emit: Events) -> Profile:
+    """A finished profile asked for with another candidate list: measure the formats it lacks, keep the rest."""
+    from .report import write_csv
+
+    t0 = time.perf_counter()
+    with _progress(progress) as bars:
+        bar = _Bar(bars, "format errors", len(profile.layers))
+        for k, rec in enumerate(profile.layers):
+            missing = [f for f in fmts if f.name not in rec.rel_err]
+            if missing:
+                W = get_module(net, rec.name).weight.detach()
+                rec.rel_err.update(relative_errors(W, rec.name, missing))
+            rec.rel_err = {f.name: rec.rel_err[f.name] for f in fmts}
+            bar.advance()
+            emit("formats", k + 1)
+    profile.formats = [f.name for f in fmts]
+    profile.extra["format_table"] = _format_table(fmts)
+    timing = profile.extra.setdefault("timing_s", {})
+    timing["formats"] = round(timing.get("formats", 0.0) + time.perf_counter() - t0, 2)
+    profile.save(out / "profile.json")
+    write_csv(profile, out / "sensitivity.csv")
+    return profile
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {"bitplan": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _noise_phase(job: Job, net: nn.Module, infos, windows: torch.Tensor, levels, seed: int, bars,
+                 emit: Events) -> dict[str, dict]:
+    results = {i.name: job.result("noise", i.name) for i in infos} if windows.shape[0] else {}
+    todo = [i for i in infos if results and results[i.name] is None]
+    if todo:
+        bar = _Bar(bars, "noise injection", len(infos), len(infos) - len(todo))
+        cache = build_cache(net, windows, job.options["batch_size"])
+        meter = NoiseMeter(net, cache, levels, seed)
+        for k, info in enumerate(todo):
+            fit = asdict(meter.measure(info.name, info.block))
+            job.save_result("noise", info.name, fit)
+            results[info.name] = fit
+            bar.advance()
+            emit("noise", len(infos) - len(todo) + k + 1)
+    return {k: v for k, v in results.items() if v is not None}
+
+
+def _factor_phase(job: Job, net: nn.Module, infos, windows: torch.Tensor, seed: int, chunk: int, bars,
+                  emit: Events, times: SketchTimes) -> None:
+    if job.factors_done:
+        return
+    shapes = {i.name: (i.out_features, i.in_features) for i in infos}
+    modules = {i.name: get_module(net, i.name) for i in infos}
+    bs = job.options["batch_size"]
+    every = max(1, job.options["checkpoint_every"] // bs)  # in batches
+    for half, idx in zip("ab", split_halves(windows.shape[0], seed)):
+        batches = [idx[s:s + bs] for s in range(0, len(idx), bs)]
+        state = job.load_half(half, shapes)
+        if state.next_batch >= len(batches):
+            continue
+        bar = _Bar(bars, f"factors, half {half}", len(idx), sum(len(b) for b in batches[:state.next_batch]))
+        for k in range(state.next_batch, len(batches)):
+            accumulate_batch(net, modules, windows[batches[k]], batches[k], seed, chunk, state.layers, times)
+            state.next_batch = k + 1
+            bar.advance(len(batches[k]))
+            if state.next_batch % every == 0 or state.next_batch == len(batches):
+                job.save_half(state)
+                emit(f"factors-{half}", state.next_batch)
+        del state
+    reader_a, reader_b = job.half_reader("a"), job.half_reader("b")
+    for info in infos:
+        a, b = reader_a.get(info.name), reader_b.get(info.name)
+        save_factors(factors_path(job.out, info.name), LayerFactors(
+            name=info.name, h_out_a=a.h_out, h_in_a=a.h_in, h_out_b=b.h_out, h_in_b=b.h_in,
+            grad_sq_a=a.grad_sq, grad_sq_b=b.grad_sq, samples_a=a.samples, samples_b=b.samples,
+            tokens_a=a.tokens, tokens_b=b.tokens, sketch_chunk=chunk))
+    del reader_a, reader_b
+    job.mark_factors_done()
+    job.drop_checkpoints()
+    emit("factors-done", len(infos))
+
+
+def _layer_phase(job: Job, net: nn.Module, infos, bars, emit: Events) -> dict[str, dict]:
+    results = {i.name: job.result("layers", i.name) for i in infos}
+    todo = [i for i in infos if results[i.name] is None]
+    bar = _Bar(bars, "coefficients (block LDL)", len(infos), len(infos) - len(todo))
+    for k, info in enumerate(todo):
+        f = load_factors(job.out, info.name)
+        W = get_module(net, info.name).weight.detach()
+        wsq = float(W.double().pow(2).sum())
+        coef = layer_coefficients(f, wsq, block=LDL_BLOCK, sigma=LDL_SIGMA)
+        res = {"weight_sq_norm": wsq, "samples": f.samples, "tokens": f.tokens, **asdict(coef)}
+        job.save_result("layers", info.name, res)
+        results[info.name] = res
+        bar.advance()
+        emit("layers", len(infos) - len(todo) + k + 1)
+    return results
+
+
+def _format_phase(job: Job, net: nn.Module, infos, fmts: list[Format], bars, emit: Events) -> dict[str, dict]:
+    """Relative error of every layer in every candidate format. Results are kept per layer for all formats ever
+    asked for in this job, so a resumed job with another --formats list measures only what it lacks."""
+    bar = _Bar(bars, "format errors", len(infos))
+    out = {}
+    for k, info in enumerate(infos):
+        known = job.result("formats", info.name) or {}
+        missing = [f for f in fmts if f.name not in known]
+        if missing:
+            W = get_module(net, info.name).weight.detach()
+            known.update(relative_errors(W, info.name, missing))
+            job.save_result("formats", info.name, known)
+            emit("formats", k + 1)
+        out[info.name] = {f.name: known[f.name] for f in fmts}
+        bar.advance()
+    return out

@@ -1,0 +1,84 @@
+"""One forward/backward pass of the factor sketch over a batch of calibration windows.
+
+Labels are sampled from the model's own output distribution (the true Fisher of the KL to the original model,
+not the empirical Fisher of the text), one generator per window, so results do not depend on batching. The loss
+is the SUM of the cross-entropies, so each G_c is the gradient of the chunk's share of the summed loss.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import BitplanError
+
+from .factors import FactorSums, chunk_stats
+from .hooks import capture_grads
+from .seeds import generator
+
+
+@dataclass
+class SketchTimes:
+    """Seconds spent, for the benchmark: the whole pass, and the part inside the factor accumulation."""
+    total: float = 0.0
+    accumulate: float = 0.0
+    batches: int = 0
+    tokens: int = 0
+
+    @property
+    def forward_backward(self) -> float:
+        return self.total - self.accumulate
+
+
+def sample_labels(logits: torch.Tensor, window_ids: list[int], seed: int) -> torch.Tensor:
+    """One label per position drawn from Categorical(logits) with a generator seeded by (seed, window).
+
+    multinomial with replacement on softmax probabilities is exactly what Categorical.sample draws, but
+    takes an explicit generator instead of the global one.
+    """
+    labels = torch.empty(logits.shape[:2], dtype=torch.long)
+    for i, w in enumerate(window_ids):
+        probs = torch.softmax(logits[i].detach().float(), dim=-1)
+        labels[i] = torch.multinomial(probs, 1, True, generator=generator(seed, "labels", w)).squeeze(-1)
+    return labels
+
+
+def accumulate_batch(model: nn.Module, modules: dict[str, nn.Module], ids: torch.Tensor, window_ids: list[int],
+                     seed: int, chunk: int, sums: dict[str, FactorSums], times: SketchTimes | None = None,
+                     labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Add one batch's chunk statistics to `sums` (every layer in `modules`); returns the labels used.
+
+    `labels` overrides the sampled ones (tests use it to show that the text's own tokens differ).
+    """
+    start = time.perf_counter()
+    tokens = ids.numel()
+    seen: set[str] = set()
+
+    def on_grad(name: str, x: torch.Tensor, g: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        seen.add(name)
+        sums[name].add(chunk_stats(x, g.to(x.dtype), chunk), tokens=tokens)
+        if times is not None:
+            times.accumulate += time.perf_counter() - t0
+
+    with torch.enable_grad(), capture_grads(model, modules, on_grad):
+        logits = model(input_ids=ids, use_cache=False).logits
+        if labels is None:
+            labels = sample_labels(logits, window_ids, seed)
+        # fp16/bf16 logits are lifted to fp32 for the loss; fp32 and fp64 keep their precision
+        flat = logits.reshape(-1, logits.shape[-1])
+        flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
+        loss = F.cross_entropy(flat, labels.reshape(-1), reduction="sum")
+        loss.backward()
+    missing = [n for n in modules if n not in seen]
+    if missing:
+        raise BitplanError(f"no gradient reached {missing[0]} ({len(missing)} layers in all): the model's "
+                           "forward does not use it, so it has no sensitivity to profile")
+    if times is not None:
+        times.total += time.perf_counter() - start
+        times.batches += 1
+        times.tokens += tokens
+    return labels

@@ -1,0 +1,166 @@
+"""`solve`: profile + budget + constraints → Plan. The CLI and notebooks both call this."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BitplanError
+from ..profile.schema import Profile, load_profile
+from .budget import Budget, parse_budget
+from .dp import solve_dp
+from .ilp import solve_ilp
+from .mckp import Solution
+from .plan import LayerPlan, Plan, profile_identity
+from .problem import Instance, Resource, build_instance, load_resource
+
+SOLVERS = ("dp", "ilp")
+DEFAULT_RESOLUTION = 1e-6  # bpw per DP cell: rounding up loses at most (items × resolution) bpw, then polished
+ILP_TIME_LIMIT = 60.0      # seconds; CBC can take long to *prove* optimality when codebooks couple the layers
+
+
+@dataclass
+class Target:
+    """A budget resolved against an instance: bits available to block linears and their codebooks."""
+    budget: Budget
+    layer_bits: int
+
+    def to_json(self, inst: Instance) -> dict:
+        return {"given": self.budget.given, "kind": self.budget.kind, "value": float(self.budget.value),
+                "bits": self.budget.bits(inst.block_weights), "layer_bits": self.layer_bits,
+                "resolved": self.budget.describe(),
+                "layer_bpw": self.layer_bits / inst.block_weights}
+
+
+def resolve_budget(inst: Instance, budget) -> Target:
+    """Bits for block linears + codebooks; a budget outside the achievable range fails here, naming that range."""
+    b = parse_budget(budget)
+    total = b.bits(inst.block_weights)
+    layer_bits = total - (inst.extras.bits if b.kind == "bytes" else 0)
+    lo, hi = inst.problem(0).bit_range()
+    if layer_bits < lo:
+        raise BitplanError(f"budget {b.given} is below what these constraints allow: {_range(inst, b, lo, hi)}")
+    return Target(b, layer_bits)
+
+
+def _range(inst: Instance, b: Budget, lo: int, hi: int) -> str:
+    w = inst.block_weights
+    if b.kind == "bpw":
+        return (f"achievable {lo / w:.4f}–{hi / w:.4f} bpw storage over the block linears "
+                f"(codebooks included)")
+    extra = inst.extras.bits
+    return (f"achievable {_bytes(lo + extra)}–{_bytes(hi + extra)} for the whole file "
+            f"(embedding/head and other tensors in fp16: {_bytes(extra)})")
+
+
+def _bytes(bits: int) -> str:
+    n = math.ceil(bits / 8)
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= size:
+            return f"{n / size:.4g} {unit} ({n:,} bytes)"
+    return f"{n:,} bytes"
+
+
+def quantum_bits(inst: Instance, resolution: float) -> int:
+    """DP cell size: `resolution` bpw of the block weights, snapped to the gcd of the options' bits.
+
+    If every option's bits are multiples of a cell at least as coarse as asked, that cell makes the DP exact."""
+    if not resolution > 0:
+        raise BitplanError(f"--resolution must be positive, got {resolution}")
+    q = max(1, math.floor(resolution * inst.block_weights))
+    g = int(np.gcd.reduce(np.concatenate(inst.bits)))
+    if g >= q:
+        return g
+    return max(g, q // g * g) if g > 0 else q
+
+
+def run_solver(inst: Instance, layer_bits: int, solver: str, resolution: float,
+               time_limit: float | None) -> Solution:
+    problem = inst.problem(layer_bits)
+    if solver == "dp":
+        if inst.resource is not None:
+            raise BitplanError("a second resource (--resource) needs --solver ilp")
+        return solve_dp(problem, quantum_bits(inst, resolution))
+    if solver == "ilp":
+        start = None
+        if inst.resource is None:  # the DP's plan as CBC's first incumbent: the ILP can then only improve on it
+            start = solve_dp(problem, quantum_bits(inst, resolution)).choice
+        return solve_ilp(problem, time_limit=time_limit or ILP_TIME_LIMIT, start=start)
+    raise BitplanError(f"unknown solver {solver!r}; choose dp or ilp")
+
+
+def best_uniform(inst: Instance, layer_bits: int) -> dict | None:
+    """The single candidate format that, on every layer, has the lowest predicted ΔKL and fits the budget.
+
+    Pins, ties and the second resource are ignored: this is the plain baseline a user would otherwise pick."""
+    bits = inst.candidate_bits.sum(axis=0) + np.array([int(f.codebook_bits) for f in inst.candidates])
+    cost = inst.candidate_cost.sum(axis=0)
+    fits = np.flatnonzero(bits <= layer_bits)
+    if fits.size == 0:
+        return None
+    j = int(fits[np.lexsort((bits[fits], cost[fits]))[0]])  # lowest ΔKL, then fewest bits
+    return {"format": inst.candidates[j].name, "storage_bits": int(bits[j]),
+            "storage_bpw": int(bits[j]) / inst.block_weights,
+            "total_bytes": math.ceil((int(bits[j]) + inst.extras.bits) / 8), "predicted_dkl": float(cost[j])}
+
+
+def make_plan(inst: Instance, solution: Solution, target: Target, solver: str, profile_id: dict) -> Plan:
+    layers = inst.profile.layers
+    chosen: dict[int, object] = {}
+    for item, opts, j in zip(inst.items, inst.options, solution.choice):
+        for i in item:
+            chosen[i] = opts[int(j)]
+    entries = [LayerPlan(name=r.name, format=chosen[i].name, block=r.block, kind=r.kind, shape=tuple(r.shape),
+                         storage_bits=inst.layer_bits(i, chosen[i]), predicted_dkl=inst.layer_cost(i, chosen[i]))
+               for i, r in enumerate(layers)]
+    stats = {k: (float(v) if isinstance(v, (np.floating, float)) else int(v) if isinstance(v, (np.integer, int))
+                 and not isinstance(v, bool) else v) for k, v in solution.stats.items()}
+    solver_info = {"name": solver, "optimal": solution.optimal, **stats}
+    if "lower_bound" in stats and solution.cost > 0:  # a certificate: no plan can beat the bound
+        solver_info["gap_to_lower_bound"] = (solution.cost - stats["lower_bound"]) / solution.cost
+    if inst.resource is not None:
+        solver_info["resource_used_per_weight"] = (
+            float(sum(float(r[int(j)]) for r, j in zip(inst.resource_use, solution.choice))) / inst.block_weights)
+    plan = Plan(profile=profile_id, budget=target.to_json(inst), solver=solver_info, objective=inst.objective,
+                constraints=inst.constraints, layers=entries, extras=inst.extras.to_json(),
+                uniform=best_uniform(inst, target.layer_bits))
+    if plan.totals["layer_bits"] + plan.totals["codebook_bits"] > target.layer_bits:
+        raise AssertionError("solver returned a plan over its budget")
+    return plan
+
+
+def _load(profile: Profile | str | Path) -> tuple[Profile, dict]:
+    if isinstance(profile, Profile):
+        return profile, profile_identity(profile, None)
+    prof = load_profile(profile)
+    return prof, profile_identity(prof, profile)
+
+
+def _resource(resource, resource_limit):
+    if resource is None or isinstance(resource, Resource):
+        return resource
+    return load_resource(resource, resource_limit)
+
+
+def solve(profile: Profile | str | Path, budget: str | float | Budget, solver: str = "dp",
+          objective: str | None = None, formats=None, pins=(), min_bits: float | None = None,
+          max_bits: float | None = None, tie=None, resource: Resource | str | Path | None = None,
+          resource_limit: float | None = None, resolution: float = DEFAULT_RESOLUTION,
+          time_limit: float | None = None) -> Plan:
+    """Choose a format for every block linear layer of `profile` within `budget`, minimizing predicted ΔKL.
+
+    budget: `3.25bpw`, `2.1GB`, `1.8GiB`, `500MB`, `700MiB` (or a number of bpw). solver: `dp` (exact dynamic
+    program; `resolution` bpw cells) or `ilp` (CBC; needed for a second `resource`). objective: yaqa, hessian or
+    noise; None picks the best the profile has. formats: comma list of names and sets (profile, default, all,
+    grid, int, kernel). pins: `REGEX=FORMAT` strings. min_bits/max_bits bound each layer's nominal bits.
+    tie: comma list of qkv, gateup, attn, mlp, block. resource: a Resource or a JSON/CSV table path.
+    """
+    if solver not in SOLVERS:
+        raise BitplanError(f"unknown solver {solver!r}; choose dp or ilp")
+    prof, identity = _load(profile)
+    inst = build_instance(prof, objective, formats, pins, min_bits, max_bits, tie, _resource(resource, resource_limit))
+    target = resolve_budget(inst, budget)
+    solution = run_solver(inst, target.layer_bits, solver, resolution, time_limit)
+    return make_plan(inst, solution, target, solver, identity)

@@ -1,0 +1,219 @@
+"""plan.json: the per-layer formats `bitplan solve` chose, with the accounting behind them.
+
+A person may edit a plan (change a layer's "format"); `load_plan` re-checks it: every format must exist, every
+layer of the profile must be there, and storage, predicted ΔKL and totals are recomputed from the formats so an
+edited plan never carries stale numbers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..errors import BitplanError
+from ..formats import Format, get_format
+from ..io import read_json, write_json
+from ..profile.schema import Profile, load_profile, profile_path
+from .accounting import codebook_key, extras_account
+from .problem import layer_cost
+
+SCHEMA = "bitplan.plan"
+VERSION = 1
+
+
+@dataclass
+class LayerPlan:
+    name: str
+    format: str
+    block: int
+    kind: str
+    shape: tuple[int, int]
+    storage_bits: int
+    predicted_dkl: float | None      # None when an edited plan is re-checked without its profile
+
+    @property
+    def params(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def bpw(self) -> float:
+        return self.storage_bits / self.params
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "format": self.format, "block": self.block, "kind": self.kind,
+                "shape": list(self.shape), "storage_bits": self.storage_bits, "bpw": round(self.bpw, 6),
+                "predicted_dkl": self.predicted_dkl}
+
+
+@dataclass
+class Plan:
+    profile: dict                    # {"path", "sha256", "model"}
+    budget: dict                     # {"given", "kind", "value", "bits", "layer_bits", "resolved"}
+    solver: dict                     # {"name", "optimal", "seconds", ...}
+    objective: str
+    constraints: dict
+    layers: list[LayerPlan]
+    extras: dict                     # how embeddings/head/other tensors are stored and counted
+    codebooks: list[dict] = field(default_factory=list)
+    totals: dict = field(default_factory=dict)
+    uniform: dict | None = None      # the best single format at the same budget
+    created_by: str = f"bitplan {__version__}"
+
+    def __post_init__(self) -> None:
+        if not self.totals:
+            self.refresh_totals()
+
+    def refresh_totals(self) -> None:
+        """Codebooks and totals from the layers' formats (used after solving and after an edit)."""
+        fmts = {lp.format: get_format(lp.format) for lp in self.layers}
+        books: dict[str, dict] = {}
+        for name, f in fmts.items():
+            key = codebook_key(f)
+            if key is not None:
+                entry = books.setdefault(key, {"grid": key, "bits": 0, "formats": []})
+                entry["bits"] = max(entry["bits"], int(f.codebook_bits))
+                entry["formats"].append(name)
+        self.codebooks = sorted(books.values(), key=lambda b: b["grid"])
+        self.totals = plan_totals(self.layers, fmts, sum(b["bits"] for b in self.codebooks), self.extras["bits"],
+                                  self.budget)
+
+    @property
+    def formats(self) -> dict[str, str]:
+        return {lp.name: lp.format for lp in self.layers}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, "version": VERSION, "created_by": self.created_by, "profile": self.profile,
+                "budget": self.budget, "solver": self.solver, "objective": self.objective,
+                "constraints": self.constraints, "totals": self.totals, "uniform": self.uniform,
+                "extras": self.extras, "codebooks": self.codebooks,
+                "layers": [lp.to_json() for lp in self.layers]}
+
+    def save(self, path: str | Path) -> None:
+        write_json(path, _finite(self.to_json()))
+
+
+def plan_totals(layers: list[LayerPlan], fmts: dict[str, Format], codebook_bits: int, extras_bits: int,
+                budget: dict) -> dict:
+    weights = sum(lp.params for lp in layers)
+    storage = sum(lp.storage_bits for lp in layers)
+    nominal = sum(fmts[lp.format].nominal_bits * lp.params for lp in layers)
+    dkl = [lp.predicted_dkl for lp in layers]
+    total_bits = storage + codebook_bits + extras_bits
+    out = {"block_weights": weights, "nominal_bpw": nominal / weights,
+           "storage_bpw": (storage + codebook_bits) / weights, "storage_bpw_without_codebooks": storage / weights,
+           "layer_bits": storage, "codebook_bits": codebook_bits, "extras_bits": extras_bits,
+           "total_bits": total_bits, "total_bytes": math.ceil(total_bits / 8),
+           "predicted_dkl": None if any(d is None for d in dkl) else float(sum(dkl))}
+    if budget.get("layer_bits") is not None:
+        out["within_budget"] = storage + codebook_bits <= budget["layer_bits"]
+    return out
+
+
+def _finite(obj):
+    """JSON has no inf/nan: write them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def profile_identity(profile: Profile, path: str | Path | None) -> dict:
+    """Where the plan came from: the profile file and its sha256 (of the JSON it would write, if in memory)."""
+    if path is not None:
+        file = profile_path(path)
+        return {"path": str(file), "sha256": file_sha256(file), "model": profile.model}
+    text = json.dumps(profile.to_json(), indent=2) + "\n"
+    return {"path": None, "sha256": hashlib.sha256(text.encode()).hexdigest(), "model": profile.model}
+
+
+def load_plan(path: str | Path, profile: Profile | str | Path | None = None) -> Plan:
+    """Read and re-check a plan.json, possibly edited by hand; every defect is a one-line BitplanError.
+
+    The profile (given, or the one the plan names if it is still on disk) supplies the layer list to check
+    against and the coefficients to recompute predicted ΔKL; without it the recorded values are kept for
+    unedited layers and dropped for edited ones."""
+    path = Path(path)
+    data = read_json(path, "plan")
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise BitplanError(f"{path} is not a bitplan plan (missing \"schema\": \"{SCHEMA}\")")
+    if data.get("version") != VERSION:
+        raise BitplanError(f"{path} has plan version {data.get('version')}; this bitplan reads version {VERSION}")
+    for key in ("profile", "budget", "objective", "layers"):
+        if key not in data:
+            raise BitplanError(f"{path} is malformed: no \"{key}\"")
+    if not isinstance(data["layers"], list) or not data["layers"]:
+        raise BitplanError(f"{path} is malformed: \"layers\" must be a non-empty list")
+    objective = str(data["objective"])
+
+    if profile is None:
+        recorded = (data.get("profile") or {}).get("path")
+        if recorded and profile_path(recorded).exists():
+            profile = recorded
+    prof = load_profile(profile) if isinstance(profile, (str, Path)) else profile
+    by_name = {r.name: r for r in prof.layers} if prof is not None else {}
+
+    layers: list[LayerPlan] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(data["layers"]):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or \
+                not isinstance(entry.get("format"), str):
+            raise BitplanError(f"{path}: layer entry {i} needs string \"name\" and \"format\"")
+        name = entry["name"]
+        if name in seen:
+            raise BitplanError(f"{path}: layer {name} appears twice")
+        seen.add(name)
+        try:
+            fmt = get_format(entry["format"])
+        except BitplanError as e:
+            raise BitplanError(f"{path}: layer {name}: {e}") from None
+        rec = by_name.get(name)
+        if prof is not None and rec is None:
+            raise BitplanError(f"{path}: layer {name} is not in the profile {prof.model.get('id', '')}".rstrip())
+        try:
+            shape = tuple(int(x) for x in (entry.get("shape") or rec.shape))
+            block = int(entry.get("block", rec.block if rec else -1))
+            kind = str(entry.get("kind", rec.kind if rec else ""))
+        except (TypeError, ValueError, AttributeError):
+            raise BitplanError(f"{path}: layer {name} needs a \"shape\" [out, in]") from None
+        if len(shape) != 2 or min(shape) < 1:
+            raise BitplanError(f"{path}: layer {name} has shape {list(shape)}; expected [out, in]")
+        if rec is not None and tuple(rec.shape) != shape:
+            raise BitplanError(f"{path}: layer {name} has shape {list(shape)} but the profile says {list(rec.shape)}")
+        bits = int(fmt.storage_bits(*shape))
+        if rec is not None:
+            dkl = layer_cost(rec, fmt, objective)
+        elif entry.get("storage_bits") == bits and isinstance(entry.get("predicted_dkl"), (int, float)):
+            dkl = float(entry["predicted_dkl"])
+        else:
+            dkl = None
+        layers.append(LayerPlan(name=name, format=fmt.name, block=block, kind=kind, shape=shape,
+                                storage_bits=bits, predicted_dkl=dkl))
+    if prof is not None:
+        missing = [r.name for r in prof.layers if r.name not in seen]
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise BitplanError(f"{path}: no format for layer {missing[0]}{more} of the profile")
+    extras = data.get("extras")
+    if prof is not None:
+        extras = extras_account(prof).to_json()
+    elif not isinstance(extras, dict) or not isinstance(extras.get("bits"), int):
+        raise BitplanError(f"{path} is malformed: \"extras\" needs integer \"bits\"")
+    budget = data["budget"] if isinstance(data["budget"], dict) else {}
+    return Plan(profile=dict(data["profile"]), budget=budget, solver=dict(data.get("solver") or {}),
+                objective=objective, constraints=dict(data.get("constraints") or {}), layers=layers,
+                extras=extras, uniform=data.get("uniform"), created_by=str(data.get("created_by", "")))

@@ -1,0 +1,351 @@
+"""From a profile and the user's constraints to the knapsack the solvers see.
+
+Candidate formats, pins (`REGEX=FORMAT`), per-layer bounds on nominal bits and tie groups all shape the options
+of each item; a tie group (layers that must share one format) becomes a single item whose option bits and costs
+are the sums over its layers, which is exact and lets the DP handle ties as well as the ILP.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BitplanError
+from ..formats import Format, all_formats, default_candidates, get_format
+from ..profile.schema import OBJECTIVES, LayerRecord, Profile
+from .accounting import ExtrasAccount, codebook_key, codebooks, extras_account
+from .mckp import Problem
+
+TIE_GROUPS = {
+    "qkv": ("q", "k", "v"),
+    "gateup": ("gate", "up"),
+    "attn": ("q", "k", "v", "o"),
+    "mlp": ("gate", "up", "down"),
+    "block": None,  # every layer of a block
+}
+FORMAT_SETS = ("profile", "default", "all", "grid", "int", "kernel")
+
+
+def kind_family(kind: str) -> str:
+    """`q_proj` → `q`, `gate_proj` → `gate`: the short names tie groups and reports use."""
+    return kind.removesuffix("_proj")
+
+
+def objective_for(profile: Profile, objective: str | None) -> str:
+    """The requested objective, or the best one every layer has: yaqa, then hessian, then noise."""
+    if objective is not None:
+        if objective not in OBJECTIVES:
+            raise BitplanError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        for layer in profile.layers:
+            layer.alpha(objective)  # a clear error naming the first layer without it
+        return objective
+    for name, keys in OBJECTIVES.items():
+        if all(any(getattr(r, k) is not None for k in keys) for r in profile.layers):
+            return name
+    raise BitplanError("the profile has no sensitivity coefficient present for every layer "
+                       "(alpha_yaqa, alpha_hessian or alpha_noise); re-run `bitplan profile`")
+
+
+def resolve_formats(spec: str | list | tuple | None, profile: Profile) -> list[Format]:
+    """Candidate formats from a comma list of names and named sets (profile, default, all, grid, int, kernel).
+
+    None means the profile's own candidates (or the default set when it lists none). `grid`, `int` and `kernel`
+    (formats with fast kernels: grids of p ≤ 2 and integer groups) select from the profile's and the default
+    candidates and keep fp16 as the always-available fallback."""
+    if spec is None:
+        spec = "profile" if profile.formats else "default"
+    tokens = [t for t in re.split(r"[,\s]+", spec) if t] if isinstance(spec, str) else [str(t) for t in spec]
+    if not tokens:
+        raise BitplanError("--formats names no format")
+    try:
+        listed = [get_format(n) for n in profile.formats]
+    except BitplanError as e:
+        raise BitplanError(f"the profile's candidate list: {e}") from None
+    pool = _unique(listed + default_candidates())
+    out: list[Format] = []
+    for t in tokens:
+        key = t.lower()
+        if key == "profile":
+            out += listed or default_candidates()
+        elif key == "default":
+            out += default_candidates()
+        elif key == "all":
+            out += all_formats()
+        elif key in ("grid", "int"):
+            out += [f for f in pool if f.kind in (key, "fp16")]
+        elif key == "kernel":
+            out += [f for f in pool if f.kind in ("int", "fp16") or (f.kind == "grid" and f.vector_dim <= 2)]
+        else:
+            out.append(get_format(t))
+    return _unique(out)
+
+
+def _unique(formats: list[Format]) -> list[Format]:
+    seen: dict[str, Format] = {}
+    for f in formats:
+        seen.setdefault(f.name, f)
+    return list(seen.values())
+
+
+def parse_pins(pins) -> list[tuple[str, Format]]:
+    """`REGEX=FORMAT` strings (or (regex, format) pairs) → validated (regex, Format) pairs."""
+    out = []
+    for pin in pins or ():
+        if isinstance(pin, str):
+            regex, sep, name = pin.rpartition("=")
+            if not sep or not regex or not name:
+                raise BitplanError(f"--pin {pin!r}: write REGEX=FORMAT, e.g. 'mlp.down_proj=int4-g128'")
+        else:
+            regex, name = pin
+        try:
+            re.compile(regex)
+        except re.error as e:
+            raise BitplanError(f"--pin {regex}={name}: invalid regular expression ({e})") from None
+        out.append((regex, get_format(name.strip())))
+    return out
+
+
+def parse_ties(tie) -> list[str]:
+    if tie is None or tie == "" or tie == "none":
+        return []
+    names = [t.strip().lower() for t in (tie.split(",") if isinstance(tie, str) else tie) if t.strip()]
+    for n in names:
+        if n not in TIE_GROUPS:
+            raise BitplanError(f"unknown tie group {n!r}; use a comma list of {', '.join(TIE_GROUPS)}")
+    return _unique_str(names)
+
+
+def _unique_str(xs):
+    return list(dict.fromkeys(xs))
+
+
+@dataclass
+class Resource:
+    """A second linear resource (e.g. latency): amount per weight of each format, and a limit on its mean per
+    weight over the block linears (so a table in µs per weight takes a limit in µs per weight)."""
+    name: str
+    per_weight: dict[str, float]
+    limit_per_weight: float
+    source: str = ""
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "source": self.source, "limit_per_weight": self.limit_per_weight,
+                "per_weight": self.per_weight}
+
+
+def load_resource(path: str | Path, limit: float | None = None) -> Resource:
+    """A JSON file `{"name", "limit_per_weight", "per_weight": {format: value}}` or a CSV `format,per_weight`
+    (the limit then comes from `limit`, which also overrides the file's)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BitplanError(f"resource table not found: {path}")
+    name, file_limit = path.stem, None
+    if path.suffix.lower() == ".json":
+        from ..io import read_json
+
+        data = read_json(path, "resource table")
+        if not isinstance(data, dict) or not isinstance(data.get("per_weight"), dict):
+            raise BitplanError(f"resource table {path} needs an object with \"per_weight\": {{format: value}}")
+        table = data["per_weight"]
+        name = str(data.get("name", name))
+        file_limit = data.get("limit_per_weight")
+    else:
+        try:
+            with open(path, newline="") as fh:
+                rows = list(csv.DictReader(fh))
+        except (OSError, csv.Error, UnicodeDecodeError) as e:
+            raise BitplanError(f"cannot read resource table {path}: {e}") from None
+        if not rows or "format" not in rows[0] or len(rows[0]) < 2:
+            raise BitplanError(f"resource table {path} needs a header `format,per_weight` and one row per format")
+        column = "per_weight" if "per_weight" in rows[0] else [k for k in rows[0] if k != "format"][0]
+        table = {r["format"]: r[column] for r in rows}
+    per_weight = {}
+    for fmt, value in table.items():
+        get_format(fmt)
+        try:
+            per_weight[fmt] = float(value)
+        except (TypeError, ValueError):
+            raise BitplanError(f"resource table {path}: {fmt} has a non-numeric value {value!r}") from None
+        if not math.isfinite(per_weight[fmt]) or per_weight[fmt] < 0:
+            raise BitplanError(f"resource table {path}: {fmt} needs a finite non-negative value")
+    limit = limit if limit is not None else file_limit
+    if limit is None:
+        raise BitplanError(f"resource {name}: give its limit (mean per weight) with --resource-limit or "
+                           f"\"limit_per_weight\" in the JSON file")
+    try:
+        limit = float(limit)
+    except (TypeError, ValueError):
+        raise BitplanError(f"resource {name}: limit {limit!r} is not a number") from None
+    return Resource(name=name, per_weight=per_weight, limit_per_weight=limit, source=str(path))
+
+
+@dataclass
+class Instance:
+    """The profile turned into knapsack items, ready to be solved at any budget."""
+    profile: Profile
+    objective: str
+    candidates: list[Format]             # after --formats and the min/max bits filter
+    items: list[list[int]]               # layer indices per item (one layer, or a tie group)
+    options: list[list[Format]]          # formats each item may take
+    bits: list[np.ndarray]               # per item: storage bits of each option (summed over its layers)
+    cost: list[np.ndarray]               # per item: predicted ΔKL of each option
+    codebook: list[np.ndarray]           # per item: codebook id of each option (-1: none)
+    codebook_names: list[str]
+    codebook_bits: np.ndarray
+    candidate_bits: np.ndarray           # layers × candidates: storage bits (for the uniform baseline)
+    candidate_cost: np.ndarray           # layers × candidates: predicted ΔKL
+    extras: ExtrasAccount
+    block_weights: int
+    constraints: dict
+    resource: Resource | None = None
+    resource_use: list[np.ndarray] | None = None
+    _bits_cache: dict = field(default_factory=dict, repr=False)
+
+    def problem(self, budget_bits: int) -> Problem:
+        limit = None
+        if self.resource is not None:
+            limit = self.resource.limit_per_weight * self.block_weights
+        return Problem(self.bits, self.cost, budget_bits, codebook=self.codebook, codebook_bits=self.codebook_bits,
+                       resource=self.resource_use, resource_limit=limit)
+
+    def layer_bits(self, layer: int, fmt: Format) -> int:
+        return storage_bits(self._bits_cache, fmt, self.profile.layers[layer].shape)
+
+    def layer_cost(self, layer: int, fmt: Format) -> float:
+        return layer_cost(self.profile.layers[layer], fmt, self.objective)
+
+
+def storage_bits(cache: dict, fmt: Format, shape: tuple[int, int]) -> int:
+    key = (fmt.name, tuple(shape))
+    if key not in cache:
+        cache[key] = int(fmt.storage_bits(*shape))
+    return cache[key]
+
+
+def layer_cost(layer: LayerRecord, fmt: Format, objective: str) -> float:
+    """Predicted ΔKL of giving `layer` format `fmt`: α(objective) × t², t² measured when the profile has it."""
+    return layer.alpha(objective) * _t2(layer, fmt)
+
+
+def _t2(layer: LayerRecord, fmt: Format) -> float:
+    """The layer's measured relative error in `fmt`, else the format's Gaussian mse_q (fp16: ≈ 0)."""
+    t2 = layer.rel_err.get(fmt.name)
+    if t2 is None or not math.isfinite(t2):
+        t2 = fmt.mse_q
+    return max(float(t2), 0.0)
+
+
+def build_instance(profile: Profile, objective: str | None = None, formats=None, pins=(),
+                   min_bits: float | None = None, max_bits: float | None = None, tie=None,
+                   resource: Resource | None = None) -> Instance:
+    objective = objective_for(profile, objective)
+    layers = profile.layers
+    if min_bits is not None and max_bits is not None and min_bits > max_bits:
+        raise BitplanError(f"--min-bits {min_bits:g} is above --max-bits {max_bits:g}")
+
+    def in_bounds(f: Format) -> bool:
+        return (min_bits is None or f.nominal_bits >= min_bits - 1e-9) and \
+               (max_bits is None or f.nominal_bits <= max_bits + 1e-9)
+
+    all_candidates = resolve_formats(formats, profile)
+    candidates = [f for f in all_candidates if in_bounds(f)]
+    if not candidates:
+        raise BitplanError(f"no candidate format has nominal bits within [{min_bits}, {max_bits}] "
+                           f"(candidates span {min(f.nominal_bits for f in all_candidates):g}–"
+                           f"{max(f.nominal_bits for f in all_candidates):g} bits)")
+
+    pin_list = parse_pins(pins)
+    pinned: dict[int, tuple[str, Format]] = {}
+    for regex, fmt in pin_list:
+        if not in_bounds(fmt):
+            raise BitplanError(f"--pin {regex}={fmt.name}: {fmt.name} has {fmt.nominal_bits:g} nominal bits, "
+                               f"outside --min-bits/--max-bits [{min_bits}, {max_bits}]")
+        hits = [i for i, r in enumerate(layers) if re.search(regex, r.name)]
+        if not hits:
+            raise BitplanError(f"--pin {regex}={fmt.name} matches no layer (names look like {layers[0].name})")
+        for i in hits:
+            if i in pinned and pinned[i][1].name != fmt.name:
+                raise BitplanError(f"layer {layers[i].name} is pinned twice: {pinned[i][0]}={pinned[i][1].name} and "
+                                   f"{regex}={fmt.name}; make the patterns disjoint")
+            pinned[i] = (regex, fmt)
+
+    ties = parse_ties(tie)
+    groups = _tie_groups(layers, ties)
+
+    cache: dict = {}
+    cb_names = list(codebooks(candidates + [f for _, f in pin_list]))
+    cb_bits = codebooks(candidates + [f for _, f in pin_list])
+    cb_index = {k: i for i, k in enumerate(cb_names)}
+    items, options, bits, cost, cbs, res = [], [], [], [], [], []
+    if resource is not None:
+        missing = [f.name for f in candidates + [p for _, p in pin_list] if f.name not in resource.per_weight]
+        if missing:
+            raise BitplanError(f"resource table {resource.source or resource.name} has no value for "
+                               f"{', '.join(_unique_str(missing))}; add them or restrict --formats")
+    # Per-layer storage and predicted ΔKL of every candidate, once; items sum them over their layers.
+    alpha = np.array([r.alpha(objective) for r in layers])
+    cand_bits = np.array([[storage_bits(cache, f, r.shape) for f in candidates] for r in layers], dtype=np.int64)
+    cand_cost = alpha[:, None] * np.array([[_t2(r, f) for f in candidates] for r in layers])
+    cand_cb = np.array([cb_index.get(codebook_key(f), -1) for f in candidates], dtype=np.int64)
+    for group in groups:
+        pins_here = {pinned[i][1].name: pinned[i] for i in group if i in pinned}
+        if len(pins_here) > 1:
+            detail = ", ".join(f"{r}={f.name}" for r, f in pins_here.values())
+            raise BitplanError(f"pins contradict the tie group {', '.join(layers[i].name for i in group)}: "
+                               f"{detail}; tied layers share one format")
+        items.append(group)
+        if pins_here:
+            f = next(iter(pins_here.values()))[1]
+            opts = [f]
+            bits.append(np.array([sum(storage_bits(cache, f, layers[i].shape) for i in group)], dtype=np.int64))
+            cost.append(np.array([sum(alpha[i] * _t2(layers[i], f) for i in group)]))
+            cbs.append(np.array([cb_index.get(codebook_key(f), -1)], dtype=np.int64))
+        else:
+            opts = candidates
+            bits.append(cand_bits[group].sum(axis=0))
+            cost.append(cand_cost[group].sum(axis=0))
+            cbs.append(cand_cb)
+        options.append(opts)
+        if resource is not None:
+            weights = sum(layers[i].params for i in group)
+            res.append(np.array([resource.per_weight[f.name] * weights for f in opts]))
+    constraints = {"formats": [f.name for f in candidates], "pins": [[r, f.name] for r, f in pin_list],
+                   "min_bits": min_bits, "max_bits": max_bits, "tie": ties,
+                   "resource": resource.to_json() if resource is not None else None}
+    return Instance(profile=profile, objective=objective, candidates=candidates, items=items, options=options,
+                    bits=bits, cost=cost, codebook=cbs, codebook_names=cb_names, candidate_bits=cand_bits,
+                    candidate_cost=cand_cost,
+                    codebook_bits=np.array([cb_bits[k] for k in cb_names], dtype=np.int64),
+                    extras=extras_account(profile), block_weights=sum(r.params for r in layers),
+                    constraints=constraints, resource=resource, resource_use=res if resource is not None else None,
+                    _bits_cache=cache)
+
+
+def _tie_groups(layers: list[LayerRecord], ties: list[str]) -> list[list[int]]:
+    """Union of the requested tie groups (e.g. qkv and gateup, or whole blocks), in layer order."""
+    parent = list(range(len(layers)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for tie in ties:
+        kinds = TIE_GROUPS[tie]
+        first: dict[int, int] = {}
+        for i, r in enumerate(layers):
+            if kinds is not None and kind_family(r.kind) not in kinds:
+                continue
+            if r.block in first:
+                parent[find(i)] = find(first[r.block])
+            else:
+                first[r.block] = i
+    members: dict[int, list[int]] = {}
+    for i in range(len(layers)):
+        members.setdefault(find(i), []).append(i)
+    return sorted(members.values(), key=lambda g: g[0])

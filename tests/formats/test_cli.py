@@ -1,0 +1,44 @@
+"""`bitplan formats`: the table, the JSON, and a bad option ending in one line and exit code 2."""
+from __future__ import annotations
+
+import json
+import sys
+
+from bitplan.formats import all_formats, default_candidates
+
+
+def run(monkeypatch, capsys, *args):
+    from bitplan.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["bitplan", "formats", *args])
+    monkeypatch.setenv("COLUMNS", "200")
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_json_lists_every_format(monkeypatch, capsys):
+    code, out, _ = run(monkeypatch, capsys, "--json")
+    assert code == 0
+    rows = json.loads(out)
+    assert [r["name"] for r in rows] == [f.name for f in all_formats()]
+    r = next(r for r in rows if r["name"] == "higgs-p2-n256-g128")
+    assert r["bits_per_weight"] == (4096 * 4096 * 4 + 4096 * 32 * 16 + 128) / 4096**2
+    assert abs(r["shannon_ratio"] - r["mse_q"] * 256) < 1e-12 and r["default_candidate"]
+
+
+def test_table_of_candidates(monkeypatch, capsys):
+    code, out, _ = run(monkeypatch, capsys, "--candidates")
+    assert code == 0
+    for f in default_candidates():
+        assert f.name in out
+    assert "higgs-p2-n8-g64" not in out and "int5-g32" not in out  # not candidates
+
+
+def test_bad_kind(monkeypatch, capsys):
+    code, _, err = run(monkeypatch, capsys, "--kind", "nf4")
+    assert code == 2 and "unknown kind" in err and "Traceback" not in err

@@ -1,0 +1,206 @@
+"""profile_model end to end on tiny models: outputs, resume after an interruption, refusals of bad input."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from bitplan.errors import BitplanError
+from bitplan.models import find_linears
+from bitplan.profile import load_factors, load_profile, profile_model
+from bitplan.profile.report import COLUMNS, sensitivity_table
+from bitplan.profile.run import split_halves
+
+from tests.profile.helpers import tiny_llama, token_ids
+
+FORMATS = "int4-g32,int3-g64,fp16"
+KW = dict(sketch_chunk=4, noise_samples=2, formats=FORMATS, batch_size=2, checkpoint_every=2, progress=False)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def stop_at(phase: str, count: int):
+    def events(p: str, c: int) -> None:
+        if p == phase and c == count:
+            raise Interrupt(f"{p} {c}")
+    return events
+
+
+def run(out: Path, model=None, ids=None, **kw):
+    return profile_model(model if model is not None else tiny_llama(),
+                         ids if ids is not None else token_ids(8, 16), out_dir=out, **{**KW, **kw})
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_outputs(tmp_path):
+    out = tmp_path / "prof"
+    profile = run(out)
+    assert not (out / ".job").exists()
+    loaded = load_profile(out)
+    assert loaded.to_json() == profile.to_json()
+    model = tiny_llama()
+    infos = find_linears(model)
+    assert [r.name for r in loaded.layers] == [i.name for i in infos]
+    assert loaded.calibration["tokens"] == 8 * 16 and loaded.calibration["halves"] == {"a": 4, "b": 4}
+    assert loaded.settings["sketch_chunk"] == 4 and loaded.formats == FORMATS.split(",")
+    for r in loaded.layers:
+        assert r.alpha_hessian > 0 and r.alpha_noise is not None and r.alpha_yaqa_heldout is not None
+        assert r.alpha_yaqa <= r.alpha_hessian * 1.01 ** 2   # in-sample LDL never loses (up to the damping)
+        assert set(r.rel_err) == set(FORMATS.split(","))
+        assert r.rel_err["int3-g64"] > r.rel_err["int4-g32"] > r.rel_err["fp16"]
+        assert r.extra["n_samples"] == 8 * 4  # 16 tokens in chunks of 4
+    df = pd.read_csv(out / "sensitivity.csv")
+    assert list(df.columns[:len(COLUMNS)]) == COLUMNS and len(df) == len(infos)
+    assert df["yaqa_gain"].tolist() == pytest.approx((df["alpha_yaqa"] / df["alpha_hessian"]).tolist(), rel=1e-5)
+    f = load_factors(out, infos[0].name)
+    assert f.tokens_a == f.tokens_b == 4 * 16 and f.samples == 32
+    rec = loaded.layers[0]
+    assert rec.trace_h_out == pytest.approx(float(torch.trace(f.h_out)), rel=1e-5)
+    assert sensitivity_table(loaded).row_count == len(infos)
+
+
+def test_halves_are_a_seeded_partition():
+    a, b = split_halves(9, 3)
+    assert sorted(a + b) == list(range(9)) and len(a) == 4
+    assert split_halves(9, 3) == (a, b) and split_halves(9, 4) != (a, b)
+
+
+# 8 windows = 2 halves × 2 batches of 2, a checkpoint after every batch; 14 layers. `after` is the first event of
+# the resumed run: finished work is not redone.
+@pytest.mark.parametrize("phase,count,after", [("noise", 5, ("noise", 6)), ("factors-a", 1, ("factors-a", 2)),
+                                               ("factors-b", 2, ("factors-done", 14)),
+                                               ("factors-done", 14, ("layers", 1)), ("layers", 9, ("layers", 10)),
+                                               ("formats", 3, ("formats", 4))])
+def test_resume_equals_uninterrupted(tmp_path, phase, count, after):
+    ref = run(tmp_path / "ref")
+    out = tmp_path / "cut"
+    with pytest.raises(Interrupt):
+        run(out, events=stop_at(phase, count))
+    assert (out / ".job").is_dir() and not (out / "profile.json").exists()
+    seen = []
+    resumed = run(out, events=lambda p, c: seen.append((p, c)))
+    assert seen[0] == after
+    strip = lambda j: {k: v for k, v in j.items() if k != "extra"}  # timings differ
+    assert strip(resumed.to_json()) == strip(ref.to_json())
+    for info in find_linears(tiny_llama()):
+        a, b = load_factors(tmp_path / "ref", info.name), load_factors(out, info.name)
+        assert torch.equal(a.h_out_a, b.h_out_a) and torch.equal(a.h_in_b, b.h_in_b)
+
+
+def test_finished_profile_is_not_recomputed(tmp_path):
+    out = tmp_path / "prof"
+    run(out)
+    before = snapshot(out)
+    calls = []
+    run(out, events=lambda p, c: calls.append(p))
+    assert calls == [] and snapshot(out) == before
+
+
+def test_finished_profile_asked_for_other_formats_measures_only_those(tmp_path):
+    out = tmp_path / "prof"
+    first = run(out)
+    calls = []
+    second = run(out, formats="int4-g32,int2-g32", events=lambda p, c: calls.append(p))
+    assert set(calls) == {"formats"} and len(calls) == len(first.layers)
+    assert second.formats == ["int4-g32", "int2-g32"]
+    for a, b in zip(first.layers, load_profile(out).layers):
+        assert b.rel_err["int4-g32"] == a.rel_err["int4-g32"] and b.rel_err["int2-g32"] > a.rel_err["int3-g64"]
+        assert b.alpha_hessian == a.alpha_hessian and b.alpha_noise == a.alpha_noise
+
+
+def test_other_model_in_out_dir_is_refused(tmp_path):
+    out = tmp_path / "prof"
+    run(out)
+    before = snapshot(out)
+    with pytest.raises(BitplanError, match="another model"):
+        run(out, model=tiny_llama(seed=1))
+    assert snapshot(out) == before
+
+
+def test_other_model_partial_job_is_refused(tmp_path):
+    out = tmp_path / "prof"
+    with pytest.raises(Interrupt):
+        run(out, events=stop_at("factors-a", 1))
+    before = snapshot(out)
+    with pytest.raises(BitplanError, match="another model"):
+        run(out, model=tiny_llama(seed=1))
+    assert snapshot(out) == before
+
+
+def test_other_settings_need_a_new_out_or_overwrite(tmp_path):
+    out = tmp_path / "prof"
+    run(out)
+    before = snapshot(out)
+    with pytest.raises(BitplanError, match=r"other settings \(sketch_chunk: 4 vs 8\).*--overwrite"):
+        run(out, sketch_chunk=8)
+    assert snapshot(out) == before
+    (out / "notes.txt").write_text("mine")
+    profile = run(out, sketch_chunk=8, overwrite=True)
+    assert profile.settings["sketch_chunk"] == 8 and (out / "notes.txt").read_text() == "mine"
+
+
+def test_foreign_files_in_out_dir_are_refused(tmp_path):
+    out = tmp_path / "prof"
+    (out / "hessians").mkdir(parents=True)
+    with pytest.raises(BitplanError, match="no profile.json"):
+        run(out)
+
+
+def test_calibration_text_shorter_than_a_window(tmp_path, tiny_model_dir):
+    short = tmp_path / "short.txt"
+    short.write_text("Too short.")
+    out = tmp_path / "prof"
+    with pytest.raises(BitplanError, match="shorter than one window"):
+        profile_model(str(tiny_model_dir), str(short), samples=4, seqlen=64, out_dir=out, progress=False)
+    assert not out.exists()
+
+
+def test_model_without_quantizable_layers(tmp_path):
+    class NoLinears(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(16, 8)
+            self.layers = nn.ModuleList([nn.LayerNorm(8) for _ in range(2)])
+
+        def get_input_embeddings(self):
+            return self.embed
+
+    out = tmp_path / "prof"
+    with pytest.raises(BitplanError, match="no quantizable linear layers"):
+        profile_model(NoLinears(), token_ids(4, 8), out_dir=out, progress=False)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kw,match", [(dict(sketch_chunk=0), "sketch-chunk"), (dict(noise_samples=9), "noise-samples"),
+                                      (dict(formats="int4-g127"), "unknown format")])
+def test_bad_settings(tmp_path, kw, match):
+    with pytest.raises(BitplanError, match=match):
+        run(tmp_path / "prof", **kw)
+    assert not (tmp_path / "prof").exists()
+
+
+def test_text_calibration_and_cli(tmp_path, tiny_model_dir, tiny_text):
+    from typer.testing import CliRunner
+
+    from bitplan.cli import app
+
+    out = tmp_path / "prof"
+    args = ["profile", str(tiny_model_dir), "--calib", str(tiny_text), "--samples", "4", "--seqlen", "32",
+            "--sketch-chunk", "8", "--noise-samples", "2", "--formats", FORMATS, "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "Spearman" in result.output
+    data = json.loads((out / "profile.json").read_text())
+    assert data["calibration"]["source"] == str(tiny_text) and len(data["calibration"]["sha256"]) == 64
+    assert data["calibration"]["tokens"] == 4 * 32
+    bad = CliRunner().invoke(app, args[:-1] + [str(tmp_path / "other")] + ["--samples", "100000"])
+    assert isinstance(bad.exception, BitplanError)

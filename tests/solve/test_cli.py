@@ -1,0 +1,132 @@
+"""`bitplan solve` on the command line: outputs, and bad input ending in one line and exit code 2."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bitplan.solve.synthetic import synthetic_profile
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def profile_dir(tmp_path):
+    from bitplan.formats import get_format
+
+    from .conftest import INT_FORMATS, SMALL_SHAPES
+
+    prof = synthetic_profile(blocks=3, shapes=SMALL_SHAPES, formats=[get_format(f) for f in INT_FORMATS], seed=4,
+                             vocab=100, hidden=64)
+    prof.save(tmp_path / "prof" / "profile.json")
+    return tmp_path / "prof"
+
+
+def run(monkeypatch, capsys, *args):
+    """main() in-process; returns (exit code, stdout, stderr)."""
+    from bitplan.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["bitplan", "solve", *map(str, args)])
+    monkeypatch.setenv("COLUMNS", "200")
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_solve_writes_a_plan_and_explains_it(monkeypatch, capsys, profile_dir, tmp_path):
+    out = tmp_path / "plan.json"
+    code, stdout, _ = run(monkeypatch, capsys, profile_dir, "--budget", "4bpw", "-o", out)
+    assert code == 0
+    plan = json.loads(out.read_text())
+    assert plan["totals"]["storage_bpw"] <= 4 and plan["objective"] == "yaqa"
+    assert "objective yaqa (the best coefficient this profile has)" in stdout
+    for heading in ("formats by projection kind", "by depth", "largest predicted ΔKL", "best uniform"):
+        assert heading in stdout
+    code, stdout, err = run(monkeypatch, capsys, profile_dir, "--budget", "6bpw", "-o", out, "--objective", "noise",
+                          "--solver", "ilp", "--tie", "qkv", "--pin", "gate_proj=int8-g64", "--max-bits", "8")
+    assert code == 0 and "objective noise (as asked)" in stdout, err
+    plan = json.loads(out.read_text())
+    assert all(l["format"] == "int8-g64" for l in plan["layers"] if l["kind"] == "gate_proj")
+    assert plan["constraints"]["tie"] == ["qkv"] and plan["solver"]["name"] == "ilp"
+
+
+def test_sweep_writes_a_pareto_table_and_a_plot(monkeypatch, capsys, profile_dir, tmp_path):
+    out = tmp_path / "sweep" / "plan.json"
+    code, stdout, _ = run(monkeypatch, capsys, profile_dir, "--sweep", "2:5:0.5", "-o", out)
+    assert code == 0 and not out.exists()  # no --budget: the sweep only
+    rows = list(csv.DictReader(open(out.with_name("plan-sweep.csv"))))
+    assert [float(r["budget_bpw"]) for r in rows] == [2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0]
+    assert rows[0]["predicted_dkl"] == "" and "achievable" in rows[0]["note"]  # int2-g64 stores 2.5+ bpw
+    feasible = [r for r in rows if r["predicted_dkl"]]
+    assert len(feasible) >= 5
+    for r in feasible:
+        assert float(r["storage_bpw"]) <= float(r["budget_bpw"])
+        if r["uniform_dkl"]:
+            assert float(r["predicted_dkl"]) <= float(r["uniform_dkl"]) * (1 + 1e-12)
+    dkl = [float(r["predicted_dkl"]) for r in feasible]
+    assert dkl == sorted(dkl, reverse=True)  # more bits never predict more ΔKL
+    assert out.with_name("plan-sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, _, _ = run(monkeypatch, capsys, profile_dir, "--sweep", "3:4:0.5", "--budget", "3.5bpw", "-o", out)
+    assert code == 0 and out.exists()
+
+
+def _bad_profile(tmp_path, what):
+    path = tmp_path / "bad" / "profile.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if what == "torn":
+        path.write_text('{"schema": "bitplan.profile", "version": 1, "layers": [')
+    else:
+        from bitplan.formats import get_format
+
+        from .conftest import SMALL_SHAPES
+
+        prof = synthetic_profile(blocks=1, shapes=SMALL_SHAPES, formats=[get_format("int4-g64")],
+                                 objectives=("alpha_noise",), vocab=100, hidden=64)
+        prof.save(path)
+    return path.parent
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "0bpw"], "budget must be positive"),
+    (["--budget=-2bpw"], "budget must be positive"),
+    (["--budget", "0.5bpw"], "achievable"),
+    (["--budget", "10kB"], "for the whole file"),
+    (["--budget", "3bpw", "--formats", "int4-g64,int5-g65"], "unknown format 'int5-g65'"),
+    (["--budget", "3bpw", "--tie", "qkv", "--pin", r"0\.self_attn\.q_proj=int4-g64", "--pin",
+      r"0\.self_attn\.k_proj=int3-g64"], "contradict the tie group"),
+    (["--budget", "3bpw", "--pin", "q_proj=int8-g64", "--max-bits", "4"], "outside --min-bits/--max-bits"),
+    (["--budget", "3bpw", "--objective", "yaqa", "PROFILE=nocoef"], "alpha_yaqa"),
+    (["--budget", "3bpw", "PROFILE=torn"], "not valid JSON"),
+    (["--budget", "3bpw", "--resource", "missing.json", "--solver", "ilp"], "not found"),
+    (["-o", "x.json"], "give a --budget"),
+])
+def test_bad_input_is_one_line_and_exit_2(monkeypatch, capsys, profile_dir, tmp_path, args, message):
+    prof = profile_dir
+    args = list(args)
+    for a in list(args):
+        if a.startswith("PROFILE="):
+            args.remove(a)
+            prof = _bad_profile(tmp_path, a.split("=")[1])
+    code, _, err = run(monkeypatch, capsys, prof, *args, *([] if "-o" in args else ["-o", tmp_path / "p.json"]))
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_real_process_exits_2_without_a_traceback(tmp_path):
+    prof = _bad_profile(tmp_path, "torn")
+    code = ("from bitplan.cli import main; import sys; "
+            "sys.argv=['bitplan','solve',sys.argv[1],'--budget','3bpw']; main()")
+    proc = subprocess.run([sys.executable, "-c", code, str(prof)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert "not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

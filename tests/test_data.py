@@ -1,0 +1,93 @@
+"""Text loading and token windows."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bitplan.data import describe_source, load_texts, needs_bos, token_stream, token_windows, warn_if_same_source
+from bitplan.errors import BitplanError
+
+from tests.conftest import TINY_TEXT, make_tokenizer
+
+
+def test_jsonl_and_txt(tmp_path):
+    j = tmp_path / "d.jsonl"
+    j.write_text("\n".join(json.dumps({"id": i, "text": f"document {i}"}) for i in range(3)) + "\n\n")
+    assert load_texts(str(j)) == ["document 0", "document 1", "document 2"]
+    t = tmp_path / "d.txt"
+    t.write_text("hello\nworld\n")
+    assert load_texts(str(t)) == ["hello\nworld\n"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "holds no text"),
+    ("   \n\n", "holds no text"),
+])
+def test_empty_text(tmp_path, content, message):
+    p = tmp_path / "empty.txt"
+    p.write_text(content)
+    with pytest.raises(BitplanError, match=message):
+        load_texts(str(p))
+
+
+def test_malformed_jsonl(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"text": "ok"}\n{"body": "no text field"}\n')
+    with pytest.raises(BitplanError, match="line 2"):
+        load_texts(str(p))
+    p.write_text('{"text": "ok"}\nnot json\n')
+    with pytest.raises(BitplanError, match="line 2: not valid JSON"):
+        load_texts(str(p))
+
+
+def test_missing_file():
+    with pytest.raises(BitplanError, match="not found"):
+        load_texts("/no/such/file.txt")
+
+
+def test_windows_are_seeded_distinct_and_prefix_stable(tiny_text, tiny_tokenizer):
+    a = token_windows(tiny_tokenizer, str(tiny_text), 6, 32, seed=1)
+    b = token_windows(tiny_tokenizer, str(tiny_text), 6, 32, seed=1)
+    c = token_windows(tiny_tokenizer, str(tiny_text), 3, 32, seed=1)
+    d = token_windows(tiny_tokenizer, str(tiny_text), 6, 32, seed=2)
+    assert a.shape == (6, 32) and a.dtype == torch.long
+    assert torch.equal(a, b) and torch.equal(a[:3], c) and not torch.equal(a, d)
+    # Windows are non-overlapping slices of the token stream.
+    stream = token_stream(tiny_tokenizer, load_texts(str(tiny_text)))
+    starts = []
+    for w in a:
+        hits = [s for s in range(0, len(stream) - 31, 32) if torch.equal(stream[s:s + 32], w)]
+        assert hits, "every window is a slice of the stream at a window boundary"
+        starts.append(hits[0])
+    assert len(set(starts)) == 6
+
+
+def test_bos_is_prepended_only_when_the_tokenizer_uses_it(tiny_text):
+    plain, with_bos = make_tokenizer(bos=False), make_tokenizer(bos=True)
+    assert not needs_bos(plain) and needs_bos(with_bos)
+    w = token_windows(with_bos, str(tiny_text), 4, 16, seed=0)
+    assert (w[:, 0] == with_bos.bos_token_id).all() and (w[:, 1:] != with_bos.bos_token_id).all()
+    w = token_windows(plain, str(tiny_text), 4, 16, seed=0)
+    assert (w != plain.bos_token_id).all()
+
+
+def test_window_errors(tmp_path, tiny_tokenizer, tiny_text):
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words")
+    with pytest.raises(BitplanError, match="shorter than one window"):
+        token_windows(tiny_tokenizer, str(short), 1, 512)
+    with pytest.raises(BitplanError, match="must be positive"):
+        token_windows(tiny_tokenizer, str(tiny_text), 0, 16)
+    with pytest.raises(BitplanError, match="longer than the model's context"):
+        token_windows(tiny_tokenizer, str(tiny_text), 1, 512, max_context=256)
+    with pytest.raises(BitplanError, match="windows of 64 at most"):
+        token_windows(tiny_tokenizer, str(tiny_text), 10_000, 64)
+
+
+def test_same_source_warning(tiny_text):
+    src = describe_source(str(tiny_text))
+    assert warn_if_same_source({"source": "elsewhere", "sha256": src.sha256}, src)
+    assert warn_if_same_source({"source": "elsewhere", "sha256": "0" * 64}, src) is None
+    assert warn_if_same_source(None, src) is None

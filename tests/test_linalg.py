@@ -1,0 +1,114 @@
+"""bitplan.linalg: normalize, damped Cholesky, block LDL and the LDLQ gains, against float64 references."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitplan.errors import BitplanError
+from bitplan.linalg import block_ldl, damped_cholesky, heldout_gain, ldl_gain, normalize
+
+
+def spd(n: int, seed: int = 0, rank: int | None = None) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, rank or 2 * n, dtype=torch.float64, generator=g)
+    A = A * torch.linspace(0.2, 3.0, A.shape[1], dtype=torch.float64)  # an uneven spectrum
+    return A @ A.T
+
+
+def test_normalize_gives_mean_diagonal_one():
+    H = normalize(spd(24) * 1e7)
+    assert float(H.diagonal().mean()) == pytest.approx(1.0, abs=1e-14)
+
+
+def test_normalize_rejects_empty_factor():
+    with pytest.raises(BitplanError, match="mean diagonal"):
+        normalize(torch.zeros(4, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("block", [1, 4, 16])
+def test_block_ldl_reconstructs_damped_factor(block):
+    H = normalize(spd(64, seed=block))
+    ldl = block_ldl(H, block)
+    assert ldl.sigma == pytest.approx(0.01)
+    rebuilt = ldl.L @ ldl.dense_d() @ ldl.L.T
+    target = H + ldl.sigma * torch.eye(64, dtype=torch.float64)
+    assert float((rebuilt - target).abs().max()) < 1e-10
+    nb = 64 // block
+    Lb = ldl.L.view(nb, block, nb, block)
+    for i in range(nb):
+        assert torch.equal(Lb[i, :, i, :], torch.eye(block, dtype=torch.float64))   # unit diagonal blocks
+        for j in range(i + 1, nb):
+            assert float(Lb[i, :, j, :].abs().max()) == 0.0                          # block-lower
+    assert torch.allclose(ldl.D, ldl.D.transpose(-1, -2))
+
+
+def test_block_ldl_d_blocks_are_schur_complements():
+    """D_j = H_jj − H_j,<j H_<j,<j⁻¹ H_<j,j: the conditional covariance of block j given the earlier blocks."""
+    H = normalize(spd(48, seed=3))
+    ldl = block_ldl(H, 16, damp=False)
+    for j in range(3):
+        s, e = 16 * j, 16 * (j + 1)
+        ref = H[s:e, s:e] - (H[s:e, :s] @ torch.linalg.solve(H[:s, :s], H[:s, s:e]) if s else 0)
+        assert float((ldl.D[j] - ref).abs().max()) < 1e-10
+
+
+def test_damping_repeats_until_cholesky_succeeds():
+    # rank 2 in 32 dimensions with a negative eigenvalue of about −0.035 after normalization
+    H = normalize(spd(32, rank=2))
+    v = torch.ones(32, dtype=torch.float64) / 32 ** 0.5
+    H = H - 0.035 * torch.outer(v, v)
+    dc = damped_cholesky(H, sigma=0.01)
+    assert dc.sigma == pytest.approx(0.04)
+    lam = float(torch.linalg.eigvalsh(H).min())
+    assert dc.sigma + lam > 0 and dc.sigma - 0.01 + lam <= 1e-9   # the smallest multiple of σ that works
+
+
+def test_damping_gives_up_with_a_clear_error():
+    H = -torch.eye(8, dtype=torch.float64)
+    with pytest.raises(BitplanError, match="model.layers.3.mlp.up_proj"):
+        damped_cholesky(H, sigma=0.01, max_tries=5, name="model.layers.3.mlp.up_proj")
+
+
+def test_block_ldl_rejects_dimension_not_multiple_of_block():
+    with pytest.raises(BitplanError, match="multiple"):
+        block_ldl(normalize(spd(20)), 16)
+
+
+def test_ldl_gain_extremes():
+    # a diagonal factor gives no feedback: LDLQ = round-to-nearest (up to the damping)
+    D = torch.diag(torch.linspace(0.5, 2.0, 32, dtype=torch.float64))
+    assert ldl_gain(D, 16) == pytest.approx(1.01, rel=1e-12)
+    # rank 4: once the first block of 4 is known the rest is predicted (up to the damping) and D is ≈ σ there
+    H = normalize(spd(32, rank=4))
+    first = float(torch.trace(H[:4, :4]))
+    assert (first + 32 * 0.01) / 32 <= ldl_gain(H, 4) <= (first + 32 * 0.03) / 32
+
+
+def test_heldout_gain_on_own_factor_removes_only_the_damping():
+    """L⁻¹(H + σI)L⁻ᵀ = D, so tr(L⁻¹ H L⁻ᵀ) = tr D − σ‖L⁻¹‖²_F."""
+    H = normalize(spd(32, seed=5))
+    ldl = block_ldl(H, 16)
+    Linv = torch.linalg.inv(ldl.L)
+    expected = (ldl.trace_d - ldl.sigma * float((Linv ** 2).sum())) / 32
+    assert heldout_gain(H, H, 16) == pytest.approx(expected, rel=1e-10)
+
+
+def test_heldout_gain_under_identity_is_never_better_than_rtn():
+    H = spd(32, seed=6)
+    assert heldout_gain(H, torch.eye(32, dtype=torch.float64), 16) >= 1.0
+
+
+def test_heldout_gain_predicts_monte_carlo_proxy():
+    """E = L_O⁻ᵀ F L_I⁻¹ with white F (what LDLQ leaves): E[tr(H_O E H_I Eᵀ)] = σ² tr(L_O⁻¹H_OL_O⁻ᵀ) tr(L_I⁻¹H_IL_I⁻ᵀ)."""
+    m, n = 32, 48
+    fit_o, fit_i = normalize(spd(m, 1)), normalize(spd(n, 2))
+    judge_o, judge_i = normalize(spd(m, 3)), normalize(spd(n, 4))
+    Lo, Li = block_ldl(fit_o, 16).L, block_ldl(fit_i, 16).L
+    g = torch.Generator().manual_seed(0)
+    F = torch.randn(4000, m, n, dtype=torch.float64, generator=g)
+    E = torch.linalg.solve_triangular(Lo.T, F, upper=True)            # L_O⁻ᵀ F
+    E = torch.linalg.solve_triangular(Li.T, E, upper=True, left=False)  # · L_I⁻¹
+    proxy = torch.einsum("ab,kbc,cd,kad->k", judge_o, E, judge_i, E).mean()
+    rtn = float(torch.trace(judge_o) * torch.trace(judge_i))
+    predicted = heldout_gain(fit_o, judge_o, 16) * heldout_gain(fit_i, judge_i, 16)
+    assert float(proxy) / rtn == pytest.approx(predicted, rel=0.03)
