@@ -54,7 +54,8 @@ def block_linears(path: Path) -> list[tuple[str, torch.Tensor]]:
         parts = t.name.split(".")
         if len(parts) == 4 and parts[0] == "blk" and parts[2] in HF_NAMES and parts[3] == "weight":
             W = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).to(torch.float32)
-            found.append(((int(parts[1]), list(HF_NAMES).index(parts[2])), f"model.layers.{parts[1]}.{HF_NAMES[parts[2]]}", W))
+            order = (int(parts[1]), list(HF_NAMES).index(parts[2]))
+            found.append((order, f"model.layers.{parts[1]}.{HF_NAMES[parts[2]]}", W))
     return [(name, W) for _, name, W in sorted(found, key=lambda x: x[0])]
 
 
@@ -63,12 +64,29 @@ def layer_seeds(name: str) -> tuple[int, int]:
     return int.from_bytes(d[:8], "little"), int.from_bytes(d[8:16], "little")
 
 
+def results_table(results: list[dict], n_layers: int) -> Table:
+    table = Table(title=f"formats on N(0,1) and on the default model's {n_layers} block linears (rotated)")
+    for col in ["format", "bpw", "mse_q", "÷ 4^-b", "t² median", "t² worst", "worst ÷ mse_q", "max |t²/mse_q − 1|",
+                "worst layer", "M weights/s"]:
+        table.add_column(col, justify="left" if col in ("format", "worst layer") else "right")
+    for r in results:
+        table.add_row(r["format"], f"{r['bpw']:.3f}", f"{r['mse_q']:.4g}", f"{r['shannon_ratio']:.2f}",
+                      f"{r['t2_median']:.4g}", f"{r['t2_worst']:.4g}", f"{r['worst_over_mse_q']:.3f}",
+                      f"{r['max_dev_from_mse_q']:.3f}", r["worst_layer"].removeprefix("model.layers."),
+                      f"{r['weights_per_s'] / 1e6:.2f}")
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--formats", default="", help="comma-separated format names (default: the default candidates)")
     ap.add_argument("--rows", type=int, default=0, help="only this many evenly spaced rows per rotated layer (0: all)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a busy machine every small op of a multi-threaded run waits "
+                         "on a thread barrier, which costs more than the parallelism gains)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     console = Console()
     fmts = [get_format(n) for n in args.formats.split(",") if n] if args.formats else default_candidates()
 
@@ -104,26 +122,18 @@ def main() -> None:
         r = {"format": fmt.name, "kind": fmt.kind, "bpw": storage / full_weights, "mse_q": fmt.mse_q,
              "shannon_ratio": fmt.mse_q / 4.0 ** (-fmt.nominal_bits), "t2_median": statistics.median(t for t, _ in t2s),
              "t2_worst": worst[0], "worst_over_mse_q": worst[0] / fmt.mse_q, "worst_layer": worst[1],
-             "max_dev_from_mse_q": max(abs(t / fmt.mse_q - 1) for t, _ in t2s), "weights_per_s": weights / enc_s}
+             "weights_per_s": weights / enc_s}
+        r["max_dev_from_mse_q"], r["max_dev_layer"] = max((abs(t / fmt.mse_q - 1), n) for t, n in t2s)
         results.append(r)
         console.print(f"[dim]{fmt.name}: worst t² {r['t2_worst']:.4g} ({r['worst_layer']}), "
                       f"{r['weights_per_s'] / 1e6:.2f} M weights/s[/]")
 
-    table = Table(title=f"formats on N(0,1) and on the default model's {len(layers)} block linears (rotated)")
-    for col in ["format", "bpw", "mse_q", "÷ 4^-b", "t² median", "t² worst", "worst ÷ mse_q", "max |t²/mse_q − 1|",
-                "worst layer", "M weights/s"]:
-        table.add_column(col, justify="left" if col in ("format", "worst layer") else "right")
-    for r in results:
-        table.add_row(r["format"], f"{r['bpw']:.3f}", f"{r['mse_q']:.4g}", f"{r['shannon_ratio']:.2f}",
-                      f"{r['t2_median']:.4g}", f"{r['t2_worst']:.4g}", f"{r['worst_over_mse_q']:.3f}",
-                      f"{r['max_dev_from_mse_q']:.3f}", r["worst_layer"].removeprefix("model.layers."),
-                      f"{r['weights_per_s'] / 1e6:.2f}")
-    console.print(table)
+    console.print(results_table(results, len(layers)))
     grid = [r for r in results if r["kind"] == "grid"]
     if grid:
         worst = max(grid, key=lambda r: r["max_dev_from_mse_q"])
         console.print(f"grid formats: largest |t²/mse_q − 1| on any layer = {worst['max_dev_from_mse_q']:.3f} "
-                      f"({worst['format']}); acceptance ≤ 0.15")
+                      f"({worst['format']}, {worst['max_dev_layer']}); acceptance ≤ 0.15")
     if args.json:
         args.json.write_text(json.dumps({"rows_per_layer": args.rows or "all", "results": results}, indent=2) + "\n")
 

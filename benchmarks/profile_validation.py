@@ -31,7 +31,7 @@ from bitplan.formats import get_format, rotate_weight, unrotate_weight  # noqa: 
 from bitplan.models import find_linears, get_module, load_model  # noqa: E402
 from bitplan.profile import load_profile, rotation_seeds  # noqa: E402
 from bitplan.profile.noise import NoiseMeter, build_cache  # noqa: E402
-from bitplan.profile.report import spearman  # noqa: E402
+from bitplan.profile.report import short_name, spearman  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext2-test.raw"
@@ -84,8 +84,9 @@ def main() -> None:
 
     table = Table(title=f"{args.layers} single layers quantized alone to {fmt.name} (RTN, rotated); ΔKL on "
                         f"{args.windows} × {args.seqlen} tokens of {Path(args.data).name}")
-    for col in ("layer", "t²", "t² (profile)", "pred α_hessian·t²", "pred α_noise·t²", "measured ΔKL"):
-        table.add_column(col, justify="left" if col == "layer" else "right")
+    table.add_column("layer", no_wrap=True)
+    for col in ("t²", "t² profile", "α_hessian·t²", "α_noise·t²", "measured ΔKL"):
+        table.add_column(col, justify="right", no_wrap=True)
     pred_h, pred_n, measured = [], [], []
     for k in chosen:
         info = infos[k]
@@ -104,7 +105,7 @@ def main() -> None:
         pred_n.append(None if rec.alpha_noise is None else rec.alpha_noise * t2)
         measured.append(dkl)
         prof_t2 = rec.rel_err.get(fmt.name)
-        table.add_row(info.name, f"{t2:.4f}", "–" if prof_t2 is None else f"{prof_t2:.4f}", f"{pred_h[-1]:.3g}",
+        table.add_row(short_name(info.name), f"{t2:.4f}", "–" if prof_t2 is None else f"{prof_t2:.4f}", f"{pred_h[-1]:.3g}",
                       "–" if pred_n[-1] is None else f"{pred_n[-1]:.3g}", f"{dkl:.3g}")
     console.print(table)
     rho_h = spearman(pred_h, measured)

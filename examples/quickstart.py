@@ -1,4 +1,4 @@
-"""bitplan end to end on the default model: profile → solve → apply → eval, on a CPU in about a quarter hour.
+"""bitplan end to end on the default model: profile → solve → apply → eval, on a 2-core CPU in minutes.
 
     python examples/quickstart.py [--budget 3.25bpw] [--samples 64] [--windows 16] [--out runs/quickstart]
 
@@ -24,6 +24,12 @@ from bitplan.profile import profile_model
 from bitplan.solve import solve
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# Candidates whose per-layer error is quick to measure on a CPU (grids with p ≤ 2 and ≤ 256 points, integers);
+# `bitplan profile` measures all of `bitplan formats` by default.
+QUICK_FORMATS = ["higgs-p2-n16-g128", "higgs-p2-n32-g128", "higgs-p2-n64-g128", "higgs-p2-n128-g128",
+                 "higgs-p2-n256-g128", "higgs-p1-n8-g128", "higgs-p1-n16-g128", "higgs-p1-n32-g128",
+                 "higgs-p1-n64-g128", "int2-g128", "int3-g128", "int4-g128", "int5-g128", "int6-g128", "int8-g128",
+                 "fp16"]
 
 
 def main() -> None:
@@ -32,8 +38,8 @@ def main() -> None:
     parser.add_argument("--budget", default="3.25bpw")
     parser.add_argument("--calib", default=str(DATA / "sotu.jsonl"))
     parser.add_argument("--data", default=str(DATA / "wikitext2-test.raw"))
-    parser.add_argument("--samples", type=int, default=64, help="calibration windows of 256 tokens")
-    parser.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens")
+    parser.add_argument("--samples", type=int, default=32, help="calibration windows of 256 tokens")
+    parser.add_argument("--windows", type=int, default=8, help="evaluation windows of 512 tokens")
     parser.add_argument("--out", default="runs/quickstart")
     args = parser.parse_args()
     console = Console()
@@ -41,7 +47,8 @@ def main() -> None:
 
     console.rule("[bold]1. profile")
     model = load_model(args.model)
-    profile_model(model, args.calib, samples=args.samples, seqlen=256, out_dir=out / "profile", noise_samples=0)
+    profile_model(model, args.calib, samples=args.samples, seqlen=256, out_dir=out / "profile", noise_samples=0,
+                  formats=QUICK_FORMATS)
 
     console.rule("[bold]2. solve")
     plan = solve(out / "profile", args.budget)

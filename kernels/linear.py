@@ -5,25 +5,47 @@ three custom ops: hadamard (input side), qmatmul, hadamard⁻¹ (output side). T
 """
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
-from bitplan.formats import Format
+import torch
 
 from .dequant import INTERPRETED
 from .hadamard import device_rotation
 from .ops import ACTIVATION_DTYPES, hadamard, qmatmul
 
 
-# Grid tables on devices, made once per (format, device). A plain dict rather than functools.lru_cache, which
-# torch.compile does not honour (it would trace and bake fmt.codebook() into every graph).
-_LUTS: dict[tuple[str, torch.device], torch.Tensor] = {}
+@dataclass(frozen=True)
+class LayerTables:
+    """The constant tensors a layer computes with besides its buffers, on one device."""
+
+    lut: torch.Tensor | None  # grid table, float32 [levels, p]
+    signs_in: torch.Tensor | None  # rotation of the input side: float32 signs [n] and Had_K (Kronecker plans)
+    dense_in: torch.Tensor | None
+    signs_out: torch.Tensor | None  # rotation of the output side
+    dense_out: torch.Tensor | None
 
 
-def _lut(fmt: Format, device: torch.device) -> torch.Tensor:
-    key = (fmt.name, device)
-    if key not in _LUTS:
-        _LUTS[key] = fmt.codebook().to(device).contiguous()
-    return _LUTS[key]
+_CACHE = "_triton_tables"  # attribute of the layer: {device: LayerTables}
+
+
+@torch.compiler.disable
+def _build_tables(layer, device: torch.device) -> LayerTables:
+    """Made once per layer and device, eagerly: torch.compile cannot trace the construction (package data,
+    Paley finite-field arithmetic), so a first call under compile breaks the graph here once."""
+    fmt = layer.format
+    r_in = device_rotation(layer.had_in, device) if fmt.rotated else None
+    r_out = device_rotation(layer.had_out, device) if fmt.rotated else None
+    tables = LayerTables(lut=fmt.codebook().to(device).contiguous() if fmt.kind == "grid" else None,
+                         signs_in=r_in.signs if r_in else None, dense_in=r_in.dense if r_in else None,
+                         signs_out=r_out.signs if r_out else None, dense_out=r_out.dense if r_out else None)
+    layer.__dict__.setdefault(_CACHE, {})[device] = tables
+    return tables
+
+
+def layer_tables(layer, device: torch.device) -> LayerTables:
+    """The layer's tables on `device`; a plain lookup after the first call (what a compiled graph sees)."""
+    tables = layer.__dict__.get(_CACHE, {}).get(device)
+    return tables if tables is not None else _build_tables(layer, device)
 
 
 def supports(layer, x: torch.Tensor) -> bool:
@@ -38,14 +60,12 @@ def supports(layer, x: torch.Tensor) -> bool:
 def quantized_matmul(x: torch.Tensor, layer, acc_fp16: bool = False) -> torch.Tensor:
     """x Wᵀ for a QuantizedLinear `layer` (without its bias), in x's dtype; see `supports`."""
     fmt = layer.format
-    lut = _lut(fmt, x.device) if fmt.kind == "grid" else None
+    t = layer_tables(layer, x.device)
     zero = layer.zero if fmt.has_zero else None
     if fmt.rotated:
-        r_in = device_rotation(layer.had_in, x.device)
-        x = hadamard(x, r_in.signs, r_in.dense, r_in.block, False)
-    y = qmatmul(x, layer.codes, layer.scale, zero, lut, layer.in_features, fmt.code_bits, fmt.vector_dim,
+        x = hadamard(x, t.signs_in, t.dense_in, layer.had_in.plan.block, False)
+    y = qmatmul(x, layer.codes, layer.scale, zero, t.lut, layer.in_features, fmt.code_bits, fmt.vector_dim,
                 fmt.group_size, acc_fp16)
     if fmt.rotated:
-        r_out = device_rotation(layer.had_out, x.device)
-        y = hadamard(y, r_out.signs, r_out.dense, r_out.block, True)
+        y = hadamard(y, t.signs_out, t.dense_out, layer.had_out.plan.block, True)
     return y

@@ -60,11 +60,11 @@ def load_layer_factors(profile_dir: Path | None, name: str, rounding: str):
     if profile_dir is None:
         raise BitplanError(f"{rounding} rounding needs a profile with Hessian factors (hessians/); "
                            "pass the profile, or use --rounding rtn")
-    from ..profile.hessians import factors_path, load_factors
+    from ..profile.hessians import HALVES, factors_path, load_factors
 
-    path = factors_path(profile_dir, name)
     f = load_factors(profile_dir, name)
-    ident = f"{path}:{path.stat().st_size}:{path.stat().st_mtime_ns}"
+    stamps = [factors_path(profile_dir, name, half).stat() for half in HALVES]
+    ident = f"{profile_dir}:{name}:" + ":".join(f"{st.st_size}-{st.st_mtime_ns}" for st in stamps)
     if rounding == "ldlq":
         xtx = getattr(f, "xtx", None)
         if xtx is None:
@@ -193,5 +193,5 @@ def apply_plan(plan_path: str | Path, out_dir: str | Path, model: str | LoadedMo
     metadata = {"plan": {"path": str(plan_path), "budget": plan.budget.get("given"), "totals": plan.totals,
                          "objective": plan.objective},
                 "calibration": calibration, "shrink_out": shrink}
-    return apply_formats(lm, plan.formats(), out_dir, rounding=rounding, profile_dir=factors_dir, shrink=shrink,
+    return apply_formats(lm, plan.formats, out_dir, rounding=rounding, profile_dir=factors_dir, shrink=shrink,
                          workers=workers, metadata=metadata, progress=progress)

@@ -48,7 +48,8 @@ def check_finite(W: torch.Tensor, what: str = "weight") -> None:
     if W.is_floating_point() and not bool(torch.isfinite(W).all()):
         nan = int(torch.isnan(W).sum())
         inf = int(torch.isinf(W).sum())
-        raise BitplanError(f"{what} of shape {tuple(W.shape)} has {nan} NaN and {inf} Inf values; quantization needs finite weights")
+        raise BitplanError(f"{what} of shape {tuple(W.shape)} has {nan} NaN and {inf} Inf values; "
+                           "quantization needs finite weights")
 
 
 def check_matrix(W: torch.Tensor, what: str = "weight") -> torch.Tensor:
@@ -68,7 +69,8 @@ def to_fp16_values(x: torch.Tensor, what: str, mode: str = "nearest") -> torch.T
     Raises BitplanError where fp16 cannot hold the value."""
     a = x.detach().to("cpu", torch.float64).numpy()
     if np.abs(a).max(initial=0.0) > FP16_MAX:
-        raise BitplanError(f"a {what} of {np.abs(a).max():.4g} exceeds the fp16 range (±{FP16_MAX:g}); scale the weights down first")
+        raise BitplanError(f"a {what} of {np.abs(a).max():.4g} exceeds the fp16 range (±{FP16_MAX:g}); "
+                           "scale the weights down first")
     h = a.astype(np.float16)
     if mode == "down":
         h = np.where(h.astype(np.float64) > a, np.nextafter(h, np.float16(-np.inf)), h)
@@ -216,7 +218,8 @@ class Format(ABC):
         G, K = self.num_groups(n), math.ceil(n / self.vector_dim)
         codes = tensors["codes"]
         if tuple(codes.shape) != (m, self.code_words(n)) or codes.dtype != torch.int32:
-            raise BitplanError(f"{self.name}: packed codes should be int32 [{m}, {self.code_words(n)}] for a {m}×{n} layer, got {codes.dtype} {tuple(codes.shape)}")
+            raise BitplanError(f"{self.name}: packed codes should be int32 [{m}, {self.code_words(n)}] for a {m}×{n} "
+                               f"layer, got {codes.dtype} {tuple(codes.shape)}")
         for key in expected - {"codes"}:
             t = tensors[key]
             if tuple(t.shape) != (m, G) or t.dtype != torch.float16:

@@ -41,7 +41,8 @@ class FP16Format(Format):
         _check_range(T)
         return T.detach().to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
 
-    def decode(self, codes: torch.Tensor, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, codes: torch.Tensor, scale: torch.Tensor | None = None,
+               zero: torch.Tensor | None = None) -> torch.Tensor:
         c = codes.to(torch.int32)
         return torch.where(c >= 1 << 15, c - (1 << 16), c).to(torch.int16).view(torch.float16).to(torch.float32)
 
@@ -53,6 +54,7 @@ class FP16Format(Format):
     def unpack(self, tensors: dict[str, torch.Tensor], m: int, n: int) -> QuantizedWeight:
         w = tensors.get("weight")
         if set(tensors) != {"weight"} or w is None or tuple(w.shape) != (m, n) or w.dtype != torch.float16:
-            raise BitplanError(f"fp16: packed layer needs one float16 tensor 'weight' of shape [{m}, {n}], got {sorted(tensors)}")
+            raise BitplanError(f"fp16: packed layer needs one float16 tensor 'weight' of shape [{m}, {n}], "
+                               f"got {sorted(tensors)}")
         params = GroupParams(torch.empty(m, 0, dtype=torch.float32), None)
         return QuantizedWeight(self.name, (m, n), self.encode(w), params)

@@ -32,7 +32,7 @@ from scipy.spatial import cKDTree
 from scipy.special import ndtr, ndtri
 
 from ..io import atomic_path, write_json
-from .grids import GRID_SIZES, all_grid_keys, gaussian_mse, grid_key
+from .grids import all_grid_keys, gaussian_mse, grid_key
 
 DATA_DIR = Path(__file__).parent / "data"
 TRAIN_SEED = 20250101

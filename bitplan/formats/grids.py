@@ -32,7 +32,9 @@ GRID_SIZES: dict[int, tuple[int, ...]] = {
 }
 
 _CHUNK = 1 << 18  # vectors per k-d tree query: bounds the float64 copies to a few tens of MB
+_PARALLEL_MIN = 1 << 16  # vectors below which one query thread is faster (thread start-up ≈ 1–5 ms)
 _TIE_RTOL = 1e-9  # relative gap below which the two nearest are re-decided by brute force
+_REGENERATE = "run `python -m bitplan.formats.generate_grids`"
 
 
 def grid_key(p: int, n: int) -> str:
@@ -51,7 +53,7 @@ def _data_file(name: str):
 def _tables() -> dict[str, np.ndarray]:
     f = _data_file("grids.npz")
     if not f.is_file():
-        raise BitplanError("grid tables missing (bitplan/formats/data/grids.npz); run `python -m bitplan.formats.generate_grids`")
+        raise BitplanError(f"grid tables missing (bitplan/formats/data/grids.npz); {_REGENERATE}")
     with f.open("rb") as fh, np.load(fh) as z:
         out = {k: np.ascontiguousarray(z[k], dtype=np.float32) for k in z.files}
     for a in out.values():
@@ -64,18 +66,19 @@ def grid_metadata() -> dict:
     """Contents of data/grids.json: per grid its measured Gaussian MSE and how it was generated."""
     f = _data_file("grids.json")
     if not f.is_file():
-        raise BitplanError("grid metadata missing (bitplan/formats/data/grids.json); run `python -m bitplan.formats.generate_grids`")
+        raise BitplanError(f"grid metadata missing (bitplan/formats/data/grids.json); {_REGENERATE}")
     return json.loads(f.read_text())
 
 
 def grid_table(p: int, n: int) -> np.ndarray:
     """The shipped grid for (p, n): read-only float32 array [n, p]."""
     if p not in GRID_SIZES or n not in GRID_SIZES[p]:
-        raise BitplanError(f"no grid with p={p}, n={n}; grids exist for p=1: n=4..256, p=2: n=8..4096, p=3: n=16..4096, p=4: n=64..4096 (powers of two)")
+        raise BitplanError(f"no grid with p={p}, n={n}; grids exist for p=1: n=4..256, p=2: n=8..4096, "
+                           "p=3: n=16..4096, p=4: n=64..4096 (powers of two)")
     tables = _tables()
     key = grid_key(p, n)
     if key not in tables:
-        raise BitplanError(f"grid {key} missing from bitplan/formats/data/grids.npz; run `python -m bitplan.formats.generate_grids`")
+        raise BitplanError(f"grid {key} missing from bitplan/formats/data/grids.npz; {_REGENERATE}")
     return tables[key]
 
 
@@ -116,17 +119,15 @@ class GridEncoder:
         return out
 
     def _encode_1d(self, x: np.ndarray) -> np.ndarray:
-        s = self._sorted
-        j = np.searchsorted(self._mid, x)  # candidate in sorted order; exact compare with neighbours below
-        lo = np.clip(j - 1, 0, len(s) - 1)
-        hi = np.clip(j + 1, 0, len(s) - 1)
-        cand = np.stack([lo, j, hi], axis=1)
-        d = (x[:, None] - s[cand]) ** 2
-        idx = self._order[cand]
-        # lowest original index among the minimal distances
-        dmin = d.min(1, keepdims=True)
-        masked = np.where(d == dmin, idx, np.iinfo(np.int64).max)
-        return masked.min(1)
+        s, order, last = self._sorted, self._order, len(self._sorted) - 1
+        j = np.searchsorted(self._mid, x)  # nearest level in sorted order, up to rounding at a midpoint
+        # exact float64 comparison with both neighbours; on a tie the lower original index wins
+        best, dbest = j, (x - s[j]) ** 2
+        for nb in (np.maximum(j - 1, 0), np.minimum(j + 1, last)):
+            d = (x - s[nb]) ** 2
+            take = (d < dbest) | ((d == dbest) & (order[nb] < order[best]))
+            best, dbest = np.where(take, nb, best), np.where(take, d, dbest)
+        return order[best]
 
     def _encode_nd(self, x: np.ndarray, workers: int) -> np.ndarray:
         n = len(self._cb)
@@ -150,7 +151,8 @@ class GridEncoder:
         if not np.isfinite(x).all():
             raise BitplanError("cannot encode non-finite values (NaN or Inf)")
         out = np.empty(len(x), dtype=np.int64)
-        workers = max(1, torch.get_num_threads())
+        # k-d tree threads are started per query: worth it only for large inputs
+        workers = max(1, torch.get_num_threads()) if len(x) >= _PARALLEL_MIN else 1
         for s in range(0, len(x), _CHUNK):
             xc = x[s:s + _CHUNK]
             out[s:s + _CHUNK] = self._encode_1d(xc[:, 0]) if self.p == 1 else self._encode_nd(xc, workers)

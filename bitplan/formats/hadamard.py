@@ -171,7 +171,8 @@ def hadamard_matrix(K: int) -> torch.Tensor:
     if K >= 1 and K & (K - 1) == 0:
         return sylvester(K)
     if _paley_order(K) is None:
-        raise BitplanError(f"no Hadamard matrix of order {K} is constructible here (supported: powers of two and Paley orders)")
+        raise BitplanError(f"no Hadamard matrix of order {K} is constructible here "
+                           "(supported: powers of two and Paley orders)")
     return torch.from_numpy(_paley_np(K).astype(np.float64))
 
 
@@ -297,7 +298,8 @@ class RandomizedHadamard:
             raise BitplanError("cannot rotate a 0-dimensional tensor")
         dim = dim % x.dim()
         if x.shape[dim] != self.n:
-            raise BitplanError(f"rotation of size {self.n} applied to a dimension of size {x.shape[dim]} (shape {tuple(x.shape)}, dim {dim})")
+            raise BitplanError(f"rotation of size {self.n} applied to a dimension of size {x.shape[dim]} "
+                               f"(shape {tuple(x.shape)}, dim {dim})")
         out_dtype = x.dtype
         work = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
         moved = work.movedim(dim, -1)

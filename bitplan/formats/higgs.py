@@ -21,9 +21,11 @@ def _check_tile(T: torch.Tensor, scale: torch.Tensor | None, p: int, name: str) 
     if not isinstance(T, torch.Tensor) or T.dim() < 1:
         raise BitplanError(f"{name}: expected a tensor with a last dim to quantize")
     if T.shape[-1] % p:
-        raise BitplanError(f"{name}: last dim {T.shape[-1]} is not a multiple of the vector size {p}; tiles must hold whole vectors")
+        raise BitplanError(f"{name}: last dim {T.shape[-1]} is not a multiple of the vector size {p}; "
+                           "tiles must hold whole vectors")
     if scale is None or tuple(scale.shape) != tuple(T.shape):
-        raise BitplanError(f"{name}: needs a per-weight scale of shape {tuple(T.shape)} (see per_weight), got {None if scale is None else tuple(scale.shape)}")
+        got = None if scale is None else tuple(scale.shape)
+        raise BitplanError(f"{name}: needs a per-weight scale of shape {tuple(T.shape)} (see per_weight), got {got}")
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,8 @@ class GridFormat(Format):
     def decode(self, codes: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | None = None) -> torch.Tensor:
         p = self.vector_dim
         if scale is None or tuple(scale.shape) != (*codes.shape[:-1], codes.shape[-1] * p):
-            raise BitplanError(f"{self.name}: decode needs a per-weight scale of shape {(*codes.shape[:-1], codes.shape[-1] * p)}")
+            raise BitplanError(f"{self.name}: decode needs a per-weight scale of shape "
+                               f"{(*codes.shape[:-1], codes.shape[-1] * p)}")
         cb = self.codebook().to(codes.device)
         vals = cb[codes.long()].reshape(scale.shape)
         return vals * scale.to(torch.float32)

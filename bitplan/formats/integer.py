@@ -52,14 +52,16 @@ class IntFormat(Format):
             bumped = torch.from_numpy(np.nextafter(s16, np.float16(np.inf)).astype(np.float64))
             scale = torch.where(short, bumped, scale)
             if bool((zero + self.qmax * scale < hi).any()) or not bool(torch.isfinite(scale).all()):
-                raise BitplanError(f"{self.name}: a group's range does not fit fp16 scale and zero; scale the weights down first")
+                raise BitplanError(f"{self.name}: a group's range does not fit fp16 scale and zero; "
+                                   "scale the weights down first")
         return GroupParams(scale.to(torch.float32).to(W.device), zero.to(torch.float32).to(W.device))
 
     def _check(self, T: torch.Tensor, scale, zero, what: str) -> None:
         if scale is None or zero is None:
             raise BitplanError(f"{self.name}: {what} needs per-weight scale and zero (see per_weight)")
         if tuple(scale.shape) != tuple(T.shape) or tuple(zero.shape) != tuple(T.shape):
-            raise BitplanError(f"{self.name}: {what} needs scale and zero of shape {tuple(T.shape)}, got {tuple(scale.shape)} and {tuple(zero.shape)}")
+            raise BitplanError(f"{self.name}: {what} needs scale and zero of shape {tuple(T.shape)}, "
+                               f"got {tuple(scale.shape)} and {tuple(zero.shape)}")
 
     def encode(self, T: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | None = None) -> torch.Tensor:
         self._check(T, scale, zero, "encode")

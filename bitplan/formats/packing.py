@@ -37,7 +37,8 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if codes.numel():
         lo, hi = int(codes.min()), int(codes.max())
         if lo < 0 or hi >= 1 << bits:
-            raise BitplanError(f"codes out of range for {bits}-bit packing: min {lo}, max {hi}, allowed 0..{(1 << bits) - 1}")
+            raise BitplanError(f"codes out of range for {bits}-bit packing: min {lo}, max {hi}, "
+                               f"allowed 0..{(1 << bits) - 1}")
     out = torch.zeros(rows, W, dtype=torch.int32)
     if K == 0 or rows == 0:
         return out
@@ -59,7 +60,8 @@ def unpack_bits(words: torch.Tensor, bits: int, K: int) -> torch.Tensor:
     """int32 [rows, ceil(K·bits/32)] → codes int32 [rows, K]; the inverse of pack_bits."""
     _check_bits(bits)
     if not isinstance(words, torch.Tensor) or words.dim() != 2 or words.dtype != torch.int32:
-        raise BitplanError(f"unpack_bits expects a 2-D int32 tensor, got {getattr(words, 'dtype', type(words))} {tuple(getattr(words, 'shape', ()))}")
+        got = f"{getattr(words, 'dtype', type(words))} {tuple(getattr(words, 'shape', ()))}"
+        raise BitplanError(f"unpack_bits expects a 2-D int32 tensor, got {got}")
     if not isinstance(K, int) or K < 0:
         raise BitplanError(f"number of codes per row must be a non-negative integer, got {K!r}")
     rows, W = words.shape

@@ -41,7 +41,8 @@ def _valid_names() -> frozenset[str]:
 def measured_mse() -> dict[str, float]:
     f = resources.files("bitplan.formats").joinpath("data", "formats.json")
     if not f.is_file():
-        raise BitplanError("format MSE table missing (bitplan/formats/data/formats.json); run `python -m bitplan.formats.generate_grids`")
+        raise BitplanError("format MSE table missing (bitplan/formats/data/formats.json); "
+                           "run `python -m bitplan.formats.generate_grids`")
     return {k: float(v["mse_q"]) for k, v in json.loads(f.read_text())["formats"].items()}
 
 
@@ -75,7 +76,8 @@ def _get(name: str) -> Format:
         raise _unknown(name)
     table = measured_mse()
     if name not in table:
-        raise BitplanError(f"no measured mse_q for {name} in bitplan/formats/data/formats.json; run `python -m bitplan.formats.generate_grids`")
+        raise BitplanError(f"no measured mse_q for {name} in bitplan/formats/data/formats.json; "
+                           "run `python -m bitplan.formats.generate_grids`")
     return build_format(name, table[name])
 
 

@@ -1,9 +1,11 @@
-"""The profile's hessians/ folder: one safetensors file per layer with both calibration halves' factors.
+"""The profile's hessians/ folder: per calibration half, one safetensors file per layer.
 
-File `hessians/<layer name>.safetensors`, float32 tensors (sums over chunks, not means):
-    a.h_out [m, m], a.h_in [n, n], b.h_out, b.h_in
-metadata (strings): "bitplan" = JSON with name, shape, sketch_chunk, and per half grad_sq (Σ_c‖G_c‖²),
-samples (chunks) and tokens. Rounding uses the sum of the halves; the halves are kept for cross-validation.
+File `hessians/<half>/<layer name>.safetensors` (half `a` or `b`), float32 tensors, sums over chunks (not means):
+    h_out [m, m]   Σ_c G_c G_cᵀ
+    h_in  [n, n]   Σ_c G_cᵀ G_c
+metadata "bitplan" (JSON): format, name, half, sketch_chunk, grad_sq (Σ_c‖G_c‖²), samples (chunks), tokens.
+A half's files are written as soon as that half is accumulated, straight from memory. Rounding uses the sum of
+the halves; the halves are kept for cross-validation (held-out predictions, shrinkage chosen on the other half).
 """
 from __future__ import annotations
 
@@ -17,9 +19,11 @@ from safetensors.torch import save_file
 
 from ..errors import BitplanError
 from ..io import atomic_path
+from .factors import FactorSums
 
 HESSIAN_DIR = "hessians"
 FORMAT = "bitplan.hessians/1"
+HALVES = ("a", "b")
 
 
 @dataclass
@@ -58,41 +62,37 @@ class LayerFactors:
         return self.tokens_a + self.tokens_b
 
 
-def factors_path(profile_dir: str | Path, name: str) -> Path:
-    return Path(profile_dir) / HESSIAN_DIR / f"{name}.safetensors"
+def factors_path(profile_dir: str | Path, name: str, half: str) -> Path:
+    return Path(profile_dir) / HESSIAN_DIR / half / f"{name}.safetensors"
 
 
-def save_factors(path: str | Path, f: LayerFactors) -> None:
+def save_half_factors(path: str | Path, name: str, half: str, sums: FactorSums, sketch_chunk: int) -> None:
     def sym32(h: torch.Tensor) -> torch.Tensor:
         return ((h + h.T) / 2).to(torch.float32).contiguous()
 
-    tensors = {"a.h_out": sym32(f.h_out_a), "a.h_in": sym32(f.h_in_a),
-               "b.h_out": sym32(f.h_out_b), "b.h_in": sym32(f.h_in_b)}
-    meta = {"format": FORMAT, "name": f.name, "shape": [f.h_out_a.shape[0], f.h_in_a.shape[0]],
-            "sketch_chunk": f.sketch_chunk,
-            "a": {"grad_sq": f.grad_sq_a, "samples": f.samples_a, "tokens": f.tokens_a},
-            "b": {"grad_sq": f.grad_sq_b, "samples": f.samples_b, "tokens": f.tokens_b}}
+    meta = {"format": FORMAT, "name": name, "half": half, "sketch_chunk": sketch_chunk,
+            "grad_sq": sums.grad_sq, "samples": sums.samples, "tokens": sums.tokens}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"bitplan": json.dumps(meta)})
+        save_file({"h_out": sym32(sums.h_out), "h_in": sym32(sums.h_in)}, str(tmp),
+                  metadata={"bitplan": json.dumps(meta)})
 
 
-def read_factors(path: str | Path, dtype: torch.dtype = torch.float64) -> LayerFactors:
+def read_half_factors(path: str | Path, dtype: torch.dtype = torch.float64) -> tuple[FactorSums, dict]:
     path = Path(path)
     if not path.is_file():
-        raise BitplanError(f"Hessian factors not found: {path} (profile without hessians/? re-run `bitplan profile`)")
+        raise BitplanError(f"Hessian factors not found: {path} (a profile without hessians/? re-run `bitplan profile`)")
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = json.loads((fh.metadata() or {})["bitplan"])
-            t = {k: fh.get_tensor(k).to(dtype) for k in ("a.h_out", "a.h_in", "b.h_out", "b.h_in")}
+            h_out, h_in = fh.get_tensor("h_out").to(dtype), fh.get_tensor("h_in").to(dtype)
     except (KeyError, ValueError, OSError, json.JSONDecodeError) as e:
         raise BitplanError(f"{path} is not a bitplan Hessian file ({type(e).__name__}: {e})") from None
-    return LayerFactors(name=meta["name"], h_out_a=t["a.h_out"], h_in_a=t["a.h_in"], h_out_b=t["b.h_out"],
-                        h_in_b=t["b.h_in"], grad_sq_a=meta["a"]["grad_sq"], grad_sq_b=meta["b"]["grad_sq"],
-                        samples_a=meta["a"]["samples"], samples_b=meta["b"]["samples"],
-                        tokens_a=meta["a"]["tokens"], tokens_b=meta["b"]["tokens"],
-                        sketch_chunk=meta["sketch_chunk"])
+    return FactorSums(h_out, h_in, meta["grad_sq"], meta["samples"], meta["tokens"]), meta
 
 
 def load_factors(profile_dir: str | Path, name: str, dtype: torch.dtype = torch.float64) -> LayerFactors:
-    """The factors of layer `name` from a profile directory (what `apply` uses for YAQA rounding)."""
-    return read_factors(factors_path(profile_dir, name), dtype)
+    """Both halves' factors of layer `name` from a profile directory (what `apply` uses for YAQA rounding)."""
+    (a, meta), (b, _) = (read_half_factors(factors_path(profile_dir, name, h), dtype) for h in HALVES)
+    return LayerFactors(name=name, h_out_a=a.h_out, h_in_a=a.h_in, h_out_b=b.h_out, h_in_b=b.h_in,
+                        grad_sq_a=a.grad_sq, grad_sq_b=b.grad_sq, samples_a=a.samples, samples_b=b.samples,
+                        tokens_a=a.tokens, tokens_b=b.tokens, sketch_chunk=meta["sketch_chunk"])

@@ -2,10 +2,12 @@
 
     state.json                  model identity and the result-affecting settings (the job's fingerprint)
     factors-a.safetensors       float64 running sums of half a's factors, with the next batch index
-    factors-b.safetensors       the same for half b
-    factors.done                every layer's hessians/<name>.safetensors is written
+    factors-a.done              half a is complete: hessians/a/<layer>.safetensors are written, the sums dropped
+    factors-b.*                 the same for half b
     noise/<layer>.json          α_noise measurement of one layer
-    layers/<layer>.json         coefficients and per-format errors of one layer
+    layers/<layer>.json         coefficients (traces, α_hessian, YAQA gains) of one layer
+    formats/<layer>.json        relative error of one layer in every format asked for so far
+    timing.json                 wall time per phase, summed over resumes
 
 Every file is written atomically; a killed job resumes from the last file it finished. Windows are processed
 in the same batches after a resume and labels are seeded per window, so the result equals an uninterrupted run.
@@ -122,7 +124,7 @@ class Job:
 
     @property
     def resumed(self) -> bool:
-        return any((self.dir / p).exists() for p in ("factors-a.safetensors", "factors.done", "noise", "layers"))
+        return any((self.dir / p).exists() for p in ("factors-a.safetensors", "factors-a.done", "noise", "layers"))
 
     def add_time(self, phase: str, seconds: float) -> dict[str, float]:
         """Accumulate wall time per phase across resumes (timing.json)."""
@@ -161,20 +163,13 @@ class Job:
                                           grad_sq, samples, tokens)
         return HalfFactors(half, layers, int(meta["next_batch"]))
 
-    def half_reader(self, half: str):
-        """Lazy access to a finished half's sums, layer by layer (saves holding both halves in memory)."""
-        return _HalfReader(self._ckpt(half))
+    def half_done(self, half: str) -> bool:
+        return (self.dir / f"factors-{half}.done").is_file()
 
-    def drop_checkpoints(self) -> None:
-        for half in ("a", "b"):
-            self._ckpt(half).unlink(missing_ok=True)
-
-    @property
-    def factors_done(self) -> bool:
-        return (self.dir / "factors.done").is_file()
-
-    def mark_factors_done(self) -> None:
-        write_json(self.dir / "factors.done", {"done": True})
+    def mark_half_done(self, half: str) -> None:
+        """After the half's hessians/ files are written: its running sums are no longer needed."""
+        write_json(self.dir / f"factors-{half}.done", {"done": True})
+        self._ckpt(half).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------------------ per-layer results
     def result(self, kind: str, name: str) -> dict | None:
@@ -184,13 +179,3 @@ class Job:
     def save_result(self, kind: str, name: str, data: dict) -> None:
         write_json(self.dir / kind / f"{name}.json", data)
 
-
-class _HalfReader:
-    def __init__(self, path: Path):
-        self._fh = safe_open(str(path), framework="pt")
-        self._meta = json.loads(self._fh.metadata()["bitplan"])
-
-    def get(self, name: str) -> FactorSums:
-        grad_sq, samples, tokens = self._meta["stats"][name]
-        return FactorSums(self._fh.get_tensor(f"{name}.h_out"), self._fh.get_tensor(f"{name}.h_in"),
-                          grad_sq, samples, tokens)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -71,18 +72,26 @@ def summary_line(profile: Profile) -> str:
     return ", ".join(parts)
 
 
+def short_name(name: str) -> str:
+    """`model.layers.3.mlp.down_proj` → `3.mlp.down`, `…self_attn.q_proj` → `3.attn.q`: tables fit 80 columns."""
+    name = re.sub(r"^.*?\blayers\.(\d+)\.", r"\1.", name)
+    return name.replace("self_attn.", "attn.").removesuffix("_proj")
+
+
 def sensitivity_table(profile: Profile, top: int = 8) -> Table:
     """The most and the least sensitive layers by α_hessian (α_noise alongside)."""
     ranked = sorted((r for r in profile.layers if r.alpha_hessian is not None), key=lambda r: -r.alpha_hessian)
     table = Table(title="Most and least sensitive layers (mean per-token ΔKL per unit t²)")
-    for col in ("layer", "shape", "α_hessian", "α_noise", "R²", "α_yaqa held-out", "gain held-out"):
-        table.add_column(col, justify="left" if col == "layer" else "right")
+    table.add_column("layer", no_wrap=True)
+    for col in ("α_hessian", "α_noise", "R²", "α_yaqa_ho", "gain_ho"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.caption = "α_yaqa_ho, gain_ho: after two-sided LDLQ, held-out (LDL on one calibration half, judged on the other)"
 
     def fmt(x: float | None, spec: str = ".3g") -> str:
         return "–" if x is None else format(x, spec)
 
     def add(r) -> None:
-        table.add_row(r.name, f"{r.shape[0]}×{r.shape[1]}", fmt(r.alpha_hessian), fmt(r.alpha_noise),
+        table.add_row(short_name(r.name), fmt(r.alpha_hessian), fmt(r.alpha_noise),
                       fmt(r.alpha_noise_r2, ".3f"), fmt(r.alpha_yaqa_heldout),
                       fmt(_ratio(r.alpha_yaqa_heldout, r.alpha_hessian), ".3f"))
 

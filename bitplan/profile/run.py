@@ -4,7 +4,7 @@ Phases (each resumable on its own, see job.py):
   1. noise   α_noise per layer by noise injection on the first `noise_samples` calibration windows;
   2. factors Kronecker factors of every block linear on two seeded halves of the calibration windows, one half
              after the other (only one half's float64 sums are in memory), checkpointed every few batches;
-             then hessians/<layer>.safetensors;
+             each half's hessians/<half>/<layer>.safetensors as soon as the half is complete;
   3. layers  per layer: predicted coefficients from the factors (block LDL, held-out gains);
   4. formats per layer: the relative error of every candidate format (the candidate list is not part of the
              job's fingerprint: asking a finished profile for other formats measures only those);
@@ -31,7 +31,7 @@ from ..errors import BitplanError
 from ..formats import Format, default_candidates, get_format
 from ..models import LoadedModel, find_extras, find_linears, get_module, load_model, weights_sha256
 from .coefficients import layer_coefficients
-from .hessians import LayerFactors, factors_path, load_factors, save_factors
+from .hessians import HALVES, factors_path, load_factors, save_half_factors
 from .job import Job
 from .noise import DEFAULT_LEVELS, NoiseMeter, build_cache
 from .relerr import relative_errors
@@ -299,37 +299,29 @@ def _noise_phase(job: Job, net: nn.Module, infos, windows: torch.Tensor, levels,
 
 def _factor_phase(job: Job, net: nn.Module, infos, windows: torch.Tensor, seed: int, chunk: int, bars,
                   emit: Events, times: SketchTimes) -> None:
-    if job.factors_done:
-        return
+    """One half after the other: only one half's float64 sums are ever in memory."""
     shapes = {i.name: (i.out_features, i.in_features) for i in infos}
     modules = {i.name: get_module(net, i.name) for i in infos}
     bs = job.options["batch_size"]
     every = max(1, job.options["checkpoint_every"] // bs)  # in batches
-    for half, idx in zip("ab", split_halves(windows.shape[0], seed)):
+    for half, idx in zip(HALVES, split_halves(windows.shape[0], seed)):
+        if job.half_done(half):
+            continue
         batches = [idx[s:s + bs] for s in range(0, len(idx), bs)]
         state = job.load_half(half, shapes)
-        if state.next_batch >= len(batches):
-            continue
         bar = _Bar(bars, f"factors, half {half}", len(idx), sum(len(b) for b in batches[:state.next_batch]))
         for k in range(state.next_batch, len(batches)):
             accumulate_batch(net, modules, windows[batches[k]], batches[k], seed, chunk, state.layers, times)
             state.next_batch = k + 1
             bar.advance(len(batches[k]))
-            if state.next_batch % every == 0 or state.next_batch == len(batches):
+            if state.next_batch % every == 0 and state.next_batch < len(batches):
                 job.save_half(state)
                 emit(f"factors-{half}", state.next_batch)
+        for info in infos:
+            save_half_factors(factors_path(job.out, info.name, half), info.name, half, state.layers[info.name], chunk)
+        job.mark_half_done(half)
+        emit(f"factors-{half}-done", len(batches))
         del state
-    reader_a, reader_b = job.half_reader("a"), job.half_reader("b")
-    for info in infos:
-        a, b = reader_a.get(info.name), reader_b.get(info.name)
-        save_factors(factors_path(job.out, info.name), LayerFactors(
-            name=info.name, h_out_a=a.h_out, h_in_a=a.h_in, h_out_b=b.h_out, h_in_b=b.h_in,
-            grad_sq_a=a.grad_sq, grad_sq_b=b.grad_sq, samples_a=a.samples, samples_b=b.samples,
-            tokens_a=a.tokens, tokens_b=b.tokens, sketch_chunk=chunk))
-    del reader_a, reader_b
-    job.mark_factors_done()
-    job.drop_checkpoints()
-    emit("factors-done", len(infos))
 
 
 def _layer_phase(job: Job, net: nn.Module, infos, bars, emit: Events) -> dict[str, dict]:

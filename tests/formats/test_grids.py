@@ -9,7 +9,8 @@ import torch
 from scipy.stats import norm
 
 from bitplan.errors import BitplanError
-from bitplan.formats.grids import GRID_SIZES, GridEncoder, all_grid_keys, gaussian_mse, grid_encoder, grid_key, grid_metadata, grid_table
+from bitplan.formats.grids import (GRID_SIZES, GridEncoder, all_grid_keys, gaussian_mse, grid_encoder, grid_key,
+                                   grid_metadata, grid_table)
 
 # Reference Gaussian MSE per coordinate (DESIGN.md, Monte Carlo ±1 %): a grid must reach it within 1 % or go below.
 REFERENCE = {
@@ -103,7 +104,10 @@ def brute_force(x: np.ndarray, C: np.ndarray) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
-@pytest.mark.parametrize("p, n", [(1, 4), (1, 256), (2, 8), (2, 256), (2, 4096), (3, 16), (3, 512), (3, 4096), (4, 64), (4, 4096)])
+BRUTE = [(1, 4), (1, 256), (2, 8), (2, 256), (2, 4096), (3, 16), (3, 512), (3, 4096), (4, 64), (4, 4096)]
+
+
+@pytest.mark.parametrize("p, n", BRUTE)
 def test_encoding_equals_brute_force(p, n):
     C = grid_table(p, n)
     rng = np.random.default_rng(n + p)
@@ -125,6 +129,8 @@ def test_exact_ties_pick_the_lowest_index():
     np.testing.assert_array_equal(enc.encode(x), [0, 1, 0, 1])
     scalar = GridEncoder(np.array([[-1.0], [0.0], [1.0], [3.0]]))
     np.testing.assert_array_equal(scalar.encode(np.array([[-0.5], [0.5], [2.0], [9.0], [-9.0]])), [0, 1, 2, 3, 0])
+    unsorted = GridEncoder(np.array([[1.0], [-1.0], [0.0], [3.0]]))  # ties go to the lower index, not the lower value
+    np.testing.assert_array_equal(unsorted.encode(np.array([[0.5], [-0.5], [2.0], [-5.0], [9.0]])), [0, 1, 0, 1, 3])
 
 
 def test_encoder_errors():

@@ -52,7 +52,8 @@ def reference_dequantize(fmt, W: torch.Tensor) -> torch.Tensor:
     return (q.float() * s.float())
 
 
-@pytest.mark.parametrize("name, n", [("higgs-p3-n512-g64", 200), ("higgs-p2-n256-g64", 129), ("higgs-p4-n256-g128", 321), ("higgs-p1-n8-g64", 100)])
+@pytest.mark.parametrize("name, n", [("higgs-p3-n512-g64", 200), ("higgs-p2-n256-g64", 129),
+                                     ("higgs-p4-n256-g128", 321), ("higgs-p1-n8-g64", 100)])
 def test_quantize_matches_the_definition(name, n):
     """Vectors straddle group boundaries (scaled elementwise) and the row end (zero padding)."""
     fmt = get_format(name)

@@ -57,18 +57,22 @@ def test_half_precision_layer(device):
     assert rel_err(y, want) <= TOLERANCE[torch.float16]
 
 
-def test_torch_compile_layer(device):
-    """The whole kernel path of a layer (the hook's lazy import, both rotations, the matmul, the device caches)
-    traces as one graph. On the CPU: aot_eager (see test_ops.test_torch_compile) on the hook, since forward only
-    takes the kernel path for CUDA tensors; on a GPU: inductor on the module itself."""
+@pytest.mark.parametrize("warm", [True, False], ids=["warm-fullgraph", "cold"])
+def test_torch_compile_layer(warm, device):
+    """The layer's kernel path (the hook's lazy import, both rotations, the matmul) under torch.compile. After
+    one eager call has built the layer's device tables it traces as one graph (fullgraph); from a cold start
+    the table construction runs eagerly behind one graph break. On the CPU the backend is aot_eager on the hook
+    (forward only takes the kernel path for CUDA tensors; see test_ops.test_torch_compile); on a GPU, inductor
+    on the module itself."""
     layer = make_layer("higgs-p2-n256-g128", bias=True)
     x = torch.randn(3, N_IN, generator=torch.Generator().manual_seed(4))
     want = layer(x.double())
     layer.to(device)
     x = x.to(device)
+    fn = layer if device.type == "cuda" else (lambda x: _triton_matmul(layer, x) + layer.bias)
+    if warm:
+        fn(x)
     torch._dynamo.reset()
-    if device.type == "cuda":
-        compiled = torch.compile(layer, backend="inductor", fullgraph=True)
-    else:
-        compiled = torch.compile(lambda x: _triton_matmul(layer, x) + layer.bias, backend="aot_eager", fullgraph=True)
-    assert rel_err(compiled(x), want) <= TOLERANCE[torch.float32]
+    compiled = torch.compile(fn, backend="inductor" if device.type == "cuda" else "aot_eager", fullgraph=warm)
+    for _ in range(2):
+        assert rel_err(compiled(x), want) <= TOLERANCE[torch.float32]

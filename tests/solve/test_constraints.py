@@ -109,13 +109,17 @@ def test_a_pin_equal_to_the_solvers_choice_is_still_honoured(small_profile):
 
 def test_resource_table_ilp_matches_brute_force_and_dp_refuses(small_profile, tmp_path):
     per_weight = {"int2-g64": 1.0, "int3-g64": 1.4, "int4-g64": 1.1, "int8-g64": 3.0, "fp16": 5.0}
-    limit = 1.25
+    prof = small_profile
+    budget = "5bpw"
+    # A limit halfway between the cheapest resource use and the unconstrained optimum's, so it binds.
+    free = solve(prof, budget, solver="ilp")
+    used = sum(per_weight[free.formats[r.name]] * r.params for r in prof.layers) / sum(r.params for r in prof.layers)
+    assert used > 1.0, "the unconstrained plan should use more than the cheapest resource"
+    limit = (1.0 + used) / 2
     table = tmp_path / "latency.json"
     table.write_text(json.dumps({"name": "latency", "per_weight": per_weight, "limit_per_weight": limit}))
     csv_table = tmp_path / "latency.csv"
     csv_table.write_text("format,per_weight\n" + "".join(f"{k},{v}\n" for k, v in per_weight.items()))
-    prof = small_profile
-    budget = "5bpw"
     fmts = [get_format(f) for f in INT_FORMATS]
     bits = np.array([[f.storage_bits(*r.shape) for f in fmts] for r in prof.layers])
     res = np.array([[per_weight[f.name] * r.params for f in fmts] for r in prof.layers])
@@ -129,7 +133,7 @@ def test_resource_table_ilp_matches_brute_force_and_dp_refuses(small_profile, tm
         plan = solve(prof, budget, solver="ilp", resource=source, resource_limit=lim)
         assert abs(plan.totals["predicted_dkl"] - best) <= 1e-9 * best
         assert plan.solver["resource_used_per_weight"] <= limit + 1e-12
-    assert solve(prof, budget, solver="ilp").totals["predicted_dkl"] < best * (1 - 1e-6)  # the limit binds
+    assert free.totals["predicted_dkl"] < best * (1 - 1e-6)  # the limit binds
     with pytest.raises(BitplanError, match="ilp"):
         solve(prof, budget, solver="dp", resource=table)
     with pytest.raises(BitplanError, match="limit"):

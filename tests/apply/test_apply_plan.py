@@ -1,0 +1,61 @@
+"""profile → solve → apply on a tiny model: the plan's formats land in a loadable checkpoint, and bad plans fail."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bitplan.apply import apply_plan, load_quantized
+from bitplan.apply.module import QuantizedLinear
+from bitplan.errors import BitplanError
+from bitplan.models import load_model
+from bitplan.profile import profile_model
+from bitplan.solve import solve
+
+FORMATS = ["int2-g32", "int3-g32", "int4-g32", "higgs-p2-n64-g64", "fp16"]
+
+
+@pytest.fixture
+def tiny_plan(tiny_model_dir, tmp_path):
+    lm = load_model(str(tiny_model_dir))
+    windows = torch.randint(0, len(lm.tokenizer), (8, 32), generator=torch.Generator().manual_seed(0))
+    profile_model(lm, windows, out_dir=tmp_path / "prof", noise_samples=0, formats=FORMATS, progress=False)
+    plan = solve(tmp_path / "prof", "3.5bpw")
+    plan.save(tmp_path / "plan.json")
+    return lm, plan, tmp_path / "plan.json"
+
+
+@pytest.mark.parametrize("rounding", ["yaqa", "rtn"])
+def test_plan_becomes_a_checkpoint(tiny_plan, tmp_path, rounding):
+    lm, plan, plan_path = tiny_plan
+    result = apply_plan(plan_path, tmp_path / "q", model=lm, rounding=rounding, progress=False)
+    assert result.formats == plan.formats
+    loaded = load_quantized(tmp_path / "q")
+    for name, fmt in plan.formats.items():
+        module = loaded.model.get_submodule(name)
+        assert isinstance(module, QuantizedLinear) and module.format.name == fmt
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qc["rounding"] == rounding and qc["plan"]["budget"] == "3.5bpw"
+    # The stored bytes of the quantized layers are what the plan accounted for (codes, scales, zeros, seeds).
+    tensors = __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(tmp_path / "q" / "model.safetensors"))
+    stored = sum(t.numel() * t.element_size() * 8 for k, t in tensors.items()
+                 if any(k.startswith(n + ".") for n in plan.formats))
+    assert stored == sum(layer.storage_bits for layer in plan.layers)
+
+
+def test_yaqa_needs_hessians(tiny_plan, tmp_path):
+    lm, plan, plan_path = tiny_plan
+    import shutil
+
+    shutil.rmtree(tmp_path / "prof" / "hessians")
+    with pytest.raises(BitplanError, match="hessians"):
+        apply_plan(plan_path, tmp_path / "q", model=lm, rounding="yaqa", progress=False)
+
+
+def test_plan_for_other_weights_is_refused(tiny_plan, tmp_path):
+    lm, plan, plan_path = tiny_plan
+    with torch.no_grad():
+        lm.model.model.layers[0].mlp.up_proj.weight[0, 0] += 1.0
+    with pytest.raises(BitplanError, match="other weights"):
+        apply_plan(plan_path, tmp_path / "q", model=lm, rounding="rtn", progress=False)
