@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Under pytest-xdist every worker has its own process: one torch thread each keeps 2 workers from thrashing 2 cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SOTU = SHARED_DATA / "sotu.jsonl"
 WIKITEXT = SHARED_DATA / "wikitext2-test.raw"

@@ -59,8 +59,6 @@ def ldlq_round(W: torch.Tensor, fmt: Format, scale: torch.Tensor, zero: torch.Te
     for d in range(nbr + nbc - 2, -1, -1):
         i = torch.arange(max(0, d - nbc + 1), min(nbr - 1, d) + 1)
         j = d - i
-        rows = (i[:, None] * block_out + torch.arange(block_out)).reshape(-1)
-        cols = (j[:, None] * block_in + torch.arange(block_in))
         tile = lambda X: X.view(nbr, block_out, nbc, block_in)[i, :, j, :]  # noqa: E731  [k, b_O, b_I]
         F = tile(M)
         if Lbar_cols is not None:
@@ -83,7 +81,6 @@ def ldlq_round(W: torch.Tensor, fmt: Format, scale: torch.Tensor, zero: torch.Te
             M.view(nbr, block_out, n)[i] += E_t @ L_in_rows[j]
         else:
             view(M)[i, :, j, :] += E_t
-        del rows, cols
     return Rounded(codes=codes, W_hat=W_hat, T=T)
 
 

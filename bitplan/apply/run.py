@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,12 +76,14 @@ def load_layer_factors(profile_dir: Path | None, name: str, rounding: str):
 
 
 def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: str | Path, rounding: str = "yaqa",
-                  profile_dir: str | Path | None = None, shrink: float | dict[str, float] = 0.0, workers: int = 1,
+                  profile_dir: str | Path | None = None, shrink: float | dict[str, float] = 0.0,
+                  workers: int | None = None,
                   metadata: dict[str, Any] | None = None, progress: bool = True) -> ApplyResult:
     """Quantize `model`'s layers to `formats` (layer name → format name) and write a checkpoint to `out_dir`.
 
     `shrink` moves each normalized H_O toward the identity (one λ, or λ per layer). Layers not named in
-    `formats` keep their original weights.
+    `formats` keep their original weights. `workers` layers are rounded at once (default: one per core), each
+    on one torch thread: rounding is many small tensor ops, which several intra-op threads slow down.
     """
     if rounding not in ROUNDINGS:
         raise BitplanError(f"unknown rounding {rounding!r}; choose one of {', '.join(ROUNDINGS)}")
@@ -120,12 +123,17 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
     layers: dict[str, dict[str, torch.Tensor]] = {}
     stats: dict[str, dict] = {}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=True, disable=not progress) as bar:
-        task = bar.add_task(f"{rounding} rounding", total=len(formats))
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for name, tensors, st in pool.map(one, list(formats)):
-                layers[name], stats[name] = tensors, st
-                bar.advance(task)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with Progress(*columns, transient=True, disable=not progress) as bar:
+            task = bar.add_task(f"{rounding} rounding", total=len(formats))
+            with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+                for name, tensors, st in pool.map(one, list(formats)):
+                    layers[name], stats[name] = tensors, st
+                    bar.advance(task)
+    finally:
+        torch.set_num_threads(threads)
 
     meta = {"rounding": rounding, "source_model": {"id": lm.model_id, "weights_sha256": weights_hash},
             "layers": stats, **(metadata or {})}
@@ -164,7 +172,7 @@ def _profile_dir_of(plan, plan_path: Path) -> Path | None:
 
 def apply_plan(plan_path: str | Path, out_dir: str | Path, model: str | LoadedModel | None = None,
                rounding: str = "yaqa", profile_dir: str | Path | None = None, shrink: float = 0.0,
-               workers: int = 1, progress: bool = True) -> ApplyResult:
+               workers: int | None = None, progress: bool = True) -> ApplyResult:
     """Quantize the model a plan names (or `model`) to the plan's formats; factors from the plan's profile
     (or `profile_dir`, e.g. a profile run with Hessians when the plan came from a shipped profile)."""
     from ..profile.schema import load_profile

@@ -18,7 +18,7 @@ def apply_command(
     rounding: str = typer.Option("yaqa", "--rounding", help="yaqa (two-sided LDLQ), ldlq (one-sided, GPTQ) or rtn"),
     profile: Optional[Path] = typer.Option(None, "--profile", help="profile folder with hessians/ (default: the plan's)"),
     shrink: float = typer.Option(0.0, "--shrink", help="λ: H_O ← (1−λ)·H_O + λ·I after normalization"),
-    workers: int = typer.Option(1, "--workers", help="layers rounded in parallel threads"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="layers rounded in parallel (default: one per core)"),
 ) -> None:
     """Quantize a model per its plan (YAQA rounding by default) into a packed checkpoint."""
     from ..apply import apply_plan

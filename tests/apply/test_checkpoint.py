@@ -125,8 +125,8 @@ def test_resume_reuses_finished_layers(tiny_model_dir, tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(run, "quantize_layer", dies_after_three)
-    with pytest.raises(KeyboardInterrupt):
-        apply_formats(lm, formats, tmp_path / "q", rounding="rtn", progress=False)
+    with pytest.raises(KeyboardInterrupt):  # one worker: the kill lands after exactly three layers
+        apply_formats(lm, formats, tmp_path / "q", rounding="rtn", progress=False, workers=1)
     assert len(list(run.job_dir(tmp_path / "q").glob("*.safetensors"))) == 3
     redone = []
     monkeypatch.setattr(run, "quantize_layer", lambda *a, **k: redone.append(a[0]) or real(*a, **k))

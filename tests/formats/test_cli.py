@@ -8,10 +8,10 @@ from bitplan.formats import all_formats, default_candidates
 
 
 def run(monkeypatch, capsys, *args):
-    from bitplan.cli import main
+    from bitplan.cli import console, main
 
     monkeypatch.setattr(sys, "argv", ["bitplan", "formats", *args])
-    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setattr(console, "width", 200)  # the console was created before any COLUMNS we could set
     code = 0
     try:
         main()
