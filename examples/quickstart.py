@@ -58,20 +58,20 @@ def main() -> None:
 
     console.rule("[bold]3. apply")
     apply_plan(out / "plan.json", out / "bitplan", model=model, rounding="yaqa")
-    candidates = {"bitplan: plan + YAQA": out / "bitplan"}
+    candidates = {"plan + YAQA": out / "bitplan"}
     if plan.uniform:
         uniform = {info.name: plan.uniform["format"] for info in find_linears(model.model)}
         apply_formats(model, uniform, out / "uniform-rtn", rounding="rtn")
-        candidates[f"uniform {plan.uniform['format']} + round-to-nearest"] = out / "uniform-rtn"
+        candidates[f"{plan.uniform['format']} RTN"] = out / "uniform-rtn"  # the best uniform format
 
     console.rule("[bold]4. eval")
-    table = Table(title=f"{args.model} at {args.budget}: faithfulness on {args.windows} × 512 tokens of held-out text")
-    for column in ("candidate", "KL mean ± se", "KL p99", "top-1 agreement", "perplexity (original)"):
+    table = Table(title=f"{args.model} at {args.budget}, {args.windows} × 512 held-out tokens")
+    for column in ("candidate", "KL ± se", "KL p99", "top-1", "ppl (orig.)"):
         table.add_column(column, justify="left" if column == "candidate" else "right")
     for label, folder in candidates.items():
         r = evaluate(model, str(folder), args.data, windows=args.windows, seqlen=512)
-        table.add_row(label, f"{r.kl_mean:.4f} ± {r.kl_se:.4f}", f"{r.kl_p99:.3f}", f"{100 * r.top1_agreement:.2f} %",
-                      f"{r.ppl_candidate:.2f} ({r.ppl_reference:.2f})")
+        table.add_row(label, f"{r.kl_mean:.3f} ± {r.kl_se:.3f}", f"{r.kl_p99:.2f}", f"{100 * r.top1_agreement:.1f} %",
+                      f"{r.ppl_candidate:.1f} ({r.ppl_reference:.1f})")
     console.print(table)
 
 
