@@ -98,21 +98,3 @@ def ldl_gain(H: torch.Tensor, block: int = 16, sigma: float = 0.01, name: str = 
     on one side, judged in-sample (on the same factor the LDL was computed from)."""
     Hn = normalize(H.to(torch.float64))
     return block_ldl(Hn, block, sigma=sigma, name=name).trace_d / float(Hn.diagonal().sum())
-
-
-def heldout_gain(H_fit: torch.Tensor, H_judge: torch.Tensor, block: int = 16, sigma: float = 0.01,
-                 name: str = "a layer") -> float:
-    """Expected error of block LDLQ computed from H_fit, judged under H_judge, relative to round-to-nearest.
-
-    LDLQ leaves the error E = L⁻ᵀ F with F the quantizer's white error, so under H_judge its expected
-    proxy is σ² tr(L⁻¹ H_judge L⁻ᵀ) against σ² tr(H_judge) for round-to-nearest. Equal to ldl_gain when
-    H_judge = H_fit (up to damping).
-    """
-    ldl = block_ldl(normalize(H_fit.to(torch.float64)), block, sigma=sigma, name=name)
-    Hj = normalize(H_judge.to(torch.float64))
-    Hj = (Hj + Hj.T) / 2
-    # tr(L⁻¹ Hj L⁻ᵀ) = Σ_ij (L⁻¹ Hj)_ij (L⁻¹)_ij
-    eye = torch.eye(Hj.shape[0], dtype=Hj.dtype)
-    Linv = torch.linalg.solve_triangular(ldl.L, eye, upper=False, unitriangular=True)
-    num = float((torch.linalg.solve_triangular(ldl.L, Hj, upper=False, unitriangular=True) * Linv).sum())
-    return num / float(Hj.diagonal().sum())

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import BitplanError
-from ..formats import Format, QuantizedWeight, RandomizedHadamard, rotate_weight, unrotate_weight
+from ..formats import Format, QuantizedWeight, rotate_weight, unrotate_weight
+from ..heldout import rotate_factor, shrink
 from ..linalg import block_ldl, normalize
 from .ldlq import ldlq_round, proxy
 from .module import encode_seeds
@@ -39,17 +40,9 @@ def tile_width(fmt: Format) -> int:
     return TILE * fmt.vector_dim // math.gcd(TILE, fmt.vector_dim)
 
 
-def rotate_factor(H: torch.Tensor, seed: int) -> torch.Tensor:
-    """R H Rᵀ for the layer's randomized Hadamard R (the factor seen by the rotated weights)."""
-    had = RandomizedHadamard(H.shape[0], seed)
-    return had.forward(had.forward(H, dim=0), dim=1)
-
-
-def prepare_factor(H: torch.Tensor, seed: int, block: int, shrink: float, name: str):
-    """Rotate, normalize, shrink toward I, and block-LDL a factor; returns (normalized H, LDL)."""
-    Hn = normalize(rotate_factor(H.to(torch.float64), seed))
-    if shrink:
-        Hn = (1.0 - shrink) * Hn + shrink * torch.eye(Hn.shape[0], dtype=Hn.dtype)
+def prepare_factor(H: torch.Tensor, seed: int, block: int, lam: float, name: str):
+    """Rotate, normalize, shrink toward I by λ, and block-LDL a factor; returns (normalized H, LDL)."""
+    Hn = shrink(normalize(rotate_factor(H, seed)), lam)
     return Hn, block_ldl(Hn, block, name=name)
 
 

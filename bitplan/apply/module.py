@@ -2,9 +2,10 @@
 
 For a rotated format the stored weight is W_rot = R_m W R_nᵀ, so y = x Wᵀ = R_mᵀ-applied((R_n x) W_rotᵀ):
 the input is rotated, multiplied with the dequantized rotated weight, and the output rotated back. This is the
-PyTorch path, for every device; it dequantizes once and keeps the float weight (`cache=True`) or dequantizes on
-every call (`cache=False`, the packed bytes only). On CUDA, int and grid formats go through the Triton kernels
-(kernels/linear.py) instead when triton is installed.
+PyTorch path, for every device. With `cache=False` it keeps only the packed bytes and dequantizes on every call;
+with `cache=True` (the default) it dequantizes once and keeps the weight in the original basis, R_mᵀ W_rot R_n,
+so a forward is one plain matmul (the rotations of every call cost more than the matmul itself on a CPU).
+On CUDA, int and grid formats go through the Triton kernels (kernels/linear.py) instead when triton is installed.
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ class QuantizedLinear(nn.Module):
             self.had_in = RandomizedHadamard(in_features, seed_in)
             self.had_out = RandomizedHadamard(out_features, seed_out)
         self._weight: torch.Tensor | None = None
+        self._effective: torch.Tensor | None = None
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight this layer multiplies with: rotated basis for rotated formats, float32 [out, in]."""
@@ -71,14 +73,20 @@ class QuantizedLinear(nn.Module):
 
     def effective_weight(self) -> torch.Tensor:
         """The weight in the original basis (what a dense nn.Linear would hold), float32."""
+        if self._effective is not None:
+            return self._effective
         W = self.dequantized_weight()
-        if not self.format.rotated:
-            return W
-        return self.had_in.inverse(self.had_out.inverse(W.double(), dim=0), dim=1).float()  # R_mᵀ W_rot R_n
+        if self.format.rotated:
+            W = self.had_in.inverse(self.had_out.inverse(W.double(), dim=0), dim=1).float()  # R_mᵀ W_rot R_n
+        if self.cache:
+            self._effective, self._weight = W, None
+        return W
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _triton_matmul(self, x) if x.is_cuda else None
-        if y is None:
+        if y is None and self.cache:
+            y = x @ self.effective_weight().to(x.dtype).T
+        elif y is None:
             W = self.dequantized_weight().to(x.dtype)
             if self.format.rotated:
                 y = self.had_out.inverse(self.had_in.forward(x) @ W.T)

@@ -55,33 +55,54 @@ def _read_part(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict] | N
 
 
 def load_layer_factors(profile_dir: Path | None, name: str, rounding: str):
-    """(H_in, H_out, identity) for a layer: the profile's summed halves; one-sided LDLQ uses E[xxᵀ]."""
-    if rounding == "rtn":
-        return None, None, "none"
+    """(LayerFactors, identity) of a layer from the profile; the identity changes when the files do."""
     if profile_dir is None:
         raise BitplanError(f"{rounding} rounding needs a profile with Hessian factors (hessians/); "
                            "pass the profile, or use --rounding rtn")
     from ..profile.hessians import HALVES, factors_path, load_factors
 
     f = load_factors(profile_dir, name)
+    if rounding == "ldlq" and f.xtx is None:
+        raise BitplanError(f"the profile's factors for {name} lack Σxxᵀ (needed by --rounding ldlq): the profile "
+                           "was made by an older bitplan; re-run `bitplan profile`")
     stamps = [factors_path(profile_dir, name, half).stat() for half in HALVES]
     ident = f"{profile_dir}:{name}:" + ":".join(f"{st.st_size}-{st.st_mtime_ns}" for st in stamps)
-    if rounding == "ldlq":
-        xtx = getattr(f, "xtx", None)
-        if xtx is None:
-            raise BitplanError(f"the profile's factors for {name} lack E[xxᵀ] (needed by --rounding ldlq); "
-                               "re-run `bitplan profile` with this version")
-        return xtx, None, ident
-    return f.h_in, f.h_out, ident
+    return f, ident
+
+
+def auto_shrink(f, name: str) -> tuple[float, dict[float, float]]:
+    """λ for H_O chosen by the held-out gain of the two calibration halves (see bitplan.heldout)."""
+    from ..heldout import choose_shrink, rotate_factor
+    from ..profile.relerr import rotation_seeds
+
+    seed_out, _ = rotation_seeds(name)
+    return choose_shrink(rotate_factor(f.h_out_a, seed_out), rotate_factor(f.h_out_b, seed_out), name=name)
+
+
+def parse_shrink(value: str | float | dict) -> str | float | dict:
+    """`auto`, a number in [0, 1], or a dict layer → λ."""
+    if isinstance(value, dict):
+        return {k: parse_shrink(v) for k, v in value.items()}
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return "auto"
+        try:
+            value = float(value)
+        except ValueError:
+            raise BitplanError(f"--shrink must be 'auto' or a number between 0 and 1, got {value!r}") from None
+    if not 0.0 <= float(value) <= 1.0:
+        raise BitplanError(f"--shrink must be 'auto' or a number between 0 and 1, got {value}")
+    return float(value)
 
 
 def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: str | Path, rounding: str = "yaqa",
-                  profile_dir: str | Path | None = None, shrink: float | dict[str, float] = 0.0,
+                  profile_dir: str | Path | None = None, shrink: str | float | dict[str, float] = "auto",
                   workers: int | None = None,
                   metadata: dict[str, Any] | None = None, progress: bool = True) -> ApplyResult:
     """Quantize `model`'s layers to `formats` (layer name → format name) and write a checkpoint to `out_dir`.
 
-    `shrink` moves each normalized H_O toward the identity (one λ, or λ per layer). Layers not named in
+    `shrink` moves each normalized H_O toward the identity for YAQA rounding: "auto" (λ per layer chosen on
+    the profile's two calibration halves), one λ, or λ per layer. Layers not named in
     `formats` keep their original weights. `workers` layers are rounded at once (default: one per core), each
     on one torch thread: rounding is many small tensor ops, which several intra-op threads slow down.
     """
@@ -94,6 +115,7 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
     if unknown:
         raise BitplanError(f"the plan names {len(unknown)} layer(s) the model does not have, e.g. {unknown[0]}")
     fmts = {name: get_format(f) for name, f in formats.items()}  # unknown format names fail before any work
+    shrink = parse_shrink(shrink)
     profile_dir = Path(profile_dir) if profile_dir else None
     weights_hash = weights_sha256(lm.model)
     jobs = job_dir(out_dir)
@@ -101,18 +123,24 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
 
     def one(name: str) -> tuple[str, dict[str, torch.Tensor], dict]:
         fmt = fmts[name]
-        lam = shrink.get(name, 0.0) if isinstance(shrink, dict) else shrink
-        needs_factors = rounding != "rtn" and fmt.kind != "fp16"
-        H_in, H_out, ident = load_layer_factors(profile_dir, name, rounding) if needs_factors else (None, None, "none")
-        key = _part_key(weights_hash, name, fmt.name, rounding, lam, ident)
+        lam = shrink.get(name, "auto") if isinstance(shrink, dict) else shrink
+        method = rounding if fmt.kind != "fp16" else "rtn"
+        f, ident = load_layer_factors(profile_dir, name, method) if method != "rtn" else (None, "none")
+        key = _part_key(weights_hash, name, fmt.name, method, lam if method == "yaqa" else 0.0, ident)
         part = jobs / f"{name}.safetensors"
         cached = _read_part(part, key)
         if cached is not None:
             return name, *cached
+        stats: dict = {}
+        if method == "yaqa" and lam == "auto":
+            lam, gains = auto_shrink(f, name)
+            stats["shrink_gains"] = {str(k): v for k, v in gains.items()}
+        elif method != "yaqa":
+            lam = 0.0
+        H_in, H_out = (None, None) if f is None else ((f.xtx, None) if method == "ldlq" else (f.h_in, f.h_out))
         W = lm.model.get_submodule(name).weight
-        res: LayerResult = quantize_layer(name, W, fmt, rounding if fmt.kind != "fp16" else "rtn", H_in, H_out,
-                                          shrink_out=lam)
-        stats = {**res.stats, "format": fmt.name, "shrink_out": lam}
+        res: LayerResult = quantize_layer(name, W, fmt, method, H_in, H_out, shrink_out=lam)
+        stats = {**res.stats, **stats, "format": fmt.name, "rounding": method, "shrink_out": lam}
         with atomic_path(part) as tmp:
             save_file({k: v.contiguous() for k, v in res.tensors.items()}, str(tmp),
                       metadata={"bitplan": json.dumps({"key": key, "stats": stats})})
@@ -171,7 +199,7 @@ def _profile_dir_of(plan, plan_path: Path) -> Path | None:
 
 
 def apply_plan(plan_path: str | Path, out_dir: str | Path, model: str | LoadedModel | None = None,
-               rounding: str = "yaqa", profile_dir: str | Path | None = None, shrink: float = 0.0,
+               rounding: str = "yaqa", profile_dir: str | Path | None = None, shrink: str | float = "auto",
                workers: int | None = None, progress: bool = True) -> ApplyResult:
     """Quantize the model a plan names (or `model`) to the plan's formats; factors from the plan's profile
     (or `profile_dir`, e.g. a profile run with Hessians when the plan came from a shipped profile)."""

@@ -17,7 +17,8 @@ def apply_command(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="the model (default: the one the plan names)"),
     rounding: str = typer.Option("yaqa", "--rounding", help="yaqa (two-sided LDLQ), ldlq (one-sided, GPTQ) or rtn"),
     profile: Optional[Path] = typer.Option(None, "--profile", help="profile folder with hessians/ (default: the plan's)"),
-    shrink: float = typer.Option(0.0, "--shrink", help="λ: H_O ← (1−λ)·H_O + λ·I after normalization"),
+    shrink: str = typer.Option("auto", "--shrink", help="auto (λ per layer, chosen on the profile's held-out half) "
+                               "or λ in [0, 1]: H_O ← (1−λ)·H_O + λ·I after normalization (YAQA only)"),
     workers: Optional[int] = typer.Option(None, "--workers", help="layers rounded in parallel (default: one per core)"),
 ) -> None:
     """Quantize a model per its plan (YAQA rounding by default) into a packed checkpoint."""
@@ -25,12 +26,15 @@ def apply_command(
 
     result = apply_plan(plan, out, model=model, rounding=rounding, profile_dir=profile, shrink=shrink, workers=workers)
     table = Table(title=f"{len(result.formats)} layers → {result.out_dir}")
-    for column in ("format", "layers", "mean t²"):
+    for column in ("format", "layers", "mean t²", "mean λ"):
         table.add_column(column, justify="right" if column != "format" else "left")
-    by_format: dict[str, list[float]] = {}
+    by_format: dict[str, list[dict]] = {}
     for name, fmt in result.formats.items():
-        by_format.setdefault(fmt, []).append(result.stats[name].get("rel_err", float("nan")))
-    for fmt, errs in sorted(by_format.items()):
-        table.add_row(fmt, str(len(errs)), f"{sum(errs) / len(errs):.5f}")
+        by_format.setdefault(fmt, []).append(result.stats[name])
+    for fmt, stats in sorted(by_format.items()):
+        errs = [s.get("rel_err", float("nan")) for s in stats]
+        lams = [float(s.get("shrink_out", 0.0)) for s in stats]
+        table.add_row(fmt, str(len(stats)), f"{sum(errs) / len(errs):.5f}",
+                      f"{sum(lams) / len(lams):.2f}" if rounding == "yaqa" else "–")
     console.print(table)
     console.print(f"evaluate it: bitplan eval --reference {model or 'MODEL'} --candidate {result.out_dir} --data TEXT")

@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from ..profile.defaults import DEFAULT_CHUNK, DEFAULT_NOISE_SAMPLES, DEFAULT_SAMPLES, DEFAULT_SEQLEN
 from . import app, console
 
 
@@ -13,15 +14,16 @@ from . import app, console
 def profile_command(
     model: str = typer.Argument("smollm2-135m", help="folder, .gguf file, cached hub id or built-in name"),
     calib: str = typer.Option(..., "--calib", "-c", help="calibration text: .txt, .jsonl (field \"text\") or hf:NAME[:CONFIG[:SPLIT]]"),
-    samples: int = typer.Option(128, "--samples", "-n", help="calibration windows (split into two seeded halves)"),
-    seqlen: int = typer.Option(256, "--seqlen", "-t", help="tokens per window"),
+    samples: int = typer.Option(DEFAULT_SAMPLES, "--samples", "-n", help="calibration windows (split into two seeded halves)"),
+    seqlen: int = typer.Option(DEFAULT_SEQLEN, "--seqlen", "-t", help="tokens per window"),
     seed: int = typer.Option(0, "--seed", help="seeds the windows, the halves, the sampled labels and the noise"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory (default ./profile-<model id>)"),
-    sketch_chunk: int = typer.Option(32, "--sketch-chunk", help="tokens per factor sample T' (1 = per token, seqlen = YAQA sketch B)"),
+    sketch_chunk: int = typer.Option(DEFAULT_CHUNK, "--sketch-chunk", help="tokens per factor sample T' (1 = per token, seqlen = YAQA sketch B)"),
     formats: str = typer.Option("default", "--formats", help="candidate formats, comma-separated, or 'default'"),
-    noise_samples: int = typer.Option(4, "--noise-samples", help="calibration windows used for noise injection (0 skips α_noise)"),
+    noise_samples: int = typer.Option(DEFAULT_NOISE_SAMPLES, "--noise-samples", help="calibration windows used for noise injection (0 skips α_noise)"),
     batch_size: int = typer.Option(4, "--batch-size", help="windows per forward/backward pass (memory vs speed; results do not depend on it)"),
-    checkpoint_every: int = typer.Option(32, "--checkpoint-every", help="windows between checkpoints of the running factor sums"),
+    checkpoint_every: int = typer.Option(64, "--checkpoint-every", help="windows between checkpoints of the running "
+                                         "factor sums (each writes a half's float64 sums: 3.5 GB for smollm2-135m)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a profile or job of other settings in --out"),
     keep_job: bool = typer.Option(False, "--keep-job", help="keep OUT/.job (per-layer intermediate results) after finishing"),
     threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0: torch's default); on a machine shared "

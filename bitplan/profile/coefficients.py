@@ -17,8 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..linalg import block_ldl, heldout_gain, normalize
+from ..heldout import HalfFactors, crossfit, rotate_factor
+from ..linalg import block_ldl, normalize
 from .hessians import LayerFactors
+from .relerr import rotation_seeds
 
 
 @dataclass
@@ -29,10 +31,14 @@ class Coefficients:
     grad_sq_per_sample: float  # E_c ‖G_c‖²
     c: float                   # Kronecker scale: F per token ≈ c · H_O ⊗ H_I
     alpha_hessian: float
-    yaqa_gain: float
+    yaqa_gain: float           # in-sample, raw factors (λ = 0)
     alpha_yaqa: float
-    yaqa_gain_heldout: float | None
+    yaqa_gain_heldout: float | None       # cross-fitted, H_O shrunk by the chosen λ (what `apply --shrink auto` does)
     alpha_yaqa_heldout: float | None
+    yaqa_gain_heldout_raw: float | None   # cross-fitted, λ = 0
+    ldlq_gain_heldout: float | None       # one-sided LDLQ (H_I = Σxxᵀ), cross-fitted
+    shrink_out: float | None              # λ chosen by the held-out gain
+    shrink_gains: dict[float, float] | None  # λ → held-out H_O-side gain
     sigma_in: float            # damping the in-sample LDL needed (fraction of the mean diagonal)
     sigma_out: float
 
@@ -42,6 +48,7 @@ def rtn_alpha(c: float, weight_sq_norm: float, m: int, n: int, trace_out: float,
 
 
 def layer_coefficients(f: LayerFactors, weight_sq_norm: float, *, block: int = 16, sigma: float = 0.01) -> Coefficients:
+    """Coefficients of one layer; LDL-based gains are computed in the layer's rotated basis, as apply rounds."""
     m, n = f.h_out_a.shape[0], f.h_in_a.shape[0]
     h_out, h_in = f.h_out, f.h_in
     tr_out, tr_in = float(torch.trace(h_out)), float(torch.trace(h_in))
@@ -49,20 +56,23 @@ def layer_coefficients(f: LayerFactors, weight_sq_norm: float, *, block: int = 1
     c = per_token / (tr_out * tr_in)
     alpha = rtn_alpha(c, weight_sq_norm, m, n, tr_out, tr_in)
 
-    ldl_out = block_ldl(normalize(h_out), block, sigma=sigma, name=f"{f.name} (H_out)")
-    ldl_in = block_ldl(normalize(h_in), block, sigma=sigma, name=f"{f.name} (H_in)")
+    seed_out, seed_in = rotation_seeds(f.name)
+    ldl_out = block_ldl(normalize(rotate_factor(h_out, seed_out)), block, sigma=sigma, name=f"{f.name} (H_out)")
+    ldl_in = block_ldl(normalize(rotate_factor(h_in, seed_in)), block, sigma=sigma, name=f"{f.name} (H_in)")
     gain = (ldl_out.trace_d / m) * (ldl_in.trace_d / n)  # a normalized factor has trace = dimension
 
-    gain_ho = None
+    cf = None
     if f.samples_a > 0 and f.samples_b > 0:
-        ab = (heldout_gain(f.h_out_a, f.h_out_b, block, sigma, f"{f.name} (H_out, half a)")
-              * heldout_gain(f.h_in_a, f.h_in_b, block, sigma, f"{f.name} (H_in, half a)"))
-        ba = (heldout_gain(f.h_out_b, f.h_out_a, block, sigma, f"{f.name} (H_out, half b)")
-              * heldout_gain(f.h_in_b, f.h_in_a, block, sigma, f"{f.name} (H_in, half b)"))
-        gain_ho = 0.5 * (ab + ba)
+        def rotated(half: str) -> HalfFactors:
+            ho, hi, xtx = f.half(half)
+            return HalfFactors(rotate_factor(ho, seed_out), rotate_factor(hi, seed_in),
+                               None if xtx is None else rotate_factor(xtx, seed_in))
+        cf = crossfit(rotated("a"), rotated("b"), block, block, sigma, name=f.name)
     return Coefficients(
         trace_h_in=tr_in, trace_h_out=tr_out, grad_sq_per_token=per_token,
         grad_sq_per_sample=f.grad_sq / max(f.samples, 1), c=c, alpha_hessian=alpha,
         yaqa_gain=gain, alpha_yaqa=alpha * gain,
-        yaqa_gain_heldout=gain_ho, alpha_yaqa_heldout=None if gain_ho is None else alpha * gain_ho,
+        yaqa_gain_heldout=cf and cf.yaqa, alpha_yaqa_heldout=cf and alpha * cf.yaqa,
+        yaqa_gain_heldout_raw=cf and cf.yaqa_raw, ldlq_gain_heldout=cf and cf.ldlq,
+        shrink_out=cf and cf.shrink, shrink_gains=cf and {str(k): v for k, v in cf.out_gains.items()},
         sigma_in=ldl_in.sigma, sigma_out=ldl_out.sigma)

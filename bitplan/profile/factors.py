@@ -1,4 +1,6 @@
-"""Chunked Kronecker-factor sketch: H_O = Σ_c G_c G_cᵀ and H_I = Σ_c G_cᵀ G_c with G_c = g_cᵀ x_c.
+"""Chunked Kronecker-factor sketch: H_O = Σ_c G_c G_cᵀ and H_I = Σ_c G_cᵀ G_c with G_c = g_cᵀ x_c, and the
+inputs' second moment Σ_t x_t x_tᵀ (one-sided LDLQ's H_I, kept with the factors so GPTQ-style rounding needs no
+second pass over the calibration).
 
 Each chunk c of T' consecutive tokens of one sequence is one sample (DESIGN.md, "What a CPU prototype
 measured"): T' = seqlen is YAQA's sketch B, T' = 1 is per token. G_c is never formed; with the chunk's Gram
@@ -57,11 +59,18 @@ def chunk_stats(x: torch.Tensor, g: torch.Tensor, chunk: int) -> ChunkStats:
     return ChunkStats(h_out, h_in, grad_sq, B * c)
 
 
+def input_moment(x: torch.Tensor) -> torch.Tensor:
+    """Σ_t x_t x_tᵀ over every token of a batch x [B, T, n]."""
+    xf = x.reshape(-1, x.shape[-1])
+    return xf.T @ xf
+
+
 @dataclass
 class FactorSums:
     """Running float64 sums for one layer and one calibration half."""
     h_out: torch.Tensor
     h_in: torch.Tensor
+    xtx: torch.Tensor | None = None   # Σ_t x_t x_tᵀ (None in profiles written before it was kept)
     grad_sq: float = 0.0
     samples: int = 0
     tokens: int = 0
@@ -69,11 +78,14 @@ class FactorSums:
     @classmethod
     def zeros(cls, out_features: int, in_features: int) -> "FactorSums":
         return cls(torch.zeros(out_features, out_features, dtype=torch.float64),
+                   torch.zeros(in_features, in_features, dtype=torch.float64),
                    torch.zeros(in_features, in_features, dtype=torch.float64))
 
-    def add(self, stats: ChunkStats, tokens: int) -> None:
+    def add(self, stats: ChunkStats, tokens: int, xtx: torch.Tensor | None = None) -> None:
         self.h_out += stats.h_out.to(torch.float64)
         self.h_in += stats.h_in.to(torch.float64)
+        if xtx is not None:
+            self.xtx += xtx.to(torch.float64)
         self.grad_sq += stats.grad_sq
         self.samples += stats.samples
         self.tokens += tokens

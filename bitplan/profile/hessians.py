@@ -3,6 +3,7 @@
 File `hessians/<half>/<layer name>.safetensors` (half `a` or `b`), float32 tensors, sums over chunks (not means):
     h_out [m, m]   Σ_c G_c G_cᵀ
     h_in  [n, n]   Σ_c G_cᵀ G_c
+    xtx   [n, n]   Σ_t x_t x_tᵀ (the inputs' second moment: one-sided LDLQ's H_I; absent in older profiles)
 metadata "bitplan" (JSON): format, name, half, sketch_chunk, grad_sq (Σ_c‖G_c‖²), samples (chunks), tokens.
 A half's files are written as soon as that half is accumulated, straight from memory. Rounding uses the sum of
 the halves; the halves are kept for cross-validation (held-out predictions, shrinkage chosen on the other half).
@@ -33,6 +34,8 @@ class LayerFactors:
     h_in_a: torch.Tensor
     h_out_b: torch.Tensor
     h_in_b: torch.Tensor
+    xtx_a: torch.Tensor | None
+    xtx_b: torch.Tensor | None
     grad_sq_a: float
     grad_sq_b: float
     samples_a: int
@@ -48,6 +51,14 @@ class LayerFactors:
     @property
     def h_in(self) -> torch.Tensor:
         return self.h_in_a + self.h_in_b
+
+    @property
+    def xtx(self) -> torch.Tensor | None:
+        return None if self.xtx_a is None or self.xtx_b is None else self.xtx_a + self.xtx_b
+
+    def half(self, half: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(h_out, h_in, xtx) of one calibration half."""
+        return ((self.h_out_a, self.h_in_a, self.xtx_a) if half == "a" else (self.h_out_b, self.h_in_b, self.xtx_b))
 
     @property
     def grad_sq(self) -> float:
@@ -73,7 +84,10 @@ def save_half_factors(path: str | Path, name: str, half: str, sums: FactorSums, 
     meta = {"format": FORMAT, "name": name, "half": half, "sketch_chunk": sketch_chunk,
             "grad_sq": sums.grad_sq, "samples": sums.samples, "tokens": sums.tokens}
     with atomic_path(path) as tmp:
-        save_file({"h_out": sym32(sums.h_out), "h_in": sym32(sums.h_in)}, str(tmp),
+        tensors = {"h_out": sym32(sums.h_out), "h_in": sym32(sums.h_in)}
+        if sums.xtx is not None:
+            tensors["xtx"] = sym32(sums.xtx)
+        save_file(tensors, str(tmp),
                   metadata={"bitplan": json.dumps(meta)})
 
 
@@ -85,14 +99,16 @@ def read_half_factors(path: str | Path, dtype: torch.dtype = torch.float64) -> t
         with safe_open(str(path), framework="pt") as fh:
             meta = json.loads((fh.metadata() or {})["bitplan"])
             h_out, h_in = fh.get_tensor("h_out").to(dtype), fh.get_tensor("h_in").to(dtype)
+            xtx = fh.get_tensor("xtx").to(dtype) if "xtx" in fh.keys() else None
     except (KeyError, ValueError, OSError, json.JSONDecodeError) as e:
         raise BitplanError(f"{path} is not a bitplan Hessian file ({type(e).__name__}: {e})") from None
-    return FactorSums(h_out, h_in, meta["grad_sq"], meta["samples"], meta["tokens"]), meta
+    return FactorSums(h_out, h_in, xtx, meta["grad_sq"], meta["samples"], meta["tokens"]), meta
 
 
 def load_factors(profile_dir: str | Path, name: str, dtype: torch.dtype = torch.float64) -> LayerFactors:
     """Both halves' factors of layer `name` from a profile directory (what `apply` uses for YAQA rounding)."""
     (a, meta), (b, _) = (read_half_factors(factors_path(profile_dir, name, h), dtype) for h in HALVES)
     return LayerFactors(name=name, h_out_a=a.h_out, h_in_a=a.h_in, h_out_b=b.h_out, h_in_b=b.h_in,
+                        xtx_a=a.xtx, xtx_b=b.xtx,
                         grad_sq_a=a.grad_sq, grad_sq_b=b.grad_sq, samples_a=a.samples, samples_b=b.samples,
                         tokens_a=a.tokens, tokens_b=b.tokens, sketch_chunk=meta["sketch_chunk"])

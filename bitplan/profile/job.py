@@ -144,6 +144,7 @@ class Job:
         for name, s in state.layers.items():
             tensors[f"{name}.h_out"] = s.h_out
             tensors[f"{name}.h_in"] = s.h_in
+            tensors[f"{name}.xtx"] = s.xtx
             stats[name] = [s.grad_sq, s.samples, s.tokens]
         meta = {"half": state.half, "next_batch": state.next_batch, "stats": stats}
         with atomic_path(self._ckpt(state.half)) as tmp:
@@ -160,7 +161,7 @@ class Job:
             for name in shapes:
                 grad_sq, samples, tokens = meta["stats"][name]
                 layers[name] = FactorSums(fh.get_tensor(f"{name}.h_out"), fh.get_tensor(f"{name}.h_in"),
-                                          grad_sq, samples, tokens)
+                                          fh.get_tensor(f"{name}.xtx"), grad_sq, samples, tokens)
         return HalfFactors(half, layers, int(meta["next_batch"]))
 
     def half_done(self, half: str) -> bool:

@@ -31,6 +31,7 @@ from ..errors import BitplanError
 from ..formats import Format, default_candidates, get_format
 from ..models import LoadedModel, find_extras, find_linears, get_module, load_model, weights_sha256
 from .coefficients import layer_coefficients
+from .defaults import DEFAULT_CHUNK, DEFAULT_NOISE_SAMPLES, DEFAULT_SAMPLES, DEFAULT_SEQLEN
 from .hessians import HALVES, factors_path, load_factors, save_half_factors
 from .job import Job
 from .noise import DEFAULT_LEVELS, NoiseMeter, build_cache
@@ -39,12 +40,7 @@ from .schema import LayerRecord, Profile, load_profile
 from .seeds import generator
 from .sketch import SketchTimes, accumulate_batch
 
-# Per-token chunks of 32: DESIGN.md's prototype found chunks of 32 and per-token equal within noise at 8K tokens
-# and chunks of 32 best at 32K tokens (0.76 × LDLQ); plain sketch B (T' = seqlen) lost at every size tried.
-DEFAULT_CHUNK = 32
-DEFAULT_SAMPLES = 128
-DEFAULT_SEQLEN = 256
-DEFAULT_NOISE_SAMPLES = 4
+
 LDL_BLOCK = 16
 LDL_SIGMA = 0.01
 
@@ -144,7 +140,7 @@ def profile_model(model: str | Path | LoadedModel | nn.Module, calib: str | Path
                   samples: int | None = None, seqlen: int | None = None, seed: int = 0,
                   out_dir: str | Path | None = None, *, sketch_chunk: int = DEFAULT_CHUNK,
                   noise_samples: int = DEFAULT_NOISE_SAMPLES, noise_levels: tuple[float, ...] = DEFAULT_LEVELS,
-                  formats: str | list | None = None, batch_size: int = 4, checkpoint_every: int = 32,
+                  formats: str | list | None = None, batch_size: int = 4, checkpoint_every: int = 64,
                   overwrite: bool = False, progress: bool = True, keep_job: bool = False,
                   events: Events | None = None) -> Profile:
     """Profile `model` on calibration text (a .txt/.jsonl path or hf:NAME) or token ids [windows, seqlen].
@@ -241,6 +237,8 @@ def _layer_record(info, res: dict, fit: dict | None, rel_err: dict[str, float]) 
         extra={"n_samples": res["samples"], "tokens": res["tokens"],
                "grad_sq_per_sample": res["grad_sq_per_sample"], "grad_sq_per_token": res["grad_sq_per_token"],
                "kron_scale_c": res["c"], "yaqa_gain": res["yaqa_gain"], "yaqa_gain_heldout": res["yaqa_gain_heldout"],
+               "yaqa_gain_heldout_raw": res["yaqa_gain_heldout_raw"], "ldlq_gain_heldout": res["ldlq_gain_heldout"],
+               "shrink_out": res["shrink_out"], "shrink_gains": res["shrink_gains"],
                "ldl_sigma_in": res["sigma_in"], "ldl_sigma_out": res["sigma_out"],
                **({"noise_t2": fit["t2"], "noise_dkl": fit["dkl"]} if fit else {})})
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import BitplanError
 
-from .factors import FactorSums, chunk_stats
+from .factors import FactorSums, chunk_stats, input_moment
 from .hooks import capture_grads
 from .seeds import generator
 
@@ -56,11 +56,17 @@ def accumulate_batch(model: nn.Module, modules: dict[str, nn.Module], ids: torch
     start = time.perf_counter()
     tokens = ids.numel()
     seen: set[str] = set()
+    # q/k/v (and gate/up) share one input: its Σxxᵀ is computed once. Each entry holds x itself, so no other
+    # tensor can reuse the address and be mistaken for it within the batch.
+    moments: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def on_grad(name: str, x: torch.Tensor, g: torch.Tensor) -> None:
         t0 = time.perf_counter()
         seen.add(name)
-        sums[name].add(chunk_stats(x, g.to(x.dtype), chunk), tokens=tokens)
+        key = (x.data_ptr(), tuple(x.shape))
+        if key not in moments:
+            moments[key] = (x, input_moment(x))
+        sums[name].add(chunk_stats(x, g.to(x.dtype), chunk), tokens=tokens, xtx=moments[key][1])
         if times is not None:
             times.accumulate += time.perf_counter() - t0
 

@@ -26,7 +26,7 @@ def tiny_plan(tiny_model_dir, tmp_path):
     return lm, plan, tmp_path / "plan.json"
 
 
-@pytest.mark.parametrize("rounding", ["yaqa", "rtn"])
+@pytest.mark.parametrize("rounding", ["yaqa", "ldlq", "rtn"])
 def test_plan_becomes_a_checkpoint(tiny_plan, tmp_path, rounding):
     lm, plan, plan_path = tiny_plan
     result = apply_plan(plan_path, tmp_path / "q", model=lm, rounding=rounding, progress=False)
@@ -59,3 +59,48 @@ def test_plan_for_other_weights_is_refused(tiny_plan, tmp_path):
         lm.model.model.layers[0].mlp.up_proj.weight[0, 0] += 1.0
     with pytest.raises(BitplanError, match="other weights"):
         apply_plan(plan_path, tmp_path / "q", model=lm, rounding="rtn", progress=False)
+
+
+def test_auto_shrink_records_the_lambda_chosen_per_layer(tiny_plan, tmp_path):
+    """--shrink auto: each layer's λ is the held-out choice from the profile's halves, and is in the metadata."""
+    from bitplan.apply.run import auto_shrink
+    from bitplan.profile.hessians import load_factors
+
+    from bitplan.profile.schema import load_profile
+
+    lm, plan, plan_path = tiny_plan
+    apply_plan(plan_path, tmp_path / "q", model=lm, rounding="yaqa", shrink="auto", progress=False)
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    in_profile = {r.name: r.extra["shrink_out"] for r in load_profile(tmp_path / "prof").layers}
+    for name, fmt in plan.formats.items():
+        stats = qc["layers"][name]
+        if fmt == "fp16":
+            continue
+        expected, gains = auto_shrink(load_factors(tmp_path / "prof", name), name)
+        assert stats["shrink_out"] == expected == in_profile[name]   # the CSV shows what apply used
+        assert min(stats["shrink_gains"].values()) == pytest.approx(gains[expected])
+
+
+def test_fixed_shrink_and_bad_values(tiny_plan, tmp_path):
+    lm, plan, plan_path = tiny_plan
+    apply_plan(plan_path, tmp_path / "q", model=lm, rounding="yaqa", shrink="0.6", progress=False)
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert {s["shrink_out"] for n, s in qc["layers"].items() if plan.formats[n] != "fp16"} == {0.6}
+    for bad in ("1.5", "-0.1", "often"):
+        with pytest.raises(BitplanError, match="--shrink"):
+            apply_plan(plan_path, tmp_path / "q2", model=lm, rounding="yaqa", shrink=bad, progress=False)
+
+
+def test_ldlq_on_a_profile_without_input_moments_is_a_clear_error(tiny_plan, tmp_path):
+    """Profiles written before Σxxᵀ was kept still serve yaqa; ldlq says what to do."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    lm, plan, plan_path = tiny_plan
+    for f in (tmp_path / "prof" / "hessians").rglob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as fh:
+            meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys() if k != "xtx"}
+        save_file(tensors, str(f), metadata=meta)
+    with pytest.raises(BitplanError, match="re-run `bitplan profile`"):
+        apply_plan(plan_path, tmp_path / "q", model=lm, rounding="ldlq", progress=False)
+    apply_plan(plan_path, tmp_path / "q", model=lm, rounding="yaqa", progress=False)

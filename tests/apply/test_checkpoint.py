@@ -55,16 +55,21 @@ def test_checkpoint_equals_simulated_model(tiny_model_dir, tmp_path):
     out = tmp_path / "q"
     result = apply_formats(lm, formats, out, rounding="rtn", progress=False)
     assert set(result.formats) == set(formats)
-    loaded = load_quantized(out)
-    assert sum(isinstance(m, QuantizedLinear) for m in loaded.model.modules()) == len(formats)
-    # The simulated model: the original with each layer's dequantized weight, other tensors stored precision.
+    # The simulated model: the original with each layer's dequantized weight (from rounding, in float64, not
+    # from the checkpoint), other tensors in their stored precision.
     reference = load_model(str(tiny_model_dir))
-    W_hat = {name: loaded.model.get_submodule(name).effective_weight() for name in formats}
+    W_hat = {name: quantize_layer(name, lm.model.get_submodule(name).weight, get_format(f), "rtn").W_hat
+             for name, f in formats.items()}
     simulate(reference.model, W_hat)
     ids = torch.randint(0, len(lm.tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        a, b = loaded.model(ids).logits, reference.model(ids).logits
-    assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+        b = reference.model(ids).logits
+        # cache=True: one dense matmul with the unrotated weight; cache=False: rotate x, packed weights, rotate back
+        for cache in (True, False):
+            loaded = load_quantized(out, cache=cache)
+            assert sum(isinstance(m, QuantizedLinear) for m in loaded.model.modules()) == len(formats)
+            a = loaded.model(ids).logits
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item()), cache
     # load_model dispatches on the checkpoint's quant_method.
     again = load_model(str(out))
     assert isinstance(again.model.get_submodule(next(iter(formats))), QuantizedLinear)

@@ -155,3 +155,29 @@ def test_chunk_stats_padding_is_exact():
     h_out = sum(G @ G.T for b in range(2) for G in [gr[b, i:i + 3].T @ x[b, i:i + 3] for i in (0, 3, 6)])
     assert rel(s.h_out, h_out) < 1e-12
     assert s.samples == 6
+
+
+def test_input_moment_equals_sum_of_outer_products_of_each_layers_inputs(tiny64):
+    """Σxxᵀ, computed once per shared input (q/k/v, gate/up) in the sketch, against every layer's own inputs
+    recorded by a plain forward hook and summed token by token in float64."""
+    ids = token_ids(3, 16)
+    sums, _ = sketch(tiny64, ids, 4, batch=2)
+    infos = find_linears(tiny64)
+    ref = {i.name: torch.zeros(i.in_features, i.in_features, dtype=torch.float64) for i in infos}
+    handles = []
+    for info in infos:
+        def hook(module, args, output, name=info.name):
+            for x_t in args[0].reshape(-1, args[0].shape[-1]).to(torch.float64):
+                ref[name] += torch.outer(x_t, x_t)
+        handles.append(get_module(tiny64, info.name).register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            tiny64(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    for name, xtx in ref.items():
+        assert rel(sums[name].xtx, xtx) < 1e-10, name
+    q, k, o = (next(n for n in ref if n.endswith(kind)) for kind in ("q_proj", "k_proj", "o_proj"))
+    assert torch.equal(sums[q].xtx, sums[k].xtx)  # the first block's q and k share their input
+    assert rel(sums[o].xtx, sums[q].xtx) > 0.1   # a different input is not mistaken for the shared one

@@ -1,0 +1,146 @@
+"""How adaptive rounding improves with calibration: one format on every layer, four roundings, several profiles.
+
+    python benchmarks/calibration_bench.py PROFILE_DIR [PROFILE_DIR ...] [--formats int3-g128,int4-g128]
+           [--windows 32] [--out runs/calibration-bench.json]
+
+Each PROFILE_DIR is a `bitplan profile` output with hessians/ (make them with different --samples). For every
+profile and format it writes a checkpoint with each rounding, evaluates it against the original model on
+WikiText-2 (text no profile saw), and prints mean KL:
+  rtn        round-to-nearest (needs no calibration: measured once per format)
+  ldlq       one-sided block LDLQ, H_O = I, H_I = Σxxᵀ (GPTQ's update)
+  yaqa raw   two-sided block LDLQ with the raw factors (λ = 0)
+  yaqa auto  two-sided, H_O shrunk by λ per layer chosen on the profile's held-out half (`--shrink auto`)
+next to the held-out predicted ratio YAQA ÷ LDLQ from the profile (Σ α·t²·gain over the layers, gains
+cross-fitted: LDL on one calibration half, judged under the other) and the measured one. Also the profile's wall
+time and its ratio to one plain forward+backward pass (weight gradients included) over the same calibration.
+Results are kept in --out as they come, so an interrupted run resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from bitplan.apply import apply_formats
+from bitplan.evaluate import evaluate
+from bitplan.io import read_json, write_json
+from bitplan.models import find_linears, load_model
+from bitplan.profile.schema import load_profile
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+VARIANTS = {"rtn": ("rtn", 0.0), "ldlq": ("ldlq", 0.0), "yaqa raw": ("yaqa", 0.0), "yaqa auto": ("yaqa", "auto")}
+GAIN_KEYS = {"ldlq": "ldlq_gain_heldout", "yaqa raw": "yaqa_gain_heldout_raw", "yaqa auto": "yaqa_gain_heldout"}
+
+
+def predicted_kl(profile, fmt: str, variant: str) -> float | None:
+    """Σ_l α_hessian,l · t²_l(fmt) · held-out gain_l: the profile's own forecast for this rounding."""
+    total = 0.0
+    for r in profile.layers:
+        gain = 1.0 if variant == "rtn" else r.extra.get(GAIN_KEYS[variant])
+        if gain is None or r.alpha_hessian is None or fmt not in r.rel_err:
+            return None
+        total += r.alpha_hessian * r.rel_err[fmt] * gain
+    return total
+
+
+def plain_forward_backward_s(lm, windows: torch.Tensor, batch: int = 4) -> float:
+    """Seconds for one ordinary training-style pass (weight gradients, no hooks) over `windows`."""
+    params = [p for p in lm.model.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    start = time.perf_counter()
+    for s in range(0, windows.shape[0], batch):
+        ids = windows[s:s + batch]
+        out = lm.model(input_ids=ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        lm.model.zero_grad(set_to_none=True)
+    for p, flag in zip(params, flags):
+        p.requires_grad_(flag)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("profiles", nargs="+", type=Path)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--formats", default="int3-g128,int4-g128")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--data", default=str(DATA / "wikitext2-test.raw"))
+    parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--fwd-bwd-windows", type=int, default=8, help="windows timed for the plain pass (0 skips it)")
+    parser.add_argument("--out", type=Path, default=Path("runs/calibration-bench.json"))
+    parser.add_argument("--work", type=Path, default=Path("runs/calibration-bench-ckpt"))
+    args = parser.parse_args()
+    console = Console()
+    lm = load_model(args.model)
+    names = [i.name for i in find_linears(lm.model)]
+    results = read_json(args.out, "benchmark results") if args.out.is_file() else {}
+    formats = [f for f in args.formats.split(",") if f]
+    variants = [v for v in args.variants.split(",") if v]
+
+    def run(key: str, fmt: str, variant: str, profile_dir: Path | None) -> dict:
+        if key in results:
+            return results[key]
+        rounding, shrink = VARIANTS[variant]
+        ckpt = args.work / key.replace(" ", "_").replace("/", "_")
+        t0 = time.perf_counter()
+        applied = apply_formats(lm, {n: fmt for n in names}, ckpt, rounding=rounding, profile_dir=profile_dir,
+                                shrink=shrink)
+        apply_s = time.perf_counter() - t0
+        ev = evaluate(lm, str(ckpt), args.data, windows=args.windows, seqlen=args.seqlen)
+        lams = [float(s.get("shrink_out", 0.0)) for s in applied.stats.values()]
+        results[key] = {"kl": ev.kl_mean, "kl_se": ev.kl_se, "top1": ev.top1_agreement, "apply_s": apply_s,
+                        "mean_shrink": sum(lams) / len(lams)}
+        write_json(args.out, results)
+        shutil.rmtree(ckpt, ignore_errors=True)
+        console.print(f"{key}: KL {ev.kl_mean:.4f} ± {ev.kl_se:.4f} (apply {apply_s:.0f} s)")
+        return results[key]
+
+    table = Table(title=f"{args.model}: one format on every layer, mean KL on {args.windows} × {args.seqlen} "
+                        f"tokens of {Path(args.data).name}")
+    for col in ("calibration", "format", *variants, "auto ÷ ldlq", "predicted", "raw ÷ ldlq", "predicted",
+                "profile", "÷ fwd+bwd"):
+        table.add_column(col, justify="left" if col in ("calibration", "format") else "right")
+    for pdir in args.profiles:
+        profile = load_profile(pdir)
+        tokens = profile.calibration["tokens"]
+        timing = profile.extra.get("timing_s", {})
+        wall = sum(v for k, v in timing.items() if "." not in k)
+        key_fb = f"fwd-bwd/{pdir}"
+        if key_fb not in results and args.fwd_bwd_windows > 0:
+            from bitplan.data import token_windows
+
+            n = min(args.fwd_bwd_windows, profile.calibration["samples"])
+            win = token_windows(lm.tokenizer, profile.calibration["source"], n, profile.calibration["seqlen"], 0)
+            results[key_fb] = plain_forward_backward_s(lm, win) * profile.calibration["samples"] / n
+            write_json(args.out, results)
+        for fmt in formats:
+            kl = {}
+            for v in variants:
+                key = f"{fmt}/rtn" if v == "rtn" else f"{fmt}/{v}/{pdir}"
+                kl[v] = run(key, fmt, v, None if v == "rtn" else pdir)["kl"]
+            pred = {v: predicted_kl(profile, fmt, v) for v in ("ldlq", "yaqa raw", "yaqa auto")}
+
+            def ratio(a, b):
+                return f"{a / b:.3f}" if a is not None and b else "–"
+
+            table.add_row(f"{profile.calibration['samples']} × {profile.calibration['seqlen']} = {tokens // 1024}K",
+                          fmt, *(f"{kl[v]:.4f}" for v in variants),
+                          ratio(kl.get("yaqa auto"), kl.get("ldlq")), ratio(pred["yaqa auto"], pred["ldlq"]),
+                          ratio(kl.get("yaqa raw"), kl.get("ldlq")), ratio(pred["yaqa raw"], pred["ldlq"]),
+                          f"{wall / 60:.1f} min", f"{wall / results[key_fb]:.1f} ×" if key_fb in results else "–")
+    console.print(table)
+    console.print("predicted: Σ α_hessian·t²·gain over the layers, gains cross-fitted on the profile's two halves; "
+                  "profile: its phases' wall time (noise injection and format errors included when it ran them)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Cross-fitted gains and the choice of H_O shrinkage, against dense formulas, Monte Carlo and real rounding."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitplan.apply.layer import quantize_layer
+from bitplan.formats import get_format
+from bitplan.heldout import SHRINK_GRID, HalfFactors, Judge, choose_shrink, crossfit, rotate_factor, side_gain
+from bitplan.linalg import block_ldl, normalize
+from bitplan.profile.relerr import rotation_seeds
+
+from tests.test_linalg import spd
+
+
+def test_side_gain_equals_the_dense_trace_formula_also_for_a_singular_judge():
+    """tr(L⁻¹ H L⁻ᵀ)/tr H with L⁻¹ by a dense inverse; the judge of rank 10 < 48 has no plain Cholesky."""
+    fit, judge = spd(48, seed=1), normalize(spd(48, seed=2, rank=10))
+    for lam in (0.0, 0.3, 0.8):
+        Hf = normalize(fit)
+        Hf = (1 - lam) * Hf + lam * torch.eye(48, dtype=torch.float64)
+        Linv = torch.linalg.inv(block_ldl(Hf, 16).L)
+        expected = float(torch.trace(Linv @ judge @ Linv.T) / torch.trace(judge))
+        assert side_gain(fit, judge, 16, lam=lam) == pytest.approx(expected, rel=1e-7)
+    assert side_gain(fit, judge, 16, lam=1.0) == 1.0 and side_gain(None, judge, 16) == 1.0
+
+
+def test_side_gain_on_own_factor_removes_only_the_damping():
+    """L⁻¹(H + σI)L⁻ᵀ = D, so tr(L⁻¹ H L⁻ᵀ) = tr D − σ‖L⁻¹‖²_F."""
+    H = normalize(spd(32, seed=5))
+    ldl = block_ldl(H, 16)
+    Linv = torch.linalg.inv(ldl.L)
+    expected = (ldl.trace_d - ldl.sigma * float((Linv ** 2).sum())) / 32
+    assert side_gain(H, H, 16) == pytest.approx(expected, rel=1e-8)
+
+
+def test_side_gain_under_identity_is_never_better_than_rtn():
+    assert side_gain(spd(32, seed=6), torch.eye(32, dtype=torch.float64), 16) >= 1.0
+
+
+def test_two_sided_gain_predicts_monte_carlo_proxy():
+    """E = L_O⁻ᵀ F L_I⁻¹ with white F (what LDLQ leaves): E[tr(H_O E H_I Eᵀ)] = σ² tr(L_O⁻¹H_OL_O⁻ᵀ) tr(L_I⁻¹H_IL_I⁻ᵀ)."""
+    m, n = 32, 48
+    fit_o, fit_i = normalize(spd(m, 1)), normalize(spd(n, 2))
+    judge_o, judge_i = normalize(spd(m, 3)), normalize(spd(n, 4))
+    Lo, Li = block_ldl(fit_o, 16).L, block_ldl(fit_i, 16).L
+    g = torch.Generator().manual_seed(0)
+    F = torch.randn(4000, m, n, dtype=torch.float64, generator=g)
+    E = torch.linalg.solve_triangular(Lo.T, F, upper=True)            # L_O⁻ᵀ F
+    E = torch.linalg.solve_triangular(Li.T, E, upper=True, left=False)  # · L_I⁻¹
+    proxy = torch.einsum("ab,kbc,cd,kad->k", judge_o, E, judge_i, E).mean()
+    rtn = float(torch.trace(judge_o) * torch.trace(judge_i))
+    predicted = side_gain(fit_o, Judge.of(judge_o), 16) * side_gain(fit_i, judge_i, 16)
+    assert float(proxy) / rtn == pytest.approx(predicted, rel=0.03)
+
+
+def kronecker_layer(m: int, n: int, samples: int, seed: int):
+    """A layer whose Fisher is exactly H_O ⊗ H_I, and two calibration halves of `samples` gradients each:
+    G = A_O Z A_Iᵀ with white Z, so E[G Gᵀ] ∝ H_O and E[Gᵀ G] ∝ H_I."""
+    g = torch.Generator().manual_seed(seed)
+    H_o, H_i = spd(m, seed + 1), spd(n, seed + 2)
+    A_o, A_i = torch.linalg.cholesky(H_o), torch.linalg.cholesky(H_i)
+
+    def half():
+        G = A_o @ torch.randn(samples, m, n, dtype=torch.float64, generator=g) @ A_i.T
+        return (G @ G.transpose(1, 2)).sum(0), (G.transpose(1, 2) @ G).sum(0)
+    return H_o, H_i, half(), half(), torch.randn(m, n, dtype=torch.float64, generator=g)
+
+
+@pytest.mark.parametrize("samples,seed", [(2, 0), (6, 10), (40, 20)])
+def test_auto_shrink_is_within_5_percent_of_the_best_lambda_under_the_true_hessian(samples, seed):
+    """Round W with the summed noisy halves at every λ of the grid and judge each under the true H_O ⊗ H_I;
+    the λ chosen from the halves alone must be within 5 % of the best one."""
+    m, n, name = 64, 128, "synthetic.layer"
+    H_o, H_i, (o_a, i_a), (o_b, i_b), W = kronecker_layer(m, n, samples, seed)
+    fmt = get_format("int3-g64")
+    true_proxy = {}
+    for lam in SHRINK_GRID:
+        res = quantize_layer(name, W, fmt, "yaqa", H_in=i_a + i_b, H_out=o_a + o_b, shrink_out=lam)
+        E = W - res.W_hat.double()
+        true_proxy[lam] = float(torch.trace(H_o @ E @ H_i @ E.T))
+    seed_out, _ = rotation_seeds(name)
+    lam, _ = choose_shrink(rotate_factor(o_a, seed_out), rotate_factor(o_b, seed_out))
+    assert true_proxy[lam] <= 1.05 * min(true_proxy.values()), (lam, true_proxy)
+
+
+def test_crossfit_prefers_more_shrinkage_with_fewer_samples():
+    """Noisier halves (fewer samples) must not be trusted more: λ chosen with 2 samples ≥ with 200."""
+    chosen = {}
+    for samples in (2, 200):
+        _, _, (o_a, i_a), (o_b, i_b), _ = kronecker_layer(48, 48, samples, seed=3)
+        cf = crossfit(HalfFactors(o_a, i_a, None), HalfFactors(o_b, i_b, None))
+        chosen[samples] = cf.shrink
+        assert cf.yaqa == pytest.approx(cf.out_gains[cf.shrink] * cf.in_gain)
+        assert cf.yaqa <= cf.yaqa_raw + 1e-12 and cf.ldlq is None
+    assert chosen[2] >= chosen[200] and chosen[2] > 0.0
