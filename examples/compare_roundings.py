@@ -78,7 +78,10 @@ def main() -> None:
     }
     results_path = args.out / "results.json"
     results = read_json(results_path, "results") if results_path.is_file() else {}
-    for label, (formats, rounding) in rows.items():
+    # Cheapest first (round-to-nearest needs seconds), so a short session still gets the baselines.
+    order = sorted(rows, key=lambda label: rows[label][1] != "rtn")
+    for label in order:
+        formats, rounding = rows[label]
         key = f"{label} @ {args.budget}, {args.windows} windows"
         if key in results:
             continue
