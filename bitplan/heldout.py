@@ -87,7 +87,7 @@ def side_gain(H_fit: torch.Tensor | None, judge: "Judge | torch.Tensor", block: 
 
 
 @dataclass
-class HalfFactors:
+class RotatedHalf:
     """One calibration half of a layer's factors, rotated into the rounding basis."""
     h_out: torch.Tensor
     h_in: torch.Tensor
@@ -120,7 +120,7 @@ def choose_shrink(h_out_a: torch.Tensor, h_out_b: torch.Tensor, block: int = 16,
     return min(grid, key=lambda lam: (gains[lam], lam)), gains
 
 
-def crossfit(a: HalfFactors, b: HalfFactors, block_in: int = 16, block_out: int = 16, sigma: float = 0.01,
+def crossfit(a: RotatedHalf, b: RotatedHalf, block_in: int = 16, block_out: int = 16, sigma: float = 0.01,
              grid: tuple[float, ...] = SHRINK_GRID, name: str = "a layer") -> CrossFit:
     """Held-out gains both ways (a → b, b → a, averaged) and the shrinkage λ of H_O that minimizes them."""
     def both(fn) -> float:

@@ -6,7 +6,7 @@ import torch
 
 from bitplan.apply.layer import quantize_layer
 from bitplan.formats import get_format
-from bitplan.heldout import SHRINK_GRID, HalfFactors, Judge, choose_shrink, crossfit, rotate_factor, side_gain
+from bitplan.heldout import SHRINK_GRID, Judge, RotatedHalf, choose_shrink, crossfit, rotate_factor, side_gain
 from bitplan.linalg import block_ldl, normalize
 from bitplan.profile.relerr import rotation_seeds
 
@@ -89,7 +89,7 @@ def test_crossfit_prefers_more_shrinkage_with_fewer_samples():
     chosen = {}
     for samples in (2, 200):
         _, _, (o_a, i_a), (o_b, i_b), _ = kronecker_layer(48, 48, samples, seed=3)
-        cf = crossfit(HalfFactors(o_a, i_a, None), HalfFactors(o_b, i_b, None))
+        cf = crossfit(RotatedHalf(o_a, i_a, None), RotatedHalf(o_b, i_b, None))
         chosen[samples] = cf.shrink
         assert cf.yaqa == pytest.approx(cf.out_gains[cf.shrink] * cf.in_gain)
         assert cf.yaqa <= cf.yaqa_raw + 1e-12 and cf.ldlq is None

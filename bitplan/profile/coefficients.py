@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..heldout import HalfFactors, crossfit, rotate_factor
+from ..heldout import RotatedHalf, crossfit, rotate_factor
 from ..linalg import block_ldl, normalize
 from .hessians import LayerFactors
 from .relerr import rotation_seeds
@@ -63,9 +63,9 @@ def layer_coefficients(f: LayerFactors, weight_sq_norm: float, *, block: int = 1
 
     cf = None
     if f.samples_a > 0 and f.samples_b > 0:
-        def rotated(half: str) -> HalfFactors:
+        def rotated(half: str) -> RotatedHalf:
             ho, hi, xtx = f.half(half)
-            return HalfFactors(rotate_factor(ho, seed_out), rotate_factor(hi, seed_in),
+            return RotatedHalf(rotate_factor(ho, seed_out), rotate_factor(hi, seed_in),
                                None if xtx is None else rotate_factor(xtx, seed_in))
         cf = crossfit(rotated("a"), rotated("b"), block, block, sigma, name=f.name)
     return Coefficients(
