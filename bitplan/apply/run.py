@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..distributed import Ranks
 from ..errors import BitplanError
 from ..formats import get_format
 from ..io import atomic_path
@@ -97,15 +98,19 @@ def parse_shrink(value: str | float | dict) -> str | float | dict:
 
 def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: str | Path, rounding: str = "yaqa",
                   profile_dir: str | Path | None = None, shrink: str | float | dict[str, float] = "auto",
-                  workers: int | None = None,
-                  metadata: dict[str, Any] | None = None, progress: bool = True) -> ApplyResult:
+                  workers: int | None = None, metadata: dict[str, Any] | None = None, progress: bool = True,
+                  ranks: Ranks | None = None) -> ApplyResult:
     """Quantize `model`'s layers to `formats` (layer name → format name) and write a checkpoint to `out_dir`.
 
     `shrink` moves each normalized H_O toward the identity for YAQA rounding: "auto" (λ per layer chosen on
     the profile's two calibration halves), one λ, or λ per layer. Layers not named in
     `formats` keep their original weights. `workers` layers are rounded at once (default: one per core), each
     on one torch thread: rounding is many small tensor ops, which several intra-op threads slow down.
+    Under torchrun the processes split the layers (`ranks`, default: torchrun's group or one process); each
+    writes its layers' part files and rank 0 assembles the checkpoint from them.
     """
+    ranks = ranks or Ranks.current()
+    progress = progress and ranks.main
     if rounding not in ROUNDINGS:
         raise BitplanError(f"unknown rounding {rounding!r}; choose one of {', '.join(ROUNDINGS)}")
     lm = model if isinstance(model, LoadedModel) else load_model(model)
@@ -121,13 +126,18 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
     jobs = job_dir(out_dir)
     jobs.mkdir(parents=True, exist_ok=True)
 
-    def one(name: str) -> tuple[str, dict[str, torch.Tensor], dict]:
+    def settings(name: str):
+        """(method, λ, factors, part file, key) of a layer; the key changes with anything that changes the part."""
         fmt = fmts[name]
         lam = shrink.get(name, "auto") if isinstance(shrink, dict) else shrink
         method = rounding if fmt.kind != "fp16" else "rtn"
         f, ident = load_layer_factors(profile_dir, name, method) if method != "rtn" else (None, "none")
         key = _part_key(weights_hash, name, fmt.name, method, lam if method == "yaqa" else 0.0, ident)
-        part = jobs / f"{name}.safetensors"
+        return method, lam, f, jobs / f"{name}.safetensors", key
+
+    def one(name: str) -> tuple[str, dict[str, torch.Tensor], dict]:
+        fmt = fmts[name]
+        method, lam, f, part, key = settings(name)
         cached = _read_part(part, key)
         if cached is not None:
             return name, *cached
@@ -155,13 +165,27 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
     torch.set_num_threads(1)
     try:
         with Progress(*columns, transient=True, disable=not progress) as bar:
-            task = bar.add_task(f"{rounding} rounding", total=len(formats))
+            mine = ranks.share(list(formats))
+            task = bar.add_task(f"{rounding} rounding", total=len(mine))
             with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-                for name, tensors, st in pool.map(one, list(formats)):
+                for name, tensors, st in pool.map(one, mine):
                     layers[name], stats[name] = tensors, st
                     bar.advance(task)
     finally:
         torch.set_num_threads(threads)
+    ranks.barrier()
+    if not ranks.main:
+        ranks.barrier()  # rank 0 assembles the checkpoint
+        return ApplyResult(out_dir=out_dir, formats={n: fmts[n].name for n in formats}, stats=stats)
+    for name in formats:  # the other ranks' layers, from their part files
+        if name not in layers:
+            *_, part, key = settings(name)
+            cached = _read_part(part, key)
+            if cached is None:
+                raise BitplanError(f"the part file of {name} from another process is missing or damaged ({part})")
+            layers[name], stats[name] = cached
+    layers = {n: layers[n] for n in formats}
+    stats = {n: stats[n] for n in formats}
 
     meta = {"rounding": rounding, "source_model": {"id": lm.model_id, "weights_sha256": weights_hash},
             "layers": stats, **(metadata or {})}
@@ -169,6 +193,7 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
     import shutil
 
     shutil.rmtree(jobs, ignore_errors=True)
+    ranks.barrier()
     return ApplyResult(out_dir=out_dir, formats={n: fmts[n].name for n in formats}, stats=stats)
 
 

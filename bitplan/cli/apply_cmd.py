@@ -24,7 +24,11 @@ def apply_command(
     """Quantize a model per its plan (YAQA rounding by default) into a packed checkpoint."""
     from ..apply import apply_plan
 
+    from ..distributed import Ranks
+
     result = apply_plan(plan, out, model=model, rounding=rounding, profile_dir=profile, shrink=shrink, workers=workers)
+    if not Ranks.current().main:  # under torchrun, rank 0 assembles the checkpoint and reports
+        return
     table = Table(title=f"{len(result.formats)} layers → {result.out_dir}")
     for column in ("format", "layers", "mean t²", "mean λ"):
         table.add_column(column, justify="right" if column != "format" else "left")

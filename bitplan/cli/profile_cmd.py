@@ -43,6 +43,10 @@ def profile_command(
     profile = profile_model(model, calib, samples, seqlen, seed, out, sketch_chunk=sketch_chunk,
                             noise_samples=noise_samples, formats=formats, batch_size=batch_size,
                             checkpoint_every=checkpoint_every, overwrite=overwrite, keep_job=keep_job)
+    from ..distributed import Ranks
+
+    if not Ranks.current().main:  # under torchrun, rank 0 reports
+        return
     console.print(sensitivity_table(profile))
     where = out if out is not None else default_out_dir(profile.model["id"])
     console.print(f"[bold]{profile.model['id']}[/]: {summary_line(profile)}")

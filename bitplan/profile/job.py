@@ -2,6 +2,7 @@
 
     state.json                  model identity and the result-affecting settings (the job's fingerprint)
     factors-a.safetensors       float64 running sums of half a's factors, with the next batch index
+                                (factors-a.rank<r>of<w>.safetensors: process r's share of w, under torchrun)
     factors-a.done              half a is complete: hessians/a/<layer>.safetensors are written, the sums dropped
     factors-b.*                 the same for half b
     noise/<layer>.json          α_noise measurement of one layer
@@ -135,10 +136,11 @@ class Job:
         return times
 
     # --------------------------------------------------------------------------- factor checkpoints
-    def _ckpt(self, half: str) -> Path:
-        return self.dir / f"factors-{half}.safetensors"
+    def _ckpt(self, half: str, tag: str = "") -> Path:
+        """`tag` names one process's share when several split the batches (a resume needs the same number)."""
+        return self.dir / f"factors-{half}{tag}.safetensors"
 
-    def save_half(self, state: HalfFactors) -> None:
+    def save_half(self, state: HalfFactors, tag: str = "") -> None:
         tensors: dict[str, torch.Tensor] = {}
         stats: dict[str, list] = {}
         for name, s in state.layers.items():
@@ -147,12 +149,12 @@ class Job:
             tensors[f"{name}.xtx"] = s.xtx
             stats[name] = [s.grad_sq, s.samples, s.tokens]
         meta = {"half": state.half, "next_batch": state.next_batch, "stats": stats}
-        with atomic_path(self._ckpt(state.half)) as tmp:
+        with atomic_path(self._ckpt(state.half, tag)) as tmp:
             save_file(tensors, str(tmp), metadata={"bitplan": json.dumps(meta)})
 
-    def load_half(self, half: str, shapes: dict[str, tuple[int, int]]) -> HalfFactors:
+    def load_half(self, half: str, shapes: dict[str, tuple[int, int]], tag: str = "") -> HalfFactors:
         """The checkpointed sums of `half`, or zeros at batch 0 when there is none."""
-        path = self._ckpt(half)
+        path = self._ckpt(half, tag)
         if not path.is_file():
             return HalfFactors(half, {n: FactorSums.zeros(*shape) for n, shape in shapes.items()}, 0)
         with safe_open(str(path), framework="pt") as fh:
@@ -170,7 +172,8 @@ class Job:
     def mark_half_done(self, half: str) -> None:
         """After the half's hessians/ files are written: its running sums are no longer needed."""
         write_json(self.dir / f"factors-{half}.done", {"done": True})
-        self._ckpt(half).unlink(missing_ok=True)
+        for path in self.dir.glob(f"factors-{half}*.safetensors"):
+            path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------------------ per-layer results
     def result(self, kind: str, name: str) -> dict | None:

@@ -27,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from .. import __version__
+from ..distributed import Ranks
 from ..errors import BitplanError
 from ..formats import Format, default_candidates, get_format
 from ..models import LoadedModel, find_extras, find_linears, get_module, load_model, weights_sha256
@@ -38,6 +39,7 @@ from .noise import DEFAULT_LEVELS, NoiseMeter, build_cache
 from .relerr import relative_errors
 from .schema import LayerRecord, Profile, load_profile
 from .seeds import generator
+from .factors import ChunkStats, FactorSums
 from .sketch import SketchTimes, accumulate_batch
 
 
@@ -142,13 +144,17 @@ def profile_model(model: str | Path | LoadedModel | nn.Module, calib: str | Path
                   noise_samples: int = DEFAULT_NOISE_SAMPLES, noise_levels: tuple[float, ...] = DEFAULT_LEVELS,
                   formats: str | list | None = None, batch_size: int = 4, checkpoint_every: int = 64,
                   overwrite: bool = False, progress: bool = True, keep_job: bool = False,
-                  events: Events | None = None) -> Profile:
+                  events: Events | None = None, ranks: Ranks | None = None) -> Profile:
     """Profile `model` on calibration text (a .txt/.jsonl path or hf:NAME) or token ids [windows, seqlen].
 
     Writes OUT/profile.json, OUT/sensitivity.csv and OUT/hessians/; resumes an interrupted run of the same
     settings in OUT; returns an existing finished profile of the same settings without recomputing.
     `events(phase, count)` is called after each checkpoint or per-layer result (tests interrupt through it).
+    Under torchrun every process calls this with the same arguments and the work is split (bitplan.distributed);
+    `ranks` defaults to the group torchrun set up, or a single process.
     """
+    ranks = ranks or Ranks.current()
+    progress = progress and ranks.main
     loaded = _resolve_model(model)
     net = loaded.model
     infos = find_linears(net)
@@ -170,34 +176,44 @@ def profile_model(model: str | Path | LoadedModel | nn.Module, calib: str | Path
                    "seqlen": T, "seed": seed, "sketch_chunk": sketch_chunk, "noise_samples": noise_samples,
                    "noise_levels": list(levels), "ldl_block": LDL_BLOCK, "ldl_sigma": LDL_SIGMA}
     out = Path(out_dir) if out_dir is not None else default_out_dir(loaded.model_id)
-    job, complete = Job.open(out, identity, fingerprint,
-                             {"batch_size": batch_size, "checkpoint_every": checkpoint_every}, overwrite)
+    options = {"batch_size": batch_size, "checkpoint_every": checkpoint_every}
+    # Rank 0 checks, clears or creates the folder before the others open it (and never clear it again).
+    job, complete = ranks.on_main(lambda: Job.open(out, identity, fingerprint, options, overwrite),
+                                  lambda: Job.open(out, identity, fingerprint, options, False))
     if complete:
         existing = load_profile(out)
         if existing.formats == [f.name for f in fmts]:
             return existing
-        return _update_formats(existing, out, net, fmts, progress, emit=events or (lambda phase, count: None))
+        return ranks.on_main(lambda: _update_formats(existing, out, net, fmts, progress,
+                                                     emit=events or (lambda phase, count: None)),
+                             lambda: load_profile(out))
     console = Console(stderr=True)
     if progress and job.resumed:
         console.print(f"[dim]resuming the profile job in {job.dir}[/]")
     emit = events or (lambda phase, count: None)
     sketch_times = SketchTimes()
 
+    def add_time(phase: str, seconds: float) -> dict[str, float]:
+        return job.add_time(phase, seconds) if ranks.main else {}  # rank 0's clock stands for the job's
+
     with _progress(progress) as bars:
         t0 = time.perf_counter()
-        noise = _noise_phase(job, net, infos, cal.windows[:noise_samples], levels, seed, bars, emit)
-        timing = job.add_time("noise", time.perf_counter() - t0)
+        noise = _noise_phase(job, net, infos, cal.windows[:noise_samples], levels, seed, bars, emit, ranks)
+        add_time("noise", time.perf_counter() - t0)
         t0 = time.perf_counter()
-        _factor_phase(job, net, infos, cal.windows, seed, sketch_chunk, bars, emit, sketch_times)
-        job.add_time("factors.forward_backward", sketch_times.forward_backward)
-        job.add_time("factors.accumulate", sketch_times.accumulate)
-        timing = job.add_time("factors", time.perf_counter() - t0)
+        _factor_phase(job, net, infos, cal.windows, seed, sketch_chunk, bars, emit, sketch_times, ranks)
+        add_time("factors.forward_backward", sketch_times.forward_backward)
+        add_time("factors.accumulate", sketch_times.accumulate)
+        add_time("factors", time.perf_counter() - t0)
         t0 = time.perf_counter()
-        layer_results = _layer_phase(job, net, infos, bars, emit)
-        job.add_time("layers", time.perf_counter() - t0)
+        layer_results = _layer_phase(job, net, infos, bars, emit, ranks)
+        add_time("layers", time.perf_counter() - t0)
         t0 = time.perf_counter()
-        rel_errs = _format_phase(job, net, infos, fmts, bars, emit)
-        timing = job.add_time("formats", time.perf_counter() - t0)
+        rel_errs = _format_phase(job, net, infos, fmts, bars, emit, ranks)
+        timing = add_time("formats", time.perf_counter() - t0)
+    if not ranks.main:
+        ranks.barrier()  # rank 0 writes the profile
+        return load_profile(out)
 
     halves = split_halves(n_windows, seed)
     records = [_layer_record(i, layer_results[i.name], noise.get(i.name), rel_errs[i.name]) for i in infos]
@@ -217,13 +233,14 @@ def profile_model(model: str | Path | LoadedModel | nn.Module, calib: str | Path
                   "fingerprint": fingerprint, **job.options},
         extra={"versions": _versions(), "timing_s": {k: round(v, 2) for k, v in timing.items()},
                "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
-               "torch_threads": torch.get_num_threads(),
+               "torch_threads": torch.get_num_threads(), "processes": ranks.world,
                "format_table": _format_table(fmts)})
     from .report import write_csv
 
     profile.save(out / "profile.json")
     write_csv(profile, out / "sensitivity.csv")
     job.finish(keep_job)
+    ranks.barrier()
     return profile
 
 
@@ -279,72 +296,116 @@ def _versions() -> dict[str, str]:
 
 
 def _noise_phase(job: Job, net: nn.Module, infos, windows: torch.Tensor, levels, seed: int, bars,
-                 emit: Events) -> dict[str, dict]:
-    results = {i.name: job.result("noise", i.name) for i in infos} if windows.shape[0] else {}
-    todo = [i for i in infos if results and results[i.name] is None]
+                 emit: Events, ranks: Ranks) -> dict[str, dict]:
+    """Layer-parallel across ranks: each measures its share of the layers on all noise windows."""
+    if not windows.shape[0]:
+        return {}
+    left = [i for i in infos if job.result("noise", i.name) is None]
+    ranks.barrier()  # every rank has listed the same unfinished layers before any writes a result
+    todo, done = ranks.share(left), len(infos) - len(left)
     if todo:
-        bar = _Bar(bars, "noise injection", len(infos), len(infos) - len(todo))
+        bar = _Bar(bars, "noise injection", len(todo))
         cache = build_cache(net, windows, job.options["batch_size"])
         meter = NoiseMeter(net, cache, levels, seed)
         for k, info in enumerate(todo):
-            fit = asdict(meter.measure(info.name, info.block))
-            job.save_result("noise", info.name, fit)
-            results[info.name] = fit
+            job.save_result("noise", info.name, asdict(meter.measure(info.name, info.block)))
             bar.advance()
-            emit("noise", len(infos) - len(todo) + k + 1)
-    return {k: v for k, v in results.items() if v is not None}
+            emit("noise", done + k + 1)
+    ranks.barrier()
+    return {i.name: job.result("noise", i.name) for i in infos}
 
 
 def _factor_phase(job: Job, net: nn.Module, infos, windows: torch.Tensor, seed: int, chunk: int, bars,
-                  emit: Events, times: SketchTimes) -> None:
-    """One half after the other: only one half's float64 sums are ever in memory."""
+                  emit: Events, times: SketchTimes, ranks: Ranks) -> None:
+    """One half after the other: only one half's float64 sums are ever in memory.
+
+    Across ranks the batches (the same ones a single process makes) are dealt round-robin, and after every batch
+    each layer's statistics are reduced onto the rank that owns the layer, which alone keeps its float64 sums:
+    memory per rank is the model plus 1/world of the factors. Every rank takes part in every step's reductions;
+    one that has run out of windows re-runs a batch and sends zeros."""
     shapes = {i.name: (i.out_features, i.in_features) for i in infos}
+    owner = {i.name: ranks.owner(k) for k, i in enumerate(infos)}
+    owned = {n: shape for n, shape in shapes.items() if owner[n] == ranks.rank}
     modules = {i.name: get_module(net, i.name) for i in infos}
     bs = job.options["batch_size"]
-    every = max(1, job.options["checkpoint_every"] // bs)  # in batches
+    every = max(1, job.options["checkpoint_every"] // (bs * ranks.world))  # in steps
+    tag = f".rank{ranks.rank}of{ranks.world}" if ranks.distributed else ""
     for half, idx in zip(HALVES, split_halves(windows.shape[0], seed)):
         if job.half_done(half):
             continue
         batches = [idx[s:s + bs] for s in range(0, len(idx), bs)]
-        state = job.load_half(half, shapes)
-        bar = _Bar(bars, f"factors, half {half}", len(idx), sum(len(b) for b in batches[:state.next_batch]))
-        for k in range(state.next_batch, len(batches)):
-            accumulate_batch(net, modules, windows[batches[k]], batches[k], seed, chunk, state.layers, times)
+        mine = ranks.share(batches)
+        steps = -(-len(batches) // ranks.world)
+        state = job.load_half(half, owned, tag)
+        bar = _Bar(bars, f"factors, half {half}", sum(len(b) for b in mine),
+                   sum(len(b) for b in mine[:state.next_batch]))
+        for k in range(state.next_batch, steps):
+            real = k < len(mine)
+            batch = mine[k] if real else batches[0]
+            sink = _reduce_to_owner(ranks, owner, state.layers, real) if ranks.distributed else None
+            accumulate_batch(net, modules, windows[batch], batch, seed, chunk, state.layers, times, sink=sink)
             state.next_batch = k + 1
-            bar.advance(len(batches[k]))
-            if state.next_batch % every == 0 and state.next_batch < len(batches):
-                job.save_half(state)
+            bar.advance(len(batch) if real else 0)
+            if state.next_batch % every == 0 and state.next_batch < steps:
+                job.save_half(state, tag)
                 emit(f"factors-{half}", state.next_batch)
         for info in infos:
-            save_half_factors(factors_path(job.out, info.name, half), info.name, half, state.layers[info.name], chunk)
-        job.mark_half_done(half)
-        emit(f"factors-{half}-done", len(batches))
+            if info.name in owned:
+                save_half_factors(factors_path(job.out, info.name, half), info.name, half,
+                                  state.layers[info.name], chunk)
+        ranks.barrier()
+        if ranks.main:
+            job.mark_half_done(half)
+        ranks.barrier()
+        emit(f"factors-{half}-done", steps)
         del state
 
 
-def _layer_phase(job: Job, net: nn.Module, infos, bars, emit: Events) -> dict[str, dict]:
-    results = {i.name: job.result("layers", i.name) for i in infos}
-    todo = [i for i in infos if results[i.name] is None]
-    bar = _Bar(bars, "coefficients (block LDL)", len(infos), len(infos) - len(todo))
+def _reduce_to_owner(ranks: Ranks, owner: dict[str, int], sums: dict[str, FactorSums], real: bool):
+    """A sketch sink that sums one batch's statistics over the ranks onto the layer's owner (zeros from a rank
+    whose batch is only a stand-in). Hooks fire in the same order on every rank, so the collectives match."""
+    def sink(name: str, stats: ChunkStats, tokens: int, xtx: torch.Tensor) -> None:
+        counts = torch.tensor([stats.grad_sq, stats.samples, tokens], dtype=torch.float64)
+        # float64, as the sums are kept: a float32 sum of the ranks' parts would differ from one process by ~1e-7
+        parts = [stats.h_out.double(), stats.h_in.double(), xtx.to(torch.float64, copy=True), counts]
+        for t in parts:
+            if not real:
+                t.zero_()
+            ranks.reduce_sum(t, owner[name])
+        if owner[name] == ranks.rank:
+            h_out, h_in, xtx_sum, counts = parts
+            sums[name].add(ChunkStats(h_out, h_in, float(counts[0]), int(counts[1])), tokens=int(counts[2]),
+                           xtx=xtx_sum)
+    return sink
+
+
+def _layer_phase(job: Job, net: nn.Module, infos, bars, emit: Events, ranks: Ranks) -> dict[str, dict]:
+    """Layer-parallel across ranks (each reads the factor files the factor phase wrote)."""
+    left = [i for i in infos if job.result("layers", i.name) is None]
+    ranks.barrier()  # every rank has listed the same unfinished layers before any writes a result
+    todo, done = ranks.share(left), len(infos) - len(left)
+    bar = _Bar(bars, "coefficients (block LDL)", len(todo))
     for k, info in enumerate(todo):
         f = load_factors(job.out, info.name)
         W = get_module(net, info.name).weight.detach()
         wsq = float(W.double().pow(2).sum())
         coef = layer_coefficients(f, wsq, block=LDL_BLOCK, sigma=LDL_SIGMA)
-        res = {"weight_sq_norm": wsq, "samples": f.samples, "tokens": f.tokens, **asdict(coef)}
-        job.save_result("layers", info.name, res)
-        results[info.name] = res
+        job.save_result("layers", info.name, {"weight_sq_norm": wsq, "samples": f.samples, "tokens": f.tokens,
+                                              **asdict(coef)})
         bar.advance()
-        emit("layers", len(infos) - len(todo) + k + 1)
-    return results
+        emit("layers", done + k + 1)
+    ranks.barrier()
+    return {i.name: job.result("layers", i.name) for i in infos}
 
 
-def _format_phase(job: Job, net: nn.Module, infos, fmts: list[Format], bars, emit: Events) -> dict[str, dict]:
-    """Relative error of every layer in every candidate format. Results are kept per layer for all formats ever
-    asked for in this job, so a resumed job with another --formats list measures only what it lacks."""
-    bar = _Bar(bars, "format errors", len(infos))
-    out = {}
-    for k, info in enumerate(infos):
+def _format_phase(job: Job, net: nn.Module, infos, fmts: list[Format], bars, emit: Events,
+                  ranks: Ranks) -> dict[str, dict]:
+    """Relative error of every layer in every candidate format, layer-parallel across ranks. Results are kept
+    per layer for all formats ever asked for in this job, so a resumed job with another --formats list measures
+    only what it lacks."""
+    mine = ranks.share(list(enumerate(infos)))
+    bar = _Bar(bars, "format errors", len(mine))
+    for k, info in mine:
         known = job.result("formats", info.name) or {}
         missing = [f for f in fmts if f.name not in known]
         if missing:
@@ -352,6 +413,6 @@ def _format_phase(job: Job, net: nn.Module, infos, fmts: list[Format], bars, emi
             known.update(relative_errors(W, info.name, missing))
             job.save_result("formats", info.name, known)
             emit("formats", k + 1)
-        out[info.name] = {f.name: known[f.name] for f in fmts}
         bar.advance()
-    return out
+    ranks.barrier()
+    return {i.name: {f.name: job.result("formats", i.name)[f.name] for f in fmts} for i in infos}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,11 @@ from torch import nn
 
 from ..errors import BitplanError
 
-from .factors import FactorSums, chunk_stats, input_moment
+from .factors import ChunkStats, FactorSums, chunk_stats, input_moment
+
+# Where one layer's statistics of a batch go: (layer, stats, tokens, Σxxᵀ). The default adds them to `sums`; a
+# distributed profile reduces them onto the layer's owner instead (profile/run.py).
+Sink = Callable[[str, ChunkStats, int, torch.Tensor], None]
 from .hooks import capture_grads
 from .seeds import generator
 
@@ -48,11 +53,14 @@ def sample_labels(logits: torch.Tensor, window_ids: list[int], seed: int) -> tor
 
 def accumulate_batch(model: nn.Module, modules: dict[str, nn.Module], ids: torch.Tensor, window_ids: list[int],
                      seed: int, chunk: int, sums: dict[str, FactorSums], times: SketchTimes | None = None,
-                     labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Add one batch's chunk statistics to `sums` (every layer in `modules`); returns the labels used.
-
-    `labels` overrides the sampled ones (tests use it to show that the text's own tokens differ).
+                     labels: torch.Tensor | None = None, sink: Sink | None = None) -> torch.Tensor:
+    """Add one batch's chunk statistics to `sums` (every layer in `modules`), or hand them to `sink`;
+    returns the labels used. `labels` overrides the sampled ones (tests use it to show that the text's own
+    tokens differ).
     """
+    if sink is None:
+        def sink(name: str, stats: ChunkStats, tokens: int, xtx: torch.Tensor) -> None:
+            sums[name].add(stats, tokens=tokens, xtx=xtx)
     start = time.perf_counter()
     tokens = ids.numel()
     seen: set[str] = set()
@@ -66,7 +74,7 @@ def accumulate_batch(model: nn.Module, modules: dict[str, nn.Module], ids: torch
         key = (x.data_ptr(), tuple(x.shape))
         if key not in moments:
             moments[key] = (x, input_moment(x))
-        sums[name].add(chunk_stats(x, g.to(x.dtype), chunk), tokens=tokens, xtx=moments[key][1])
+        sink(name, chunk_stats(x, g.to(x.dtype), chunk), tokens, moments[key][1])
         if times is not None:
             times.accumulate += time.perf_counter() - t0
 
