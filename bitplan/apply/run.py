@@ -80,6 +80,21 @@ def auto_shrink(f, name: str) -> tuple[float, dict[float, float]]:
     return choose_shrink(rotate_factor(f.h_out_a, seed_out), rotate_factor(f.h_out_b, seed_out), name=name)
 
 
+def profile_shrinks(profile_dir: Path | None) -> dict[str, tuple[int, float, dict[float, float]]]:
+    """λ per layer that the profile's layer phase already chose with `auto_shrink` (and the factor samples it
+    saw), so that apply need not redo the held-out LDLs; {} without a profile.json."""
+    if profile_dir is None or not (profile_dir / "profile.json").is_file():
+        return {}
+    from ..profile.schema import load_profile
+
+    out = {}
+    for r in load_profile(profile_dir).layers:
+        lam, gains = r.extra.get("shrink_out"), r.extra.get("shrink_gains")
+        if lam is not None and gains:
+            out[r.name] = (r.extra.get("n_samples"), float(lam), {float(k): v for k, v in gains.items()})
+    return out
+
+
 def parse_shrink(value: str | float | dict) -> str | float | dict:
     """`auto`, a number in [0, 1], or a dict layer → λ."""
     if isinstance(value, dict):
@@ -123,6 +138,7 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
     shrink = parse_shrink(shrink)
     profile_dir = Path(profile_dir) if profile_dir else None
     weights_hash = weights_sha256(lm.model)
+    chosen = profile_shrinks(profile_dir) if rounding == "yaqa" else {}
     jobs = job_dir(out_dir)
     jobs.mkdir(parents=True, exist_ok=True)
 
@@ -143,7 +159,9 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
             return name, *cached
         stats: dict = {}
         if method == "yaqa" and lam == "auto":
-            lam, gains = auto_shrink(f, name)
+            known = chosen.get(name)
+            # the profile's choice when it was made from these factors (same sample count), else recomputed
+            lam, gains = known[1:] if known and known[0] == f.samples else auto_shrink(f, name)
             stats["shrink_gains"] = {str(k): v for k, v in gains.items()}
         elif method != "yaqa":
             lam = 0.0
