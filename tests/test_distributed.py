@@ -19,7 +19,7 @@ from bitplan.solve import solve
 
 FORMATS = "int4-g32,int3-g64,fp16"
 PROFILE_ARGS = dict(samples=10, seqlen=16, sketch_chunk=4, noise_samples=2, formats=FORMATS, batch_size=2,
-                    checkpoint_every=2)
+                    checkpoint_every=2, factor_groups=2)
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
@@ -63,7 +63,8 @@ def test_ranks_deal_items_round_robin():
 
 
 def test_two_processes_equal_one(tmp_path, tiny_model_dir, tiny_text):
-    # 10 windows: halves of 5, batches of 2, 1 → rank 1 runs a stand-in third batch that sends zeros.
+    # 10 windows: halves of 5, batches of 2, 1 → rank 1 runs a stand-in third batch that sends zeros; the layers
+    # in two groups (each half runs the calibration twice).
     single = tmp_path / "single"
     ref = profile_model(str(tiny_model_dir), str(tiny_text), out_dir=single, progress=False, **PROFILE_ARGS)
 

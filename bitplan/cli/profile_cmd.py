@@ -24,6 +24,8 @@ def profile_command(
     batch_size: int = typer.Option(4, "--batch-size", help="windows per forward/backward pass (memory vs speed; results do not depend on it)"),
     checkpoint_every: int = typer.Option(64, "--checkpoint-every", help="windows between checkpoints of the running "
                                          "factor sums (each writes a half's float64 sums: 3.5 GB for smollm2-135m)"),
+    factor_groups: int = typer.Option(1, "--factor-groups", help="run the calibration G times, each for 1/G of the "
+                                      "layers: the factor sums take 1/G of the memory (same result, G × the passes)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a profile or job of other settings in --out"),
     keep_job: bool = typer.Option(False, "--keep-job", help="keep OUT/.job (per-layer intermediate results) after finishing"),
     threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0: torch's default); on a machine shared "
@@ -42,7 +44,8 @@ def profile_command(
 
     profile = profile_model(model, calib, samples, seqlen, seed, out, sketch_chunk=sketch_chunk,
                             noise_samples=noise_samples, formats=formats, batch_size=batch_size,
-                            checkpoint_every=checkpoint_every, overwrite=overwrite, keep_job=keep_job)
+                            checkpoint_every=checkpoint_every, factor_groups=factor_groups, overwrite=overwrite,
+                            keep_job=keep_job)
     from ..distributed import Ranks
 
     if not Ranks.current().main:  # under torchrun, rank 0 reports

@@ -2,7 +2,8 @@
 
     state.json                  model identity and the result-affecting settings (the job's fingerprint)
     factors-a.safetensors       float64 running sums of half a's factors, with the next batch index
-                                (factors-a.rank<r>of<w>.safetensors: process r's share of w, under torchrun)
+                                (factors-a.rank<r>of<w>.safetensors: process r's share of w, under torchrun;
+                                factors-a.g<k>of<G>…: layer group k of --factor-groups G, with its own .done)
     factors-a.done              half a is complete: hessians/a/<layer>.safetensors are written, the sums dropped
     factors-b.*                 the same for half b
     noise/<layer>.json          α_noise measurement of one layer
@@ -125,7 +126,8 @@ class Job:
 
     @property
     def resumed(self) -> bool:
-        return any((self.dir / p).exists() for p in ("factors-a.safetensors", "factors-a.done", "noise", "layers"))
+        return (any((self.dir / p).exists() for p in ("factors-a.done", "noise", "layers"))
+                or any(self.dir.glob("factors-a*.safetensors")))
 
     def add_time(self, phase: str, seconds: float) -> dict[str, float]:
         """Accumulate wall time per phase across resumes (timing.json)."""
@@ -166,13 +168,14 @@ class Job:
                                           fh.get_tensor(f"{name}.xtx"), grad_sq, samples, tokens)
         return HalfFactors(half, layers, int(meta["next_batch"]))
 
-    def half_done(self, half: str) -> bool:
-        return (self.dir / f"factors-{half}.done").is_file()
+    def half_done(self, half: str, part: str = "") -> bool:
+        return (self.dir / f"factors-{half}{part}.done").is_file()
 
-    def mark_half_done(self, half: str) -> None:
-        """After the half's hessians/ files are written: its running sums are no longer needed."""
-        write_json(self.dir / f"factors-{half}.done", {"done": True})
-        for path in self.dir.glob(f"factors-{half}*.safetensors"):
+    def mark_half_done(self, half: str, part: str = "") -> None:
+        """After the half's (or one layer group's, `part`) hessians/ files are written: its running sums are no
+        longer needed."""
+        write_json(self.dir / f"factors-{half}{part}.done", {"done": True})
+        for path in self.dir.glob(f"factors-{half}{part}*.safetensors"):
             path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------------------ per-layer results

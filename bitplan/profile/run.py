@@ -143,6 +143,7 @@ def profile_model(model: str | Path | LoadedModel | nn.Module, calib: str | Path
                   out_dir: str | Path | None = None, *, sketch_chunk: int = DEFAULT_CHUNK,
                   noise_samples: int = DEFAULT_NOISE_SAMPLES, noise_levels: tuple[float, ...] = DEFAULT_LEVELS,
                   formats: str | list | None = None, batch_size: int = 4, checkpoint_every: int = 64,
+                  factor_groups: int = 1,
                   overwrite: bool = False, progress: bool = True, keep_job: bool = False,
                   events: Events | None = None, ranks: Ranks | None = None) -> Profile:
     """Profile `model` on calibration text (a .txt/.jsonl path or hf:NAME) or token ids [windows, seqlen].
@@ -176,7 +177,8 @@ def profile_model(model: str | Path | LoadedModel | nn.Module, calib: str | Path
                    "seqlen": T, "seed": seed, "sketch_chunk": sketch_chunk, "noise_samples": noise_samples,
                    "noise_levels": list(levels), "ldl_block": LDL_BLOCK, "ldl_sigma": LDL_SIGMA}
     out = Path(out_dir) if out_dir is not None else default_out_dir(loaded.model_id)
-    options = {"batch_size": batch_size, "checkpoint_every": checkpoint_every}
+    layer_groups(infos, factor_groups)  # a bad count fails before any work
+    options = {"batch_size": batch_size, "checkpoint_every": checkpoint_every, "factor_groups": factor_groups}
     # Rank 0 checks, clears or creates the folder before the others open it (and never clear it again).
     job, complete = ranks.on_main(lambda: Job.open(out, identity, fingerprint, options, overwrite),
                                   lambda: Job.open(out, identity, fingerprint, options, False))
@@ -315,50 +317,66 @@ def _noise_phase(job: Job, net: nn.Module, infos, windows: torch.Tensor, levels,
     return {i.name: job.result("noise", i.name) for i in infos}
 
 
+def layer_groups(infos: list, groups: int) -> list[list]:
+    """`groups` contiguous runs of the layers, as equal in size as possible."""
+    if not 1 <= groups <= len(infos):
+        raise BitplanError(f"--factor-groups must be between 1 and the number of layers ({len(infos)}), got {groups}")
+    bounds = [round(k * len(infos) / groups) for k in range(groups + 1)]
+    return [infos[bounds[k]:bounds[k + 1]] for k in range(groups)]
+
+
 def _factor_phase(job: Job, net: nn.Module, infos, windows: torch.Tensor, seed: int, chunk: int, bars,
                   emit: Events, times: SketchTimes, ranks: Ranks) -> None:
-    """One half after the other: only one half's float64 sums are ever in memory.
+    """One half after the other: only one half's float64 sums are ever in memory, and with `factor_groups` = G
+    only one group's (the calibration is then run G times per half, each time for 1/G of the layers).
 
     Across ranks the batches (the same ones a single process makes) are dealt round-robin, and after every batch
     each layer's statistics are reduced onto the rank that owns the layer, which alone keeps its float64 sums:
-    memory per rank is the model plus 1/world of the factors. Every rank takes part in every step's reductions;
-    one that has run out of windows re-runs a batch and sends zeros."""
-    shapes = {i.name: (i.out_features, i.in_features) for i in infos}
+    memory per rank is the model plus 1/(world·G) of the factors. Every rank takes part in every step's
+    reductions; one that has run out of windows re-runs a batch and sends zeros."""
     owner = {i.name: ranks.owner(k) for k, i in enumerate(infos)}
-    owned = {n: shape for n, shape in shapes.items() if owner[n] == ranks.rank}
-    modules = {i.name: get_module(net, i.name) for i in infos}
     bs = job.options["batch_size"]
     every = max(1, job.options["checkpoint_every"] // (bs * ranks.world))  # in steps
-    tag = f".rank{ranks.rank}of{ranks.world}" if ranks.distributed else ""
+    groups = layer_groups(infos, job.options.get("factor_groups", 1))
     for half, idx in zip(HALVES, split_halves(windows.shape[0], seed)):
         if job.half_done(half):
             continue
         batches = [idx[s:s + bs] for s in range(0, len(idx), bs)]
         mine = ranks.share(batches)
         steps = -(-len(batches) // ranks.world)
-        state = job.load_half(half, owned, tag)
-        bar = _Bar(bars, f"factors, half {half}", sum(len(b) for b in mine),
-                   sum(len(b) for b in mine[:state.next_batch]))
-        for k in range(state.next_batch, steps):
-            real = k < len(mine)
-            batch = mine[k] if real else batches[0]
-            sink = _reduce_to_owner(ranks, owner, state.layers, real) if ranks.distributed else None
-            accumulate_batch(net, modules, windows[batch], batch, seed, chunk, state.layers, times, sink=sink)
-            state.next_batch = k + 1
-            bar.advance(len(batch) if real else 0)
-            if state.next_batch % every == 0 and state.next_batch < steps:
-                job.save_half(state, tag)
-                emit(f"factors-{half}", state.next_batch)
-        for info in infos:
-            if info.name in owned:
-                save_half_factors(factors_path(job.out, info.name, half), info.name, half,
-                                  state.layers[info.name], chunk)
-        ranks.barrier()
+        for g, group in enumerate(groups):
+            part = f".g{g}of{len(groups)}" if len(groups) > 1 else ""
+            if part and job.half_done(half, part):
+                continue
+            tag = part + (f".rank{ranks.rank}of{ranks.world}" if ranks.distributed else "")
+            owned = {i.name: (i.out_features, i.in_features) for i in group if owner[i.name] == ranks.rank}
+            modules = {i.name: get_module(net, i.name) for i in group}
+            state = job.load_half(half, owned, tag)
+            label = f"factors, half {half}" + (f", layers {g + 1}/{len(groups)}" if part else "")
+            bar = _Bar(bars, label, sum(len(b) for b in mine), sum(len(b) for b in mine[:state.next_batch]))
+            for k in range(state.next_batch, steps):
+                real = k < len(mine)
+                batch = mine[k] if real else batches[0]
+                sink = _reduce_to_owner(ranks, owner, state.layers, real) if ranks.distributed else None
+                accumulate_batch(net, modules, windows[batch], batch, seed, chunk, state.layers, times, sink=sink)
+                state.next_batch = k + 1
+                bar.advance(len(batch) if real else 0)
+                if state.next_batch % every == 0 and state.next_batch < steps:
+                    job.save_half(state, tag)
+                    emit(f"factors-{half}", state.next_batch)
+            for info in group:
+                if info.name in owned:
+                    save_half_factors(factors_path(job.out, info.name, half), info.name, half,
+                                      state.layers[info.name], chunk)
+            del state
+            ranks.barrier()
+            if ranks.main and part:
+                job.mark_half_done(half, part)
+            ranks.barrier()
         if ranks.main:
             job.mark_half_done(half)
         ranks.barrier()
         emit(f"factors-{half}-done", steps)
-        del state
 
 
 def _reduce_to_owner(ranks: Ranks, owner: dict[str, int], sums: dict[str, FactorSums], real: bool):

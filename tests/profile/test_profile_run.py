@@ -205,3 +205,27 @@ def test_text_calibration_and_cli(tmp_path, tiny_model_dir, tiny_text):
     assert data["calibration"]["tokens"] == 4 * 32
     bad = CliRunner().invoke(app, args[:-1] + [str(tmp_path / "other")] + ["--samples", "100000"])
     assert isinstance(bad.exception, BitplanError)
+
+
+def test_factor_groups_give_the_same_factors(tmp_path):
+    """--factor-groups 3 runs the calibration three times, each for a third of the layers: identical sums, also
+    when interrupted inside the second group and resumed."""
+    ref = run(tmp_path / "ref")
+    seen = []
+
+    def second_group_checkpoint(phase: str, count: int) -> None:
+        seen.append(phase)
+        if seen.count("factors-a") == 2:  # each group checkpoints after its first batch of half a
+            raise Interrupt(phase)
+
+    with pytest.raises(Interrupt):
+        run(tmp_path / "g3", factor_groups=3, events=second_group_checkpoint)
+    assert (tmp_path / "g3" / ".job" / "factors-a.g0of3.done").is_file()
+    grouped = run(tmp_path / "g3", factor_groups=3)
+    strip = lambda j: {k: v for k, v in j.items() if k not in ("extra", "settings")}
+    assert strip(grouped.to_json()) == strip(ref.to_json())
+    for info in find_linears(tiny_llama()):
+        a, b = load_factors(tmp_path / "ref", info.name), load_factors(tmp_path / "g3", info.name)
+        assert torch.equal(a.h_out_a, b.h_out_a) and torch.equal(a.h_in_b, b.h_in_b) and torch.equal(a.xtx_a, b.xtx_a)
+    with pytest.raises(BitplanError, match="--factor-groups"):
+        run(tmp_path / "bad", factor_groups=0)
