@@ -60,15 +60,22 @@ def load_layer_factors(profile_dir: Path | None, name: str, rounding: str):
     if profile_dir is None:
         raise BitplanError(f"{rounding} rounding needs a profile with Hessian factors (hessians/); "
                            "pass the profile, or use --rounding rtn")
-    from ..profile.hessians import HALVES, factors_path, load_factors
+    from ..profile.hessians import load_factors
 
     f = load_factors(profile_dir, name)
     if rounding == "ldlq" and f.xtx is None:
         raise BitplanError(f"the profile's factors for {name} lack Σxxᵀ (needed by --rounding ldlq): the profile "
                            "was made by an older bitplan; re-run `bitplan profile`")
-    stamps = [factors_path(profile_dir, name, half).stat() for half in HALVES]
-    ident = f"{profile_dir}:{name}:" + ":".join(f"{st.st_size}-{st.st_mtime_ns}" for st in stamps)
-    return f, ident
+    return f, factors_ident(profile_dir, name)
+
+
+def factors_ident(profile_dir: Path, name: str) -> str:
+    """Changes when a layer's factor files do (size and modification time), without reading them."""
+    from ..profile.hessians import HALVES, factors_path
+
+    paths = [factors_path(profile_dir, name, half) for half in HALVES]
+    stamps = [f"{st.st_size}-{st.st_mtime_ns}" for st in (p.stat() for p in paths if p.is_file())]
+    return f"{profile_dir}:{name}:" + ":".join(stamps)  # a missing file is reported by load_factors
 
 
 def auto_shrink(f, name: str) -> tuple[float, dict[float, float]]:
@@ -143,20 +150,22 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
     jobs.mkdir(parents=True, exist_ok=True)
 
     def settings(name: str):
-        """(method, λ, factors, part file, key) of a layer; the key changes with anything that changes the part."""
+        """(method, λ, part file, key) of a layer; the key changes with anything that changes the part."""
         fmt = fmts[name]
         lam = shrink.get(name, "auto") if isinstance(shrink, dict) else shrink
         method = rounding if fmt.kind != "fp16" else "rtn"
-        f, ident = load_layer_factors(profile_dir, name, method) if method != "rtn" else (None, "none")
+        # without a profile there is no key to match; `one` then fails with load_layer_factors's clear error
+        ident = factors_ident(profile_dir, name) if method != "rtn" and profile_dir is not None else "none"
         key = _part_key(weights_hash, name, fmt.name, method, lam if method == "yaqa" else 0.0, ident)
-        return method, lam, f, jobs / f"{name}.safetensors", key
+        return method, lam, jobs / f"{name}.safetensors", key
 
     def one(name: str) -> tuple[str, dict[str, torch.Tensor], dict]:
         fmt = fmts[name]
-        method, lam, f, part, key = settings(name)
+        method, lam, part, key = settings(name)
         cached = _read_part(part, key)
         if cached is not None:
             return name, *cached
+        f = load_layer_factors(profile_dir, name, method)[0] if method != "rtn" else None
         stats: dict = {}
         if method == "yaqa" and lam == "auto":
             known = chosen.get(name)
@@ -197,7 +206,7 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
         return ApplyResult(out_dir=out_dir, formats={n: fmts[n].name for n in formats}, stats=stats)
     for name in formats:  # the other ranks' layers, from their part files
         if name not in layers:
-            *_, part, key = settings(name)
+            *_, part, key = settings(name)  # reads no factors: only the part file's key
             cached = _read_part(part, key)
             if cached is None:
                 raise BitplanError(f"the part file of {name} from another process is missing or damaged ({part})")

@@ -90,6 +90,7 @@ class FactorSums:
         self.samples += stats.samples
         self.tokens += tokens
 
+
 @dataclass
 class HalfFactors:
     """All layers' running sums for one calibration half, plus where in its window list it stands."""
