@@ -33,13 +33,13 @@ from ..formats import Format, default_candidates, get_format
 from ..models import LoadedModel, find_extras, find_linears, get_module, load_model, weights_sha256
 from .coefficients import layer_coefficients
 from .defaults import DEFAULT_CHUNK, DEFAULT_NOISE_SAMPLES, DEFAULT_SAMPLES, DEFAULT_SEQLEN
+from .factors import ChunkStats, FactorSums
 from .hessians import HALVES, factors_path, load_factors, save_half_factors
 from .job import Job
 from .noise import DEFAULT_LEVELS, NoiseMeter, build_cache
 from .relerr import relative_errors
 from .schema import LayerRecord, Profile, load_profile
 from .seeds import generator
-from .factors import ChunkStats, FactorSums
 from .sketch import SketchTimes, accumulate_batch
 
 
@@ -297,14 +297,20 @@ def _versions() -> dict[str, str]:
     return {"bitplan": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
+def _deal_unfinished(job: Job, kind: str, infos, ranks: Ranks) -> tuple[list, int]:
+    """(this rank's share of the layers without a `kind` result, how many have one). Every rank lists them before
+    the barrier: one listing after it could see another rank's new results and deal the rest differently."""
+    left = [i for i in infos if job.result(kind, i.name) is None]
+    ranks.barrier()
+    return ranks.share(left), len(infos) - len(left)
+
+
 def _noise_phase(job: Job, net: nn.Module, infos, windows: torch.Tensor, levels, seed: int, bars,
                  emit: Events, ranks: Ranks) -> dict[str, dict]:
     """Layer-parallel across ranks: each measures its share of the layers on all noise windows."""
     if not windows.shape[0]:
         return {}
-    left = [i for i in infos if job.result("noise", i.name) is None]
-    ranks.barrier()  # every rank has listed the same unfinished layers before any writes a result
-    todo, done = ranks.share(left), len(infos) - len(left)
+    todo, done = _deal_unfinished(job, "noise", infos, ranks)
     if todo:
         bar = _Bar(bars, "noise injection", len(todo))
         cache = build_cache(net, windows, job.options["batch_size"])
@@ -399,9 +405,7 @@ def _reduce_to_owner(ranks: Ranks, owner: dict[str, int], sums: dict[str, Factor
 
 def _layer_phase(job: Job, net: nn.Module, infos, bars, emit: Events, ranks: Ranks) -> dict[str, dict]:
     """Layer-parallel across ranks (each reads the factor files the factor phase wrote)."""
-    left = [i for i in infos if job.result("layers", i.name) is None]
-    ranks.barrier()  # every rank has listed the same unfinished layers before any writes a result
-    todo, done = ranks.share(left), len(infos) - len(left)
+    todo, done = _deal_unfinished(job, "layers", infos, ranks)
     bar = _Bar(bars, "coefficients (block LDL)", len(todo))
     for k, info in enumerate(todo):
         f = load_factors(job.out, info.name)
