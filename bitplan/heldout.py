@@ -25,9 +25,15 @@ from .errors import BitplanError
 from .formats import RandomizedHadamard
 from .linalg import damped_cholesky, normalize
 
-# λ = 0 is the raw sketch, λ = 1 one-sided (H_O = I). DESIGN.md's grid plus 0, so that large calibration can
-# choose the raw factor.
+# λ = 0 is the raw sketch, λ = 1 the target alone. DESIGN.md's grid plus 0, so that large calibration can choose
+# the raw factor.
 SHRINK_GRID = (0.0, 0.1, 0.3, 0.6, 0.8, 1.0)
+# What a factor is shrunk toward: "identity" (I after normalization, DESIGN.md; λ = 1 on H_O is one-sided LDLQ) or
+# "diagonal" (the factor's own diagonal in the original basis, rotated like the factor: the best-estimated part of
+# a noisy factor, which keeps which channels matter more). The diagonal wins on the held-out calibration half but
+# lost on other text (README, "Shrinkage"): which channels matter is a property of the calibration text.
+SHRINK_TARGETS = ("identity", "diagonal")
+DEFAULT_SHRINK_TARGET = "identity"
 
 
 def rotate_factor(H: torch.Tensor, seed: int) -> torch.Tensor:
@@ -36,11 +42,33 @@ def rotate_factor(H: torch.Tensor, seed: int) -> torch.Tensor:
     return had.forward(had.forward(H.to(torch.float64), dim=0), dim=1)
 
 
-def shrink(Hn: torch.Tensor, lam: float) -> torch.Tensor:
-    """(1 − λ)·H + λ·I of a normalized factor."""
+def shrink(Hn: torch.Tensor, lam: float, target: torch.Tensor | None = None) -> torch.Tensor:
+    """(1 − λ)·H + λ·T of a normalized factor; T = I when no target is given."""
     if lam == 0.0:
         return Hn
-    return (1.0 - lam) * Hn + lam * torch.eye(Hn.shape[0], dtype=Hn.dtype)
+    T = torch.eye(Hn.shape[0], dtype=Hn.dtype) if target is None else target.to(Hn.dtype)
+    return (1.0 - lam) * Hn + lam * T
+
+
+def check_target(target: str) -> str:
+    if target not in SHRINK_TARGETS:
+        raise BitplanError(f"unknown shrinkage target {target!r}; choose one of {', '.join(SHRINK_TARGETS)}")
+    return target
+
+
+def rotated_target(H: torch.Tensor, seed: int, target: str) -> torch.Tensor | None:
+    """The shrinkage target of a factor H given in the original basis, rotated like `rotate_factor(H, seed)`, at
+    H's scale (so `normalize` of the two agree: rotation keeps the trace). None stands for the identity."""
+    if check_target(target) == "identity":
+        return None
+    return rotate_factor(torch.diag(H.to(torch.float64).diagonal()), seed)
+
+
+def normalized_pair(H: torch.Tensor, T: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """normalize(H), and T scaled by the same factor (mean diagonal of H → 1)."""
+    H = H.to(torch.float64)
+    Hn = normalize(H)  # raises its clear error for a factor accumulated from nothing
+    return Hn, None if T is None else T.to(torch.float64) / H.diagonal().mean()
 
 
 @dataclass
@@ -68,19 +96,21 @@ class Judge:
 
 
 def side_gain(H_fit: torch.Tensor | None, judge: "Judge | torch.Tensor", block: int = 16, sigma: float = 0.01,
-              lam: float = 0.0, name: str = "a layer") -> float:
-    """tr(L⁻¹ H L⁻ᵀ) / tr(H) for L from the block LDL of normalize(H_fit) shrunk by λ, judged under H
-    (None or λ = 1: L = I, round-to-nearest on this side, gain 1).
+              lam: float = 0.0, name: str = "a layer", target: torch.Tensor | None = None) -> float:
+    """tr(L⁻¹ H L⁻ᵀ) / tr(H) for L from the block LDL of normalize(H_fit) shrunk by λ toward `target` (at
+    H_fit's scale; None: I), judged under H. H_fit None, or λ = 1 toward I: L = I, round-to-nearest on this
+    side, gain 1.
 
     With the damped fit's Cholesky C (L = C·blockdiag(C_ii)⁻¹) and H = C_J C_Jᵀ:
     tr(L⁻¹ H L⁻ᵀ) = ‖blockdiag(C_ii) · C⁻¹ C_J‖²_F, one triangular solve.
     """
-    if H_fit is None or lam == 1.0:
+    if H_fit is None or (lam == 1.0 and target is None):
         return 1.0
     if not isinstance(judge, Judge):
         judge = Judge.of(judge)
     n = judge.chol.shape[0]
-    C = damped_cholesky(shrink(normalize(H_fit.to(torch.float64)), lam), sigma=sigma, name=name).chol
+    Hn, T = normalized_pair(H_fit, target)
+    C = damped_cholesky(shrink(Hn, lam, T), sigma=sigma, name=name).chol
     Y = torch.linalg.solve_triangular(C, judge.chol, upper=False).view(n // block, block, n)
     diag = torch.stack([C[i:i + block, i:i + block] for i in range(0, n, block)])
     return float((diag @ Y).pow(2).sum()) / judge.trace
@@ -88,21 +118,29 @@ def side_gain(H_fit: torch.Tensor | None, judge: "Judge | torch.Tensor", block: 
 
 @dataclass
 class RotatedHalf:
-    """One calibration half of a layer's factors, rotated into the rounding basis."""
+    """One calibration half of a layer's factors, rotated into the rounding basis, with each factor's shrinkage
+    target (`rotated_target`; None: the identity)."""
     h_out: torch.Tensor
     h_in: torch.Tensor
     xtx: torch.Tensor | None
+    t_out: torch.Tensor | None = None
+    t_in: torch.Tensor | None = None
 
 
 @dataclass
 class CrossFit:
     """Held-out gains of a layer (expected proxy ÷ round-to-nearest's, judged under the Fisher factors)."""
-    shrink: float                     # the λ on SHRINK_GRID with the smallest held-out two-sided gain
-    out_gains: dict[float, float]     # λ → held-out H_O-side gain (the H_I side does not depend on λ)
-    in_gain: float                    # held-out H_I-side gain of the sketch's H_I
-    yaqa: float                       # two-sided, at the chosen λ
-    yaqa_raw: float                   # two-sided, λ = 0
+    shrink: float                     # λ of H_O with the smallest held-out H_O-side gain
+    shrink_in: float                  # λ of H_I, likewise (the two sides' gains multiply: chosen separately)
+    out_gains: dict[float, float]     # λ → held-out H_O-side gain
+    in_gains: dict[float, float]      # λ → held-out H_I-side gain
+    yaqa: float                       # two-sided, at the chosen λs
+    yaqa_raw: float                   # two-sided, λ = 0 on both sides
     ldlq: float | None                # one-sided LDLQ with H_I = Σxxᵀ (None without xtx)
+
+    @property
+    def in_gain(self) -> float:
+        return self.in_gains[self.shrink_in]
 
 
 def both_ways(fn, a, b) -> float:
@@ -110,29 +148,36 @@ def both_ways(fn, a, b) -> float:
     return 0.5 * (fn(a, b) + fn(b, a))
 
 
-def choose_shrink(h_out_a: torch.Tensor, h_out_b: torch.Tensor, block: int = 16, sigma: float = 0.01,
-                  grid: tuple[float, ...] = SHRINK_GRID, name: str = "a layer") -> tuple[float, dict[float, float]]:
-    """The λ on `grid` whose shrunk H_O has the smallest held-out H_O-side gain, and every λ's gain.
-    (The H_I side multiplies every λ's two-sided gain by the same number, so it does not enter the choice.)"""
-    a, b = (h_out_a, Judge.of(h_out_a)), (h_out_b, Judge.of(h_out_b))
-    gains = {lam: both_ways(lambda f, j: side_gain(f[0], j[1], block, sigma, lam, f"{name} (H_out)"), a, b)
+def choose_shrink(h_a: torch.Tensor, h_b: torch.Tensor, block: int = 16, sigma: float = 0.01,
+                  grid: tuple[float, ...] = SHRINK_GRID, name: str = "a layer",
+                  targets: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+                  ) -> tuple[float, dict[float, float]]:
+    """The λ on `grid` whose factor, shrunk toward its target, has the smallest held-out gain on its side, and
+    every λ's gain; h_a, h_b are one factor's two calibration halves (rotated). Ties go to the smaller λ.
+    (The other side multiplies every λ's two-sided gain by the same number, so it does not enter the choice.)"""
+    a, b = (h_a, targets[0], Judge.of(h_a)), (h_b, targets[1], Judge.of(h_b))
+    gains = {lam: both_ways(lambda f, j: side_gain(f[0], j[2], block, sigma, lam, name, f[1]), a, b)
              for lam in grid}
     return min(grid, key=lambda lam: (gains[lam], lam)), gains
 
 
 def crossfit(a: RotatedHalf, b: RotatedHalf, block_in: int = 16, block_out: int = 16, sigma: float = 0.01,
-             grid: tuple[float, ...] = SHRINK_GRID, name: str = "a layer") -> CrossFit:
-    """Held-out gains both ways (a → b, b → a, averaged) and the shrinkage λ of H_O that minimizes them."""
-    def both(fn) -> float:
-        return both_ways(fn, a, b)
+             grid: tuple[float, ...] = SHRINK_GRID, grid_in: tuple[float, ...] = SHRINK_GRID,
+             name: str = "a layer") -> CrossFit:
+    """Held-out gains both ways (a → b, b → a, averaged) and the shrinkage λ of each factor that minimizes them."""
+    # λ = 0 is always judged (the raw figure), but chosen only when it is on the grid asked for
+    def with_raw(g: tuple[float, ...]) -> tuple[float, ...]:
+        return tuple(sorted({0.0, *g}))
 
-    best, out_gains = choose_shrink(a.h_out, b.h_out, block_out, sigma, grid, name)
-    judges = {id(a): Judge.of(a.h_in), id(b): Judge.of(b.h_in)}  # H_I judges both the sketch's and Σxxᵀ's LDL
-    in_gain = both(lambda f, j: side_gain(f.h_in, judges[id(j)], block_in, sigma, 0.0, f"{name} (H_in)"))
-    raw_out = out_gains[0.0] if 0.0 in out_gains else both(
-        lambda f, j: side_gain(f.h_out, j.h_out, block_out, sigma, 0.0, f"{name} (H_out)"))
+    _, out_gains = choose_shrink(a.h_out, b.h_out, block_out, sigma, with_raw(grid), f"{name} (H_out)",
+                                 (a.t_out, b.t_out))
+    _, in_gains = choose_shrink(a.h_in, b.h_in, block_in, sigma, with_raw(grid_in), f"{name} (H_in)",
+                                (a.t_in, b.t_in))
+    lam_out = min(grid, key=lambda lam: (out_gains[lam], lam))
+    lam_in = min(grid_in, key=lambda lam: (in_gains[lam], lam))
     ldlq = None
     if a.xtx is not None and b.xtx is not None:
-        ldlq = both(lambda f, j: side_gain(f.xtx, judges[id(j)], block_in, sigma, 0.0, f"{name} (xxᵀ)"))
-    return CrossFit(shrink=best, out_gains=out_gains, in_gain=in_gain, yaqa=out_gains[best] * in_gain,
-                    yaqa_raw=raw_out * in_gain, ldlq=ldlq)
+        judges = {id(a): Judge.of(a.h_in), id(b): Judge.of(b.h_in)}
+        ldlq = both_ways(lambda f, j: side_gain(f.xtx, judges[id(j)], block_in, sigma, 0.0, f"{name} (xxᵀ)"), a, b)
+    return CrossFit(shrink=lam_out, shrink_in=lam_in, out_gains=out_gains, in_gains=in_gains,
+                    yaqa=out_gains[lam_out] * in_gains[lam_in], yaqa_raw=out_gains[0.0] * in_gains[0.0], ldlq=ldlq)

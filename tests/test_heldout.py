@@ -6,7 +6,8 @@ import torch
 
 from bitplan.apply.layer import quantize_layer
 from bitplan.formats import get_format
-from bitplan.heldout import SHRINK_GRID, Judge, RotatedHalf, choose_shrink, crossfit, rotate_factor, side_gain
+from bitplan.heldout import (SHRINK_GRID, Judge, RotatedHalf, choose_shrink, crossfit, normalized_pair, rotate_factor,
+                             rotated_target, shrink, side_gain)
 from bitplan.linalg import block_ldl, normalize
 from bitplan.profile.relerr import rotation_seeds
 
@@ -23,6 +24,23 @@ def test_side_gain_equals_the_dense_trace_formula_also_for_a_singular_judge():
         expected = float(torch.trace(Linv @ judge @ Linv.T) / torch.trace(judge))
         assert side_gain(fit, judge, 16, lam=lam) == pytest.approx(expected, rel=1e-7)
     assert side_gain(fit, judge, 16, lam=1.0) == 1.0 and side_gain(None, judge, 16) == 1.0
+    target = torch.diag(fit.diagonal())
+    for lam in (0.3, 1.0):  # toward the diagonal, λ = 1 is the diagonal itself, not round-to-nearest
+        Hf = normalize((1 - lam) * fit + lam * target)
+        Linv = torch.linalg.inv(block_ldl(Hf, 16).L)
+        expected = float(torch.trace(Linv @ judge @ Linv.T) / torch.trace(judge))
+        assert side_gain(fit, judge, 16, lam=lam, target=target) == pytest.approx(expected, rel=1e-7)
+
+
+def test_diagonal_target_is_the_original_basis_diagonal_rotated_and_scaled_with_the_factor():
+    """Shrinking the rotated, normalized factor toward `rotated_target` = rotating and normalizing the factor
+    shrunk toward its own diagonal in the original basis (the rotation is linear and keeps the trace)."""
+    H, seed = spd(64, seed=7) * 3.7, 12345
+    for lam in (0.0, 0.4, 1.0):
+        expected = normalize(rotate_factor((1 - lam) * H + lam * torch.diag(H.diagonal()), seed))
+        Hn, T = normalized_pair(rotate_factor(H, seed), rotated_target(H, seed, "diagonal"))
+        torch.testing.assert_close(shrink(Hn, lam, T), expected, rtol=1e-10, atol=1e-12)
+    assert rotated_target(H, seed, "identity") is None
 
 
 def test_side_gain_on_own_factor_removes_only_the_damping():
@@ -67,30 +85,37 @@ def kronecker_layer(m: int, n: int, samples: int, seed: int):
     return H_o, H_i, half(), half(), torch.randn(m, n, dtype=torch.float64, generator=g)
 
 
+@pytest.mark.parametrize("side", ["out", "in"])
 @pytest.mark.parametrize("samples,seed", [(2, 0), (6, 10), (40, 20)])
-def test_auto_shrink_is_within_5_percent_of_the_best_lambda_under_the_true_hessian(samples, seed):
-    """Round W with the summed noisy halves at every λ of the grid and judge each under the true H_O ⊗ H_I;
-    the λ chosen from the halves alone must be within 5 % of the best one."""
+def test_auto_shrink_is_within_5_percent_of_the_best_lambda_under_the_true_hessian(samples, seed, side):
+    """Round W with the summed noisy halves at every λ of the grid (on H_O, or on H_I) and judge each under the
+    true H_O ⊗ H_I; the λ chosen from the halves alone must be within 5 % of the best one."""
     m, n, name = 64, 128, "synthetic.layer"
     H_o, H_i, (o_a, i_a), (o_b, i_b), W = kronecker_layer(m, n, samples, seed)
     fmt = get_format("int3-g64")
     true_proxy = {}
     for lam in SHRINK_GRID:
-        res = quantize_layer(name, W, fmt, "yaqa", H_in=i_a + i_b, H_out=o_a + o_b, shrink_out=lam)
+        lams = {"shrink_out": lam} if side == "out" else {"shrink_in": lam}
+        res = quantize_layer(name, W, fmt, "yaqa", H_in=i_a + i_b, H_out=o_a + o_b, **lams)
         E = W - res.W_hat.double()
         true_proxy[lam] = float(torch.trace(H_o @ E @ H_i @ E.T))
-    seed_out, _ = rotation_seeds(name)
-    lam, _ = choose_shrink(rotate_factor(o_a, seed_out), rotate_factor(o_b, seed_out))
+    seed_out, seed_in = rotation_seeds(name)
+    seed_side, a, b = (seed_out, o_a, o_b) if side == "out" else (seed_in, i_a, i_b)
+    # H_I is rounded in tiles of 16 columns for int3-g64's vector length 1: the same block as the judgement's
+    lam, _ = choose_shrink(rotate_factor(a, seed_side), rotate_factor(b, seed_side))
     assert true_proxy[lam] <= 1.05 * min(true_proxy.values()), (lam, true_proxy)
 
 
 def test_crossfit_prefers_more_shrinkage_with_fewer_samples():
     """Noisier halves (fewer samples) must not be trusted more: λ chosen with 2 samples ≥ with 200."""
-    chosen = {}
+    chosen, chosen_in = {}, {}
     for samples in (2, 200):
         _, _, (o_a, i_a), (o_b, i_b), _ = kronecker_layer(48, 48, samples, seed=3)
         cf = crossfit(RotatedHalf(o_a, i_a, None), RotatedHalf(o_b, i_b, None))
         chosen[samples] = cf.shrink
-        assert cf.yaqa == pytest.approx(cf.out_gains[cf.shrink] * cf.in_gain)
+        chosen_in[samples] = cf.shrink_in
+        assert cf.yaqa == pytest.approx(cf.out_gains[cf.shrink] * cf.in_gains[cf.shrink_in])
+        assert cf.yaqa_raw == pytest.approx(cf.out_gains[0.0] * cf.in_gains[0.0])
         assert cf.yaqa <= cf.yaqa_raw + 1e-12 and cf.ldlq is None
     assert chosen[2] >= chosen[200] and chosen[2] > 0.0
+    assert chosen_in[2] >= chosen_in[200] and chosen_in[2] > 0.0

@@ -16,8 +16,8 @@ import torch
 
 from ..errors import BitplanError
 from ..formats import Format, QuantizedWeight, rotate_weight, unrotate_weight
-from ..heldout import rotate_factor, shrink
-from ..linalg import block_ldl, normalize
+from ..heldout import DEFAULT_SHRINK_TARGET, normalized_pair, rotate_factor, rotated_target, shrink
+from ..linalg import block_ldl
 from .ldlq import ldlq_round, proxy
 from .module import encode_seeds
 from ..profile.relerr import rotation_seeds
@@ -40,19 +40,23 @@ def tile_width(fmt: Format) -> int:
     return TILE * fmt.vector_dim // math.gcd(TILE, fmt.vector_dim)
 
 
-def prepare_factor(H: torch.Tensor, seed: int, block: int, lam: float, name: str):
-    """Rotate, normalize, shrink toward I by λ, and block-LDL a factor; returns (normalized H, LDL)."""
-    Hn = shrink(normalize(rotate_factor(H, seed)), lam)
+def prepare_factor(H: torch.Tensor, seed: int, block: int, lam: float, name: str,
+                   target: str = DEFAULT_SHRINK_TARGET):
+    """Rotate, normalize, shrink toward `target` by λ, and block-LDL a factor; returns (normalized H, LDL)."""
+    Hn, T = normalized_pair(rotate_factor(H, seed), rotated_target(H, seed, target) if lam else None)
+    Hn = shrink(Hn, lam, T)
     return Hn, block_ldl(Hn, block, name=name)
 
 
 def quantize_layer(name: str, W: torch.Tensor, fmt: Format, rounding: str = "yaqa",
                    H_in: torch.Tensor | None = None, H_out: torch.Tensor | None = None,
-                   shrink_out: float = 0.0, seed: int = 0) -> LayerResult:
+                   shrink_out: float = 0.0, shrink_in: float = 0.0, target: str = DEFAULT_SHRINK_TARGET,
+                   seed: int = 0) -> LayerResult:
     """Quantize one linear weight W [out, in] to `fmt`.
 
     H_in / H_out are the layer's factors in the original basis (float32/64); `yaqa` needs both, `ldlq` needs
-    H_in = E[xxᵀ]; `rtn` needs neither. `shrink_out` moves the normalized H_O toward the identity.
+    H_in = E[xxᵀ]; `rtn` needs neither. `shrink_out` / `shrink_in` move the normalized H_O / H_I (yaqa only)
+    toward `target` (bitplan.heldout.SHRINK_TARGETS).
     """
     if rounding not in ROUNDINGS:
         raise BitplanError(f"unknown rounding {rounding!r}; choose one of {', '.join(ROUNDINGS)}")
@@ -79,8 +83,9 @@ def quantize_layer(name: str, W: torch.Tensor, fmt: Format, rounding: str = "yaq
         if n % bi or m % TILE:
             raise BitplanError(f"{name}: a {m}×{n} layer does not split into {TILE}×{bi} tiles for {fmt.name}; "
                                f"use --rounding rtn or a format with vector length 1, 2 or 4")
-        Hi, ldl_in = prepare_factor(H_in, seed_in, bi, 0.0, f"{name} (H_in)")
-        Ho, ldl_out = (prepare_factor(H_out, seed_out, TILE, shrink_out, f"{name} (H_out)")
+        Hi, ldl_in = prepare_factor(H_in, seed_in, bi, shrink_in if rounding == "yaqa" else 0.0,
+                                    f"{name} (H_in)", target)
+        Ho, ldl_out = (prepare_factor(H_out, seed_out, TILE, shrink_out, f"{name} (H_out)", target)
                        if rounding == "yaqa" else (None, None))
         rounded = ldlq_round(W_rot, fmt, scale, zero, ldl_in.L, ldl_out.L if ldl_out else None, bi, TILE)
         codes = rounded.codes

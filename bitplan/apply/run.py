@@ -24,6 +24,7 @@ from ..formats import get_format
 from ..io import atomic_path
 from ..models import LoadedModel, find_linears, load_model, weights_sha256
 from .checkpoint import write_checkpoint
+from ..heldout import DEFAULT_SHRINK_TARGET, check_target
 from .layer import ROUNDINGS, LayerResult, quantize_layer
 
 
@@ -78,17 +79,34 @@ def factors_ident(profile_dir: Path, name: str) -> str:
     return f"{profile_dir}:{name}:" + ":".join(stamps)  # a missing file is reported by load_factors
 
 
-def auto_shrink(f, name: str) -> tuple[float, dict[float, float]]:
-    """λ for H_O chosen by the held-out gain of the two calibration halves (see bitplan.heldout)."""
-    from ..heldout import choose_shrink, rotate_factor
-    from ..profile.relerr import rotation_seeds
+@dataclass
+class Shrinkage:
+    """λ of each factor for one layer, what they are shrunk toward, and (for `auto`) the held-out gains per λ."""
+    out: float
+    inp: float
+    target: str
+    out_gains: dict[float, float] = field(default_factory=dict)
+    in_gains: dict[float, float] = field(default_factory=dict)
 
-    seed_out, _ = rotation_seeds(name)
-    return choose_shrink(rotate_factor(f.h_out_a, seed_out), rotate_factor(f.h_out_b, seed_out), name=name)
+    def stats(self) -> dict:
+        return {"shrink_out": self.out, "shrink_in": self.inp, "shrink_target": self.target,
+                **({"shrink_gains": {str(k): v for k, v in self.out_gains.items()},
+                    "shrink_in_gains": {str(k): v for k, v in self.in_gains.items()}} if self.out_gains else {})}
 
 
-def profile_shrinks(profile_dir: Path | None) -> dict[str, tuple[int, float, dict[float, float]]]:
-    """λ per layer that the profile's layer phase already chose with `auto_shrink` (and the factor samples it
+def auto_shrink(f, name: str, target: str = DEFAULT_SHRINK_TARGET) -> Shrinkage:
+    """λ of H_O and of H_I chosen by the held-out gain of the two calibration halves (see bitplan.heldout)."""
+    from ..heldout import crossfit
+    from ..profile.coefficients import rotated_halves
+
+    a, b = rotated_halves(f, target)
+    a.xtx = b.xtx = None  # the LDLQ figure is not needed here
+    cf = crossfit(a, b, name=name)
+    return Shrinkage(cf.shrink, cf.shrink_in, target, cf.out_gains, cf.in_gains)
+
+
+def profile_shrinks(profile_dir: Path | None) -> dict[str, tuple[int, Shrinkage]]:
+    """λs per layer that the profile's layer phase already chose with `auto_shrink` (and the factor samples it
     saw), so that apply need not redo the held-out LDLs; {} without a profile.json."""
     if profile_dir is None or not (profile_dir / "profile.json").is_file():
         return {}
@@ -96,9 +114,11 @@ def profile_shrinks(profile_dir: Path | None) -> dict[str, tuple[int, float, dic
 
     out = {}
     for r in load_profile(profile_dir).layers:
-        lam, gains = r.extra.get("shrink_out"), r.extra.get("shrink_gains")
-        if lam is not None and gains:
-            out[r.name] = (r.extra.get("n_samples"), float(lam), {float(k): v for k, v in gains.items()})
+        x = r.extra
+        if x.get("shrink_out") is not None and x.get("shrink_in") is not None and x.get("shrink_target"):
+            gains = [{float(k): v for k, v in x.get(key, {}).items()} for key in ("shrink_gains", "shrink_in_gains")]
+            out[r.name] = (x.get("n_samples"), Shrinkage(float(x["shrink_out"]), float(x["shrink_in"]),
+                                                         x["shrink_target"], *gains))
     return out
 
 
@@ -120,13 +140,14 @@ def parse_shrink(value: str | float | dict) -> str | float | dict:
 
 def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: str | Path, rounding: str = "yaqa",
                   profile_dir: str | Path | None = None, shrink: str | float | dict[str, float] = "auto",
-                  workers: int | None = None, metadata: dict[str, Any] | None = None, progress: bool = True,
+                  shrink_target: str = DEFAULT_SHRINK_TARGET, workers: int | None = None,
+                  metadata: dict[str, Any] | None = None, progress: bool = True,
                   ranks: Ranks | None = None) -> ApplyResult:
     """Quantize `model`'s layers to `formats` (layer name → format name) and write a checkpoint to `out_dir`.
 
-    `shrink` moves each normalized H_O toward the identity for YAQA rounding: "auto" (λ per layer chosen on
-    the profile's two calibration halves), one λ, or λ per layer. Layers not named in
-    `formats` keep their original weights. `workers` layers are rounded at once (default: one per core), each
+    `shrink` moves the normalized factors toward `shrink_target` for YAQA rounding: "auto" (λ of H_O and of
+    H_I per layer, chosen on the profile's two calibration halves), or one λ or λ per layer for H_O alone.
+    Layers not named in `formats` keep their original weights. `workers` layers are rounded at once (default: one per core), each
     on one torch thread: rounding is many small tensor ops, which several intra-op threads slow down.
     Under torchrun the processes split the layers (`ranks`, default: torchrun's group or one process); each
     writes its layers' part files and rank 0 assembles the checkpoint from them.
@@ -143,6 +164,7 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
         raise BitplanError(f"the plan names {len(unknown)} layer(s) the model does not have, e.g. {unknown[0]}")
     fmts = {name: get_format(f) for name, f in formats.items()}  # unknown format names fail before any work
     shrink = parse_shrink(shrink)
+    check_target(shrink_target)
     profile_dir = Path(profile_dir) if profile_dir else None
     weights_hash = weights_sha256(lm.model)
     chosen = profile_shrinks(profile_dir) if rounding == "yaqa" else {}
@@ -156,7 +178,8 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
         method = rounding if fmt.kind != "fp16" else "rtn"
         # without a profile there is no key to match; `one` then fails with load_layer_factors's clear error
         ident = factors_ident(profile_dir, name) if method != "rtn" and profile_dir is not None else "none"
-        key = _part_key(weights_hash, name, fmt.name, method, lam if method == "yaqa" else 0.0, ident)
+        key = _part_key(weights_hash, name, fmt.name, method, f"{lam}:{shrink_target}" if method == "yaqa" else 0.0,
+                        ident)
         return method, lam, jobs / f"{name}.safetensors", key
 
     def one(name: str) -> tuple[str, dict[str, torch.Tensor], dict]:
@@ -166,18 +189,18 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
         if cached is not None:
             return name, *cached
         f = load_layer_factors(profile_dir, name, method)[0] if method != "rtn" else None
-        stats: dict = {}
         if method == "yaqa" and lam == "auto":
             known = chosen.get(name)
-            # the profile's choice when it was made from these factors (same sample count), else recomputed
-            lam, gains = known[1:] if known and known[0] == f.samples else auto_shrink(f, name)
-            stats["shrink_gains"] = {str(k): v for k, v in gains.items()}
-        elif method != "yaqa":
-            lam = 0.0
+            # the profile's choice when it was made from these factors (same samples and target), else recomputed
+            fits = known and known[0] == f.samples and known[1].target == shrink_target
+            lams = known[1] if fits else auto_shrink(f, name, shrink_target)
+        else:
+            lams = Shrinkage(lam if method == "yaqa" else 0.0, 0.0, shrink_target)
         H_in, H_out = (None, None) if f is None else ((f.xtx, None) if method == "ldlq" else (f.h_in, f.h_out))
         W = lm.model.get_submodule(name).weight
-        res: LayerResult = quantize_layer(name, W, fmt, method, H_in, H_out, shrink_out=lam)
-        stats = {**res.stats, **stats, "format": fmt.name, "rounding": method, "shrink_out": lam}
+        res: LayerResult = quantize_layer(name, W, fmt, method, H_in, H_out, shrink_out=lams.out,
+                                          shrink_in=lams.inp, target=shrink_target)
+        stats = {**res.stats, **lams.stats(), "format": fmt.name, "rounding": method}
         with atomic_path(part) as tmp:
             save_file({k: v.contiguous() for k, v in res.tensors.items()}, str(tmp),
                       metadata={"bitplan": json.dumps({"key": key, "stats": stats})})
@@ -252,6 +275,7 @@ def _profile_dir_of(plan, plan_path: Path) -> Path | None:
 
 def apply_plan(plan_path: str | Path, out_dir: str | Path, model: str | LoadedModel | None = None,
                rounding: str = "yaqa", profile_dir: str | Path | None = None, shrink: str | float = "auto",
+               shrink_target: str = DEFAULT_SHRINK_TARGET,
                workers: int | None = None, progress: bool = True) -> ApplyResult:
     """Quantize the model a plan names (or `model`) to the plan's formats; factors from the plan's profile
     (or `profile_dir`, e.g. a profile run with Hessians when the plan came from a shipped profile)."""
@@ -280,6 +304,7 @@ def apply_plan(plan_path: str | Path, out_dir: str | Path, model: str | LoadedMo
         calibration = load_profile(factors_dir).calibration
     metadata = {"plan": {"path": str(plan_path), "budget": plan.budget.get("given"), "totals": plan.totals,
                          "objective": plan.objective},
-                "calibration": calibration, "shrink_out": shrink}
+                "calibration": calibration, "shrink": shrink, "shrink_target": shrink_target}
     return apply_formats(lm, plan.formats, out_dir, rounding=rounding, profile_dir=factors_dir, shrink=shrink,
+                         shrink_target=shrink_target,
                          workers=workers, metadata=metadata, progress=progress)

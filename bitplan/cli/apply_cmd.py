@@ -17,8 +17,11 @@ def apply_command(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="the model (default: the one the plan names)"),
     rounding: str = typer.Option("yaqa", "--rounding", help="yaqa (two-sided LDLQ), ldlq (one-sided, GPTQ) or rtn"),
     profile: Optional[Path] = typer.Option(None, "--profile", help="profile folder with hessians/ (default: the plan's)"),
-    shrink: str = typer.Option("auto", "--shrink", help="auto (λ per layer, chosen on the profile's held-out half) "
-                               "or λ in [0, 1]: H_O ← (1−λ)·H_O + λ·I after normalization (YAQA only)"),
+    shrink: str = typer.Option("auto", "--shrink", help="auto (λ of H_O and of H_I per layer, chosen on the profile's "
+                               "held-out half) or one λ in [0, 1] for H_O: H_O ← (1−λ)·H_O + λ·T after "
+                               "normalization (YAQA only)"),
+    shrink_target: str = typer.Option("identity", "--shrink-target", help="T: identity, or diagonal (the factor's "
+                                      "own diagonal in the original basis)"),
     workers: Optional[int] = typer.Option(None, "--workers", help="layers rounded in parallel (default: one per core)"),
 ) -> None:
     """Quantize a model per its plan (YAQA rounding by default) into a packed checkpoint."""
@@ -26,19 +29,20 @@ def apply_command(
 
     from ..distributed import Ranks
 
-    result = apply_plan(plan, out, model=model, rounding=rounding, profile_dir=profile, shrink=shrink, workers=workers)
+    result = apply_plan(plan, out, model=model, rounding=rounding, profile_dir=profile, shrink=shrink,
+                        shrink_target=shrink_target, workers=workers)
     if not Ranks.current().main:  # under torchrun, rank 0 assembles the checkpoint and reports
         return
     table = Table(title=f"{len(result.formats)} layers → {result.out_dir}")
-    for column in ("format", "layers", "mean t²", "mean λ"):
+    for column in ("format", "layers", "mean t²", "mean λ of H_O", "mean λ of H_I"):
         table.add_column(column, justify="right" if column != "format" else "left")
     by_format: dict[str, list[dict]] = {}
     for name, fmt in result.formats.items():
         by_format.setdefault(fmt, []).append(result.stats[name])
     for fmt, stats in sorted(by_format.items()):
         errs = [s.get("rel_err", float("nan")) for s in stats]
-        lams = [float(s.get("shrink_out", 0.0)) for s in stats]
+        lams = {side: sum(float(s.get(side, 0.0)) for s in stats) / len(stats) for side in ("shrink_out", "shrink_in")}
         table.add_row(fmt, str(len(stats)), f"{sum(errs) / len(errs):.5f}",
-                      f"{sum(lams) / len(lams):.2f}" if rounding == "yaqa" else "–")
+                      *(f"{lams[side]:.2f}" if rounding == "yaqa" else "–" for side in ("shrink_out", "shrink_in")))
     console.print(table)
     console.print(f"evaluate it: bitplan eval --reference {model or 'MODEL'} --candidate {result.out_dir} --data TEXT")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..heldout import RotatedHalf, crossfit, rotate_factor
+from ..heldout import DEFAULT_SHRINK_TARGET, RotatedHalf, crossfit, rotate_factor, rotated_target
 from ..linalg import block_ldl, normalize
 from .hessians import LayerFactors
 from .relerr import rotation_seeds
@@ -33,12 +33,15 @@ class Coefficients:
     alpha_hessian: float
     yaqa_gain: float           # in-sample, raw factors (λ = 0)
     alpha_yaqa: float
-    yaqa_gain_heldout: float | None       # cross-fitted, H_O shrunk by the chosen λ (what `apply --shrink auto` does)
+    yaqa_gain_heldout: float | None       # cross-fitted, factors shrunk by the chosen λs (`apply --shrink auto`)
     alpha_yaqa_heldout: float | None
     yaqa_gain_heldout_raw: float | None   # cross-fitted, λ = 0
     ldlq_gain_heldout: float | None       # one-sided LDLQ (H_I = Σxxᵀ), cross-fitted
-    shrink_out: float | None              # λ chosen by the held-out gain
-    shrink_gains: dict[float, float] | None  # λ → held-out H_O-side gain
+    shrink_out: float | None              # λ of H_O chosen by the held-out gain
+    shrink_in: float | None               # λ of H_I, likewise
+    shrink_target: str | None             # what both were shrunk toward
+    shrink_gains: dict[float, float] | None     # λ → held-out H_O-side gain
+    shrink_in_gains: dict[float, float] | None  # λ → held-out H_I-side gain
     sigma_in: float            # damping the in-sample LDL needed (fraction of the mean diagonal)
     sigma_out: float
 
@@ -47,7 +50,21 @@ def rtn_alpha(c: float, weight_sq_norm: float, m: int, n: int, trace_out: float,
     return 0.5 * c * weight_sq_norm / (m * n) * trace_out * trace_in
 
 
-def layer_coefficients(f: LayerFactors, weight_sq_norm: float, *, block: int = 16, sigma: float = 0.01) -> Coefficients:
+def rotated_halves(f: LayerFactors, target: str = DEFAULT_SHRINK_TARGET) -> tuple[RotatedHalf, RotatedHalf]:
+    """Both calibration halves of a layer, rotated into the basis its weights are rounded in (LDL is not
+    rotation-invariant), with their shrinkage targets."""
+    seed_out, seed_in = rotation_seeds(f.name)
+
+    def rotated(half: str) -> RotatedHalf:
+        ho, hi, xtx = f.half(half)
+        return RotatedHalf(rotate_factor(ho, seed_out), rotate_factor(hi, seed_in),
+                           None if xtx is None else rotate_factor(xtx, seed_in),
+                           rotated_target(ho, seed_out, target), rotated_target(hi, seed_in, target))
+    return rotated("a"), rotated("b")
+
+
+def layer_coefficients(f: LayerFactors, weight_sq_norm: float, *, block: int = 16, sigma: float = 0.01,
+                       target: str = DEFAULT_SHRINK_TARGET) -> Coefficients:
     """Coefficients of one layer; LDL-based gains are computed in the layer's rotated basis, as apply rounds."""
     m, n = f.h_out_a.shape[0], f.h_in_a.shape[0]
     h_out, h_in = f.h_out, f.h_in
@@ -61,18 +78,15 @@ def layer_coefficients(f: LayerFactors, weight_sq_norm: float, *, block: int = 1
     ldl_in = block_ldl(normalize(rotate_factor(h_in, seed_in)), block, sigma=sigma, name=f"{f.name} (H_in)")
     gain = (ldl_out.trace_d / m) * (ldl_in.trace_d / n)  # a normalized factor has trace = dimension
 
-    cf = None
-    if f.samples_a > 0 and f.samples_b > 0:
-        def rotated(half: str) -> RotatedHalf:
-            ho, hi, xtx = f.half(half)
-            return RotatedHalf(rotate_factor(ho, seed_out), rotate_factor(hi, seed_in),
-                               None if xtx is None else rotate_factor(xtx, seed_in))
-        cf = crossfit(rotated("a"), rotated("b"), block, block, sigma, name=f.name)
+    cf = crossfit(*rotated_halves(f, target), block, block, sigma, name=f.name) \
+        if f.samples_a > 0 and f.samples_b > 0 else None
     return Coefficients(
         trace_h_in=tr_in, trace_h_out=tr_out, grad_sq_per_token=per_token,
         grad_sq_per_sample=f.grad_sq / max(f.samples, 1), c=c, alpha_hessian=alpha,
         yaqa_gain=gain, alpha_yaqa=alpha * gain,
         yaqa_gain_heldout=cf and cf.yaqa, alpha_yaqa_heldout=cf and alpha * cf.yaqa,
         yaqa_gain_heldout_raw=cf and cf.yaqa_raw, ldlq_gain_heldout=cf and cf.ldlq,
-        shrink_out=cf and cf.shrink, shrink_gains=cf and {str(k): v for k, v in cf.out_gains.items()},
+        shrink_out=cf and cf.shrink, shrink_in=cf and cf.shrink_in, shrink_target=cf and target,
+        shrink_gains=cf and {str(k): v for k, v in cf.out_gains.items()},
+        shrink_in_gains=cf and {str(k): v for k, v in cf.in_gains.items()},
         sigma_in=ldl_in.sigma, sigma_out=ldl_out.sigma)

@@ -16,7 +16,8 @@ REFERENCE_FORMATS = ("int4-g128", "int3-g128", "higgs-p2-n256-g128", "higgs-p2-n
 
 COLUMNS = ["name", "block", "kind", "out_features", "in_features", "params", "weight_sq_norm", "trace_h_in",
            "trace_h_out", "alpha_noise", "alpha_noise_r2", "alpha_hessian", "alpha_yaqa", "yaqa_gain",
-           "alpha_yaqa_heldout", "yaqa_gain_heldout", "shrink_out", "yaqa_gain_heldout_raw", "ldlq_gain_heldout"]
+           "alpha_yaqa_heldout", "yaqa_gain_heldout", "shrink_out", "shrink_in", "yaqa_gain_heldout_raw",
+           "ldlq_gain_heldout"]
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -35,7 +36,8 @@ def sensitivity_frame(profile: Profile) -> pd.DataFrame:
                "alpha_noise_r2": r.alpha_noise_r2, "alpha_hessian": r.alpha_hessian, "alpha_yaqa": r.alpha_yaqa,
                "yaqa_gain": _ratio(r.alpha_yaqa, r.alpha_hessian), "alpha_yaqa_heldout": r.alpha_yaqa_heldout,
                "yaqa_gain_heldout": _ratio(r.alpha_yaqa_heldout, r.alpha_hessian),
-               **{k: r.extra.get(k) for k in ("shrink_out", "yaqa_gain_heldout_raw", "ldlq_gain_heldout")}}
+               **{k: r.extra.get(k) for k in ("shrink_out", "shrink_in", "yaqa_gain_heldout_raw",
+                                              "ldlq_gain_heldout")}}
         for f in refs:
             t2 = r.rel_err.get(f)
             row[f"dkl_{f}"] = None if t2 is None or r.alpha_hessian is None else r.alpha_hessian * t2

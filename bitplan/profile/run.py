@@ -257,7 +257,8 @@ def _layer_record(info, res: dict, fit: dict | None, rel_err: dict[str, float]) 
                "grad_sq_per_sample": res["grad_sq_per_sample"], "grad_sq_per_token": res["grad_sq_per_token"],
                "kron_scale_c": res["c"], "yaqa_gain": res["yaqa_gain"], "yaqa_gain_heldout": res["yaqa_gain_heldout"],
                "yaqa_gain_heldout_raw": res["yaqa_gain_heldout_raw"], "ldlq_gain_heldout": res["ldlq_gain_heldout"],
-               "shrink_out": res["shrink_out"], "shrink_gains": res["shrink_gains"],
+               **{k: res.get(k) for k in ("shrink_out", "shrink_in", "shrink_target", "shrink_gains",
+                                          "shrink_in_gains")},
                "ldl_sigma_in": res["sigma_in"], "ldl_sigma_out": res["sigma_out"],
                **({"noise_t2": fit["t2"], "noise_dkl": fit["dkl"]} if fit else {})})
 

@@ -31,7 +31,7 @@ def test_default_model_roundings_and_loaded_logits(smollm2, tmp_path):
             st = result.stats[n]
             assert st["proxy"] < st["proxy_rtn"], (rounding, n)
     qc = json.loads((tmp_path / "yaqa" / "config.json").read_text())["quantization_config"]
-    assert all(0.0 <= qc["layers"][n]["shrink_out"] <= 1.0 for n in names)
+    assert all(0.0 <= qc["layers"][n][side] <= 1.0 for n in names for side in ("shrink_out", "shrink_in"))
 
     loaded = load_quantized(tmp_path / "yaqa")
     reference = load_model("smollm2-135m")
@@ -41,7 +41,8 @@ def test_default_model_roundings_and_loaded_logits(smollm2, tmp_path):
 
         f = load_factors(prof, n)
         W_hat[n] = quantize_layer(n, smollm2.model.get_submodule(n).weight, get_format("int3-g128"), "yaqa",
-                                  f.h_in, f.h_out, shrink_out=qc["layers"][n]["shrink_out"]).W_hat
+                                  f.h_in, f.h_out, shrink_out=qc["layers"][n]["shrink_out"],
+                                  shrink_in=qc["layers"][n]["shrink_in"], target=qc["layers"][n]["shrink_target"]).W_hat
     simulate(reference.model, W_hat)
     ids = torch.tensor([smollm2.tokenizer(WIKITEXT.read_text()[:2000]).input_ids[:96]])
     with torch.inference_mode():

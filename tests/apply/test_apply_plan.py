@@ -71,14 +71,17 @@ def test_auto_shrink_records_the_lambda_chosen_per_layer(tiny_plan, tmp_path):
     lm, plan, plan_path = tiny_plan
     apply_plan(plan_path, tmp_path / "q", model=lm, rounding="yaqa", shrink="auto", progress=False)
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
-    in_profile = {r.name: r.extra["shrink_out"] for r in load_profile(tmp_path / "prof").layers}
+    in_profile = {r.name: (r.extra["shrink_out"], r.extra["shrink_in"]) for r in load_profile(tmp_path / "prof").layers}
     for name, fmt in plan.formats.items():
         stats = qc["layers"][name]
         if fmt == "fp16":
             continue
-        expected, gains = auto_shrink(load_factors(tmp_path / "prof", name), name)
-        assert stats["shrink_out"] == expected == in_profile[name]   # the CSV shows what apply used
-        assert min(stats["shrink_gains"].values()) == pytest.approx(gains[expected])
+        expected = auto_shrink(load_factors(tmp_path / "prof", name), name)
+        # the CSV shows what apply used
+        assert (stats["shrink_out"], stats["shrink_in"]) == (expected.out, expected.inp) == in_profile[name]
+        assert stats["shrink_target"] == "identity"
+        assert min(stats["shrink_gains"].values()) == pytest.approx(expected.out_gains[expected.out])
+        assert min(stats["shrink_in_gains"].values()) == pytest.approx(expected.in_gains[expected.inp])
 
 
 def test_fixed_shrink_and_bad_values(tiny_plan, tmp_path):
@@ -86,9 +89,12 @@ def test_fixed_shrink_and_bad_values(tiny_plan, tmp_path):
     apply_plan(plan_path, tmp_path / "q", model=lm, rounding="yaqa", shrink="0.6", progress=False)
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert {s["shrink_out"] for n, s in qc["layers"].items() if plan.formats[n] != "fp16"} == {0.6}
+    assert {s["shrink_in"] for n, s in qc["layers"].items() if plan.formats[n] != "fp16"} == {0.0}
     for bad in ("1.5", "-0.1", "often"):
         with pytest.raises(BitplanError, match="--shrink"):
             apply_plan(plan_path, tmp_path / "q2", model=lm, rounding="yaqa", shrink=bad, progress=False)
+    with pytest.raises(BitplanError, match="shrinkage target"):
+        apply_plan(plan_path, tmp_path / "q2", model=lm, rounding="yaqa", shrink_target="zero", progress=False)
 
 
 def test_ldlq_on_a_profile_without_input_moments_is_a_clear_error(tiny_plan, tmp_path):

@@ -16,6 +16,7 @@ from torch import nn
 from bitplan.formats import get_format
 from bitplan.models import decoder_layers, find_linears
 from bitplan.profile import load_factors, load_profile, profile_model
+from bitplan.profile.defaults import DEFAULT_CHUNK
 
 from tests.conftest import SOTU
 
@@ -52,4 +53,4 @@ def test_profile_real_weights_end_to_end(smollm2, tmp_path):
     assert f.h_in_a.shape == (1536, 1536) and f.h_out_b.shape == (576, 576)
     assert torch.allclose(f.h_in_a, f.h_in_a.T) and float(torch.linalg.eigvalsh(f.h_in).min()) > -1e-3 * float(f.h_in.diagonal().mean())
     meta = json.loads((out / "profile.json").read_text())
-    assert meta["settings"]["sketch_chunk"] == 32
+    assert meta["settings"]["sketch_chunk"] == DEFAULT_CHUNK
