@@ -9,7 +9,7 @@ WikiText-2 (text no profile saw), and prints mean KL:
   rtn        round-to-nearest (needs no calibration: measured once per format)
   ldlq       one-sided block LDLQ, H_O = I, H_I = Σxxᵀ (GPTQ's update)
   yaqa raw   two-sided block LDLQ with the raw factors (λ = 0)
-  yaqa auto  two-sided, H_O shrunk by λ per layer chosen on the profile's held-out half (`--shrink auto`)
+  yaqa auto  two-sided, H_O and H_I shrunk by λs per layer chosen on the profile's held-out half (`--shrink auto`)
 next to the held-out predicted ratio YAQA ÷ LDLQ from the profile (Σ α·t²·gain over the layers, gains
 cross-fitted: LDL on one calibration half, judged under the other) and the measured one. Also the profile's wall
 time and its ratio to one plain forward+backward pass (weight gradients included) over the same calibration.
@@ -96,9 +96,9 @@ def main() -> None:
                                 shrink=shrink)
         apply_s = time.perf_counter() - t0
         ev = evaluate(lm, str(ckpt), args.data, windows=args.windows, seqlen=args.seqlen)
-        lams = [float(s.get("shrink_out", 0.0)) for s in applied.stats.values()]
+        lams = {side: [float(s.get(side, 0.0)) for s in applied.stats.values()] for side in ("shrink_out", "shrink_in")}
         results[key] = {"kl": ev.kl_mean, "kl_se": ev.kl_se, "top1": ev.top1_agreement, "apply_s": apply_s,
-                        "mean_shrink": sum(lams) / len(lams)}
+                        **{f"mean_{side}": sum(v) / len(v) for side, v in lams.items()}}
         write_json(args.out, results)
         shutil.rmtree(ckpt, ignore_errors=True)
         console.print(f"{key}: KL {ev.kl_mean:.4f} ± {ev.kl_se:.4f} (apply {apply_s:.0f} s)")
