@@ -21,10 +21,10 @@ from safetensors.torch import save_file
 from ..distributed import Ranks
 from ..errors import BitplanError
 from ..formats import get_format
+from ..heldout import DEFAULT_SHRINK_TARGET, check_target
 from ..io import atomic_path
 from ..models import LoadedModel, find_linears, load_model, weights_sha256
 from .checkpoint import write_checkpoint
-from ..heldout import DEFAULT_SHRINK_TARGET, check_target
 from .layer import ROUNDINGS, LayerResult, quantize_layer
 
 
@@ -39,7 +39,7 @@ def job_dir(out_dir: Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.job"
 
 
-def _part_key(weights_hash: str, name: str, fmt: str, rounding: str, shrink: float, factors_id: str) -> str:
+def _part_key(weights_hash: str, name: str, fmt: str, rounding: str, shrink: str | float, factors_id: str) -> str:
     return hashlib.sha256(f"{weights_hash}|{name}|{fmt}|{rounding}|{shrink}|{factors_id}".encode()).hexdigest()
 
 
@@ -147,8 +147,9 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
 
     `shrink` moves the normalized factors toward `shrink_target` for YAQA rounding: "auto" (λ of H_O and of
     H_I per layer, chosen on the profile's two calibration halves), or one λ or λ per layer for H_O alone.
-    Layers not named in `formats` keep their original weights. `workers` layers are rounded at once (default: one per core), each
-    on one torch thread: rounding is many small tensor ops, which several intra-op threads slow down.
+    Layers not named in `formats` keep their original weights. `workers` layers are rounded at once (default:
+    one per core), each on one torch thread: rounding is many small tensor ops, which several intra-op threads
+    slow down.
     Under torchrun the processes split the layers (`ranks`, default: torchrun's group or one process); each
     writes its layers' part files and rank 0 assembles the checkpoint from them.
     """
