@@ -148,17 +148,31 @@ def both_ways(fn, a, b) -> float:
     return 0.5 * (fn(a, b) + fn(b, a))
 
 
+def shrink_gains(h_a: torch.Tensor, h_b: torch.Tensor, block: int = 16, sigma: float = 0.01,
+                 grid: tuple[float, ...] = SHRINK_GRID, name: str = "a layer",
+                 targets: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+                 judges: tuple[Judge, Judge] | None = None) -> dict[float, float]:
+    """λ → held-out gain on one side of the factor shrunk toward its target; h_a, h_b are one factor's two
+    calibration halves (rotated), `judges` their prepared `Judge`s when the caller has them already."""
+    j_a, j_b = judges or (Judge.of(h_a), Judge.of(h_b))
+    a, b = (h_a, targets[0], j_a), (h_b, targets[1], j_b)
+    return {lam: both_ways(lambda f, j: side_gain(f[0], j[2], block, sigma, lam, name, f[1]), a, b) for lam in grid}
+
+
+def best_lambda(gains: dict[float, float], grid: tuple[float, ...] = SHRINK_GRID) -> float:
+    """The λ on `grid` with the smallest gain; ties go to the smaller λ."""
+    return min(grid, key=lambda lam: (gains[lam], lam))
+
+
 def choose_shrink(h_a: torch.Tensor, h_b: torch.Tensor, block: int = 16, sigma: float = 0.01,
                   grid: tuple[float, ...] = SHRINK_GRID, name: str = "a layer",
                   targets: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
                   ) -> tuple[float, dict[float, float]]:
     """The λ on `grid` whose factor, shrunk toward its target, has the smallest held-out gain on its side, and
-    every λ's gain; h_a, h_b are one factor's two calibration halves (rotated). Ties go to the smaller λ.
-    (The other side multiplies every λ's two-sided gain by the same number, so it does not enter the choice.)"""
-    a, b = (h_a, targets[0], Judge.of(h_a)), (h_b, targets[1], Judge.of(h_b))
-    gains = {lam: both_ways(lambda f, j: side_gain(f[0], j[2], block, sigma, lam, name, f[1]), a, b)
-             for lam in grid}
-    return min(grid, key=lambda lam: (gains[lam], lam)), gains
+    every λ's gain. (The other side multiplies every λ's two-sided gain by the same number, so it does not enter
+    the choice.)"""
+    gains = shrink_gains(h_a, h_b, block, sigma, grid, name, targets)
+    return best_lambda(gains, grid), gains
 
 
 def crossfit(a: RotatedHalf, b: RotatedHalf, block_in: int = 16, block_out: int = 16, sigma: float = 0.01,
@@ -169,15 +183,15 @@ def crossfit(a: RotatedHalf, b: RotatedHalf, block_in: int = 16, block_out: int 
     def with_raw(g: tuple[float, ...]) -> tuple[float, ...]:
         return tuple(sorted({0.0, *g}))
 
-    _, out_gains = choose_shrink(a.h_out, b.h_out, block_out, sigma, with_raw(grid), f"{name} (H_out)",
-                                 (a.t_out, b.t_out))
-    _, in_gains = choose_shrink(a.h_in, b.h_in, block_in, sigma, with_raw(grid_in), f"{name} (H_in)",
-                                (a.t_in, b.t_in))
-    lam_out = min(grid, key=lambda lam: (out_gains[lam], lam))
-    lam_in = min(grid_in, key=lambda lam: (in_gains[lam], lam))
+    in_judges = (Judge.of(a.h_in), Judge.of(b.h_in))  # H_I judges both the sketch's and Σxxᵀ's LDL
+    out_gains = shrink_gains(a.h_out, b.h_out, block_out, sigma, with_raw(grid), f"{name} (H_out)",
+                             (a.t_out, b.t_out))
+    in_gains = shrink_gains(a.h_in, b.h_in, block_in, sigma, with_raw(grid_in), f"{name} (H_in)",
+                            (a.t_in, b.t_in), in_judges)
+    lam_out, lam_in = best_lambda(out_gains, grid), best_lambda(in_gains, grid_in)
     ldlq = None
     if a.xtx is not None and b.xtx is not None:
-        judges = {id(a): Judge.of(a.h_in), id(b): Judge.of(b.h_in)}
-        ldlq = both_ways(lambda f, j: side_gain(f.xtx, judges[id(j)], block_in, sigma, 0.0, f"{name} (xxᵀ)"), a, b)
+        ldlq = 0.5 * (side_gain(a.xtx, in_judges[1], block_in, sigma, 0.0, f"{name} (xxᵀ)")
+                      + side_gain(b.xtx, in_judges[0], block_in, sigma, 0.0, f"{name} (xxᵀ)"))
     return CrossFit(shrink=lam_out, shrink_in=lam_in, out_gains=out_gains, in_gains=in_gains,
                     yaqa=out_gains[lam_out] * in_gains[lam_in], yaqa_raw=out_gains[0.0] * in_gains[0.0], ldlq=ldlq)

@@ -99,9 +99,7 @@ def auto_shrink(f, name: str, target: str = DEFAULT_SHRINK_TARGET) -> Shrinkage:
     from ..heldout import crossfit
     from ..profile.coefficients import rotated_halves
 
-    a, b = rotated_halves(f, target)
-    a.xtx = b.xtx = None  # the LDLQ figure is not needed here
-    cf = crossfit(a, b, name=name)
+    cf = crossfit(*rotated_halves(f, target, with_xtx=False), name=name)
     return Shrinkage(cf.shrink, cf.shrink_in, target, cf.out_gains, cf.in_gains)
 
 

@@ -50,15 +50,16 @@ def rtn_alpha(c: float, weight_sq_norm: float, m: int, n: int, trace_out: float,
     return 0.5 * c * weight_sq_norm / (m * n) * trace_out * trace_in
 
 
-def rotated_halves(f: LayerFactors, target: str = DEFAULT_SHRINK_TARGET) -> tuple[RotatedHalf, RotatedHalf]:
+def rotated_halves(f: LayerFactors, target: str = DEFAULT_SHRINK_TARGET,
+                   with_xtx: bool = True) -> tuple[RotatedHalf, RotatedHalf]:
     """Both calibration halves of a layer, rotated into the basis its weights are rounded in (LDL is not
-    rotation-invariant), with their shrinkage targets."""
+    rotation-invariant), with their shrinkage targets; Σxxᵀ only `with_xtx` (for the LDLQ figure)."""
     seed_out, seed_in = rotation_seeds(f.name)
 
     def rotated(half: str) -> RotatedHalf:
         ho, hi, xtx = f.half(half)
         return RotatedHalf(rotate_factor(ho, seed_out), rotate_factor(hi, seed_in),
-                           None if xtx is None else rotate_factor(xtx, seed_in),
+                           None if xtx is None or not with_xtx else rotate_factor(xtx, seed_in),
                            rotated_target(ho, seed_out, target), rotated_target(hi, seed_in, target))
     return rotated("a"), rotated("b")
 
