@@ -113,6 +113,13 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
 def token_windows(tokenizer, source: str, n_windows: int, seqlen: int, seed: int = 0,
                   max_context: int | None = None) -> torch.Tensor:
     """`n_windows` distinct token windows of length `seqlen` from `source`, chosen by `seed`: LongTensor [n, seqlen]."""
+    return placed_token_windows(tokenizer, source, n_windows, seqlen, seed, max_context)[0]
+
+
+def placed_token_windows(tokenizer, source: str, n_windows: int, seqlen: int, seed: int = 0,
+                         max_context: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_windows` and where each window starts in the source's token stream (LongTensor [n]): the profile
+    can split its windows by where they come from in the text."""
     if n_windows <= 0:
         raise BitplanError(f"the number of windows must be positive (got {n_windows})")
     if seqlen < 2:
@@ -132,7 +139,7 @@ def token_windows(tokenizer, source: str, n_windows: int, seqlen: int, seed: int
     windows = stream[: available * body].view(available, body)[order]
     if bos is not None:
         windows = torch.cat([torch.full((n_windows, 1), bos, dtype=torch.long), windows], dim=1)
-    return windows
+    return windows, order * body
 
 
 def warn_if_same_source(calibration: dict | None, evaluation: TextSource) -> str | None:

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from bitplan.data import describe_source, load_texts, needs_bos, token_stream, token_windows, warn_if_same_source
+from bitplan.data import (describe_source, load_texts, needs_bos, placed_token_windows, token_stream, token_windows,
+                          warn_if_same_source)
 from bitplan.errors import BitplanError
 
 from tests.conftest import TINY_TEXT, make_tokenizer
@@ -62,6 +63,11 @@ def test_windows_are_seeded_distinct_and_prefix_stable(tiny_text, tiny_tokenizer
         assert hits, "every window is a slice of the stream at a window boundary"
         starts.append(hits[0])
     assert len(set(starts)) == 6
+    # placed_token_windows says where each one starts.
+    windows, positions = placed_token_windows(tiny_tokenizer, str(tiny_text), 6, 32, seed=1)
+    assert torch.equal(windows, a) and len(set(positions.tolist())) == 6
+    for w, start in zip(windows, positions.tolist()):
+        assert start % 32 == 0 and torch.equal(stream[start:start + 32], w)
 
 
 def test_bos_is_prepended_only_when_the_tokenizer_uses_it(tiny_text):
@@ -71,6 +77,11 @@ def test_bos_is_prepended_only_when_the_tokenizer_uses_it(tiny_text):
     assert (w[:, 0] == with_bos.bos_token_id).all() and (w[:, 1:] != with_bos.bos_token_id).all()
     w = token_windows(plain, str(tiny_text), 4, 16, seed=0)
     assert (w != plain.bos_token_id).all()
+    # With BOS a window holds 15 tokens of text, starting where placed_token_windows says.
+    stream = token_stream(with_bos, load_texts(str(tiny_text)))
+    w, positions = placed_token_windows(with_bos, str(tiny_text), 4, 16, seed=0)
+    for row, start in zip(w, positions.tolist()):
+        assert start % 15 == 0 and torch.equal(row[1:], stream[start:start + 15])
 
 
 def test_window_errors(tmp_path, tiny_tokenizer, tiny_text):

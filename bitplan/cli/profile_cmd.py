@@ -6,7 +6,8 @@ from typing import Optional
 
 import typer
 
-from ..profile.defaults import DEFAULT_CHUNK, DEFAULT_NOISE_SAMPLES, DEFAULT_SAMPLES, DEFAULT_SEQLEN
+from ..profile.defaults import (DEFAULT_CHUNK, DEFAULT_HALVES, DEFAULT_NOISE_SAMPLES, DEFAULT_SAMPLES, DEFAULT_SEQLEN,
+                                HALF_SPLITS)
 from . import app, console
 
 
@@ -14,11 +15,14 @@ from . import app, console
 def profile_command(
     model: str = typer.Argument("smollm2-135m", help="folder, .gguf file, cached hub id or built-in name"),
     calib: str = typer.Option(..., "--calib", "-c", help="calibration text: .txt, .jsonl (field \"text\") or hf:NAME[:CONFIG[:SPLIT]]"),
-    samples: int = typer.Option(DEFAULT_SAMPLES, "--samples", "-n", help="calibration windows (split into two seeded halves)"),
+    samples: int = typer.Option(DEFAULT_SAMPLES, "--samples", "-n", help="calibration windows (split into two halves, see --halves)"),
     seqlen: int = typer.Option(DEFAULT_SEQLEN, "--seqlen", "-t", help="tokens per window"),
     seed: int = typer.Option(0, "--seed", help="seeds the windows, the halves, the sampled labels and the noise"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory (default ./profile-<model id>)"),
     sketch_chunk: int = typer.Option(DEFAULT_CHUNK, "--sketch-chunk", help="tokens per factor sample T' (1 = per token, seqlen = YAQA sketch B)"),
+    halves: str = typer.Option(DEFAULT_HALVES, "--halves", help=f"how the windows are split into the two halves that "
+                               f"choose λ and cross-fit the forecasts: {' or '.join(HALF_SPLITS)} (first half of the "
+                               "source text against the second)"),
     formats: str = typer.Option("default", "--formats", help="candidate formats, comma-separated, or 'default'"),
     noise_samples: int = typer.Option(DEFAULT_NOISE_SAMPLES, "--noise-samples", help="calibration windows used for noise injection (0 skips α_noise)"),
     batch_size: int = typer.Option(4, "--batch-size", help="windows per forward/backward pass (memory vs speed; results do not depend on it)"),
@@ -44,7 +48,8 @@ def profile_command(
 
     profile = profile_model(model, calib, samples, seqlen, seed, out, sketch_chunk=sketch_chunk,
                             noise_samples=noise_samples, formats=formats, batch_size=batch_size,
-                            checkpoint_every=checkpoint_every, factor_groups=factor_groups, overwrite=overwrite,
+                            checkpoint_every=checkpoint_every, factor_groups=factor_groups, halves=halves,
+                            overwrite=overwrite,
                             keep_job=keep_job)
     from ..distributed import Ranks
 

@@ -2,8 +2,9 @@
 
 Phases (each resumable on its own, see job.py):
   1. noise   α_noise per layer by noise injection on the first `noise_samples` calibration windows;
-  2. factors Kronecker factors of every block linear on two seeded halves of the calibration windows, one half
-             after the other (only one half's float64 sums are in memory), checkpointed every few batches;
+  2. factors Kronecker factors of every block linear on two halves of the calibration windows (seeded, or by
+             where they start in the source: `halves`), one half after the other (only one half's float64 sums
+             are in memory), checkpointed every few batches;
              each half's hessians/<half>/<layer>.safetensors as soon as the half is complete;
   3. layers  per layer: predicted coefficients from the factors (block LDL, held-out gains);
   4. formats per layer: the relative error of every candidate format (the candidate list is not part of the
@@ -32,7 +33,8 @@ from ..errors import BitplanError
 from ..formats import Format, default_candidates, get_format
 from ..models import LoadedModel, find_extras, find_linears, get_module, load_model, weights_sha256
 from .coefficients import layer_coefficients
-from .defaults import DEFAULT_CHUNK, DEFAULT_NOISE_SAMPLES, DEFAULT_SAMPLES, DEFAULT_SEQLEN
+from .defaults import (DEFAULT_CHUNK, DEFAULT_HALVES, DEFAULT_NOISE_SAMPLES, DEFAULT_SAMPLES, DEFAULT_SEQLEN,
+                       HALF_SPLITS)
 from .factors import ChunkStats, FactorSums
 from .hessians import HALVES, factors_path, load_factors, save_half_factors
 from .job import Job
@@ -53,6 +55,7 @@ Events = Callable[[str, int], None]
 class Calibration:
     windows: torch.Tensor          # [samples, seqlen] token ids
     description: dict
+    positions: torch.Tensor        # [samples] where each window starts in the source (row order for token ids)
 
 
 def default_out_dir(model_id: str) -> Path:
@@ -80,22 +83,23 @@ def _calibration(loaded: LoadedModel, calib: str | Path | torch.Tensor, samples:
                 raise BitplanError(f"{what}={given} disagrees with the calibration tensor's shape {tuple(calib.shape)}")
         digest = hashlib.sha256(calib.contiguous().numpy().tobytes()).hexdigest()
         desc = {"source": "token ids passed to profile_model", "sha256": digest, "documents": None}
-        windows = calib
+        windows, positions = calib, torch.arange(calib.shape[0])
     else:
-        from ..data import describe_source, token_windows
+        from ..data import describe_source, placed_token_windows
 
         if loaded.tokenizer is None:
             raise BitplanError("calibration text needs the model's tokenizer; pass token ids instead")
         samples = DEFAULT_SAMPLES if samples is None else samples
         seqlen = DEFAULT_SEQLEN if seqlen is None else seqlen
         context = getattr(loaded.model.config, "max_position_embeddings", None)
-        windows = token_windows(loaded.tokenizer, str(calib), samples, seqlen, seed, max_context=context)
+        windows, positions = placed_token_windows(loaded.tokenizer, str(calib), samples, seqlen, seed,
+                                                  max_context=context)
         desc = describe_source(str(calib)).describe()
     n, T = windows.shape
     if n < 2:
         raise BitplanError(f"profiling needs at least 2 calibration windows (two halves), got {n}")
     desc.update(samples=n, seqlen=T, seed=seed, tokens=n * T)
-    return Calibration(windows, desc)
+    return Calibration(windows, desc, positions)
 
 
 def _formats(formats: str | list | None) -> list[Format]:
@@ -112,10 +116,17 @@ def _formats(formats: str | list | None) -> list[Format]:
     return out
 
 
-def split_halves(n: int, seed: int) -> tuple[list[int], list[int]]:
-    """Window indices of halves a and b: a seeded split, each half in window order."""
-    perm = torch.randperm(n, generator=generator(seed, "halves")).tolist()
-    return sorted(perm[: n // 2]), sorted(perm[n // 2:])
+def split_halves(n: int, seed: int, how: str = DEFAULT_HALVES,
+                 positions: torch.Tensor | None = None) -> tuple[list[int], list[int]]:
+    """Window indices of halves a and b, each in window order: a seeded split ("random"), or the windows that
+    start earliest in the source against the rest ("contiguous", by `positions`; row order without them)."""
+    if how == "random":
+        order = torch.randperm(n, generator=generator(seed, "halves")).tolist()
+    elif how == "contiguous":
+        order = list(range(n)) if positions is None else torch.argsort(positions, stable=True).tolist()
+    else:
+        raise BitplanError(f"--halves must be one of {', '.join(HALF_SPLITS)}, got {how!r}")
+    return sorted(order[: n // 2]), sorted(order[n // 2:])
 
 
 @contextmanager
@@ -143,7 +154,7 @@ def profile_model(model: str | Path | LoadedModel | nn.Module, calib: str | Path
                   out_dir: str | Path | None = None, *, sketch_chunk: int = DEFAULT_CHUNK,
                   noise_samples: int = DEFAULT_NOISE_SAMPLES, noise_levels: tuple[float, ...] = DEFAULT_LEVELS,
                   formats: str | list | None = None, batch_size: int = 4, checkpoint_every: int = 64,
-                  factor_groups: int = 1,
+                  factor_groups: int = 1, halves: str = DEFAULT_HALVES,
                   overwrite: bool = False, progress: bool = True, keep_job: bool = False,
                   events: Events | None = None, ranks: Ranks | None = None) -> Profile:
     """Profile `model` on calibration text (a .txt/.jsonl path or hf:NAME) or token ids [windows, seqlen].
@@ -163,6 +174,7 @@ def profile_model(model: str | Path | LoadedModel | nn.Module, calib: str | Path
     fmts = _formats(formats)
     cal = _calibration(loaded, calib, samples, seqlen, seed)
     n_windows, T = cal.windows.shape
+    split = split_halves(n_windows, seed, halves, cal.positions)
     if not 1 <= sketch_chunk <= T:
         raise BitplanError(f"--sketch-chunk must be between 1 and the window length {T}, got {sketch_chunk}")
     if not 0 <= noise_samples <= n_windows:
@@ -174,7 +186,7 @@ def profile_model(model: str | Path | LoadedModel | nn.Module, calib: str | Path
     sha = weights_sha256(net)
     identity = {"weights_sha256": sha, "model_id": loaded.model_id}
     fingerprint = {"weights_sha256": sha, "calibration_sha256": cal.description["sha256"], "samples": n_windows,
-                   "seqlen": T, "seed": seed, "sketch_chunk": sketch_chunk, "noise_samples": noise_samples,
+                   "seqlen": T, "seed": seed, "sketch_chunk": sketch_chunk, "halves": halves, "noise_samples": noise_samples,
                    "noise_levels": list(levels), "ldl_block": LDL_BLOCK, "ldl_sigma": LDL_SIGMA}
     out = Path(out_dir) if out_dir is not None else default_out_dir(loaded.model_id)
     layer_groups(infos, factor_groups)  # a bad count fails before any work
@@ -203,7 +215,7 @@ def profile_model(model: str | Path | LoadedModel | nn.Module, calib: str | Path
         noise = _noise_phase(job, net, infos, cal.windows[:noise_samples], levels, seed, bars, emit, ranks)
         add_time("noise", time.perf_counter() - t0)
         t0 = time.perf_counter()
-        _factor_phase(job, net, infos, cal.windows, seed, sketch_chunk, bars, emit, sketch_times, ranks)
+        _factor_phase(job, net, infos, cal.windows, split, seed, sketch_chunk, bars, emit, sketch_times, ranks)
         add_time("factors.forward_backward", sketch_times.forward_backward)
         add_time("factors.accumulate", sketch_times.accumulate)
         add_time("factors", time.perf_counter() - t0)
@@ -217,10 +229,9 @@ def profile_model(model: str | Path | LoadedModel | nn.Module, calib: str | Path
         ranks.barrier()  # rank 0 writes the profile
         return load_profile(out)
 
-    halves = split_halves(n_windows, seed)
     records = [_layer_record(i, layer_results[i.name], noise.get(i.name), rel_errs[i.name]) for i in infos]
     params = {id(p): p.numel() for p in net.parameters()}
-    calibration = dict(cal.description, halves={"a": len(halves[0]), "b": len(halves[1])},
+    calibration = dict(cal.description, halves={"split": halves, "a": len(split[0]), "b": len(split[1])},
                        noise_samples=noise_samples, noise_tokens=noise_samples * T)
     profile = Profile(
         model={"id": loaded.model_id, "spec": loaded.spec, "weights_sha256": sha,
@@ -229,7 +240,9 @@ def profile_model(model: str | Path | LoadedModel | nn.Module, calib: str | Path
         calibration=calibration,
         formats=[f.name for f in fmts], layers=records, extras=extras,
         settings={"sketch_chunk": sketch_chunk, "labels": "sampled from the model's output distribution",
-                  "halves": "seeded split of the calibration windows; factors kept per half",
+                  "halves": (f"{halves} split of the calibration windows"
+                             + (" (by where they start in the source)" if halves == "contiguous" else " (seeded)")
+                             + "; factors kept per half"),
                   "noise_levels": list(levels), "noise_samples": noise_samples, "ldl_block": LDL_BLOCK,
                   "ldl_sigma": LDL_SIGMA, "dkl_unit": "mean per-token KL(original ‖ quantized), nats",
                   "fingerprint": fingerprint, **job.options},
@@ -332,7 +345,8 @@ def layer_groups(infos: list, groups: int) -> list[list]:
     return [infos[bounds[k]:bounds[k + 1]] for k in range(groups)]
 
 
-def _factor_phase(job: Job, net: nn.Module, infos, windows: torch.Tensor, seed: int, chunk: int, bars,
+def _factor_phase(job: Job, net: nn.Module, infos, windows: torch.Tensor, split: tuple[list[int], list[int]],
+                  seed: int, chunk: int, bars,
                   emit: Events, times: SketchTimes, ranks: Ranks) -> None:
     """One half after the other: only one half's float64 sums are ever in memory, and with `factor_groups` = G
     only one group's (the calibration is then run G times per half, each time for 1/G of the layers).
@@ -345,7 +359,7 @@ def _factor_phase(job: Job, net: nn.Module, infos, windows: torch.Tensor, seed: 
     bs = job.options["batch_size"]
     every = max(1, job.options["checkpoint_every"] // (bs * ranks.world))  # in steps
     groups = layer_groups(infos, job.options.get("factor_groups", 1))
-    for half, idx in zip(HALVES, split_halves(windows.shape[0], seed)):
+    for half, idx in zip(HALVES, split):
         if job.half_done(half):
             continue
         batches = [idx[s:s + bs] for s in range(0, len(idx), bs)]

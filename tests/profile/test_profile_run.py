@@ -50,7 +50,7 @@ def test_outputs(tmp_path):
     model = tiny_llama()
     infos = find_linears(model)
     assert [r.name for r in loaded.layers] == [i.name for i in infos]
-    assert loaded.calibration["tokens"] == 8 * 16 and loaded.calibration["halves"] == {"a": 4, "b": 4}
+    assert loaded.calibration["tokens"] == 8 * 16 and loaded.calibration["halves"] == {"split": "contiguous", "a": 4, "b": 4}
     assert loaded.settings["sketch_chunk"] == 4 and loaded.formats == FORMATS.split(",")
     for r in loaded.layers:
         assert r.alpha_hessian > 0 and r.alpha_noise is not None and r.alpha_yaqa_heldout is not None
@@ -69,9 +69,35 @@ def test_outputs(tmp_path):
 
 
 def test_halves_are_a_seeded_partition():
-    a, b = split_halves(9, 3)
+    a, b = split_halves(9, 3, "random")
     assert sorted(a + b) == list(range(9)) and len(a) == 4
-    assert split_halves(9, 3) == (a, b) and split_halves(9, 4) != (a, b)
+    assert split_halves(9, 3, "random") == (a, b) and split_halves(9, 4, "random") != (a, b)
+
+
+def test_contiguous_halves_split_by_position_in_the_source():
+    positions = torch.tensor([700, 0, 350, 210, 910, 140, 560, 70, 420])
+    a, b = split_halves(9, 3, "contiguous", positions)
+    assert a == [1, 3, 5, 7] and b == [0, 2, 4, 6, 8] and a == sorted(a) and b == sorted(b)
+    assert max(positions[a]) < min(positions[b])  # every window of a comes earlier in the text than any of b
+    assert split_halves(9, 4, "contiguous", positions) == (a, b)  # the seed chose the windows, not the split
+    assert split_halves(4, 0, "contiguous") == ([0, 1], [2, 3])  # token ids: row order stands for position
+    with pytest.raises(BitplanError, match="--halves"):
+        split_halves(4, 0, "alternate")
+
+
+def test_contiguous_halves_accumulate_each_half_of_the_rows(tmp_path):
+    """Token ids with contiguous halves: half a's factors are those of the first rows, b's of the rest (a random
+    split's halves, taken from the same rows, differ)."""
+    ids = token_ids(8, 16)
+    full = run(tmp_path / "contiguous", ids=ids, noise_samples=0)  # the default
+    first = run(tmp_path / "first", ids=ids[:4], noise_samples=0)
+    name = full.layers[0].name
+    f, g = load_factors(tmp_path / "contiguous", name), load_factors(tmp_path / "first", name)
+    torch.testing.assert_close(f.h_in_a, g.h_in_a + g.h_in_b, rtol=1e-5, atol=1e-6 * float(f.h_in_a.abs().max()))
+    assert full.calibration["halves"]["split"] == "contiguous"
+    assert split_halves(8, 0, "random")[0] != [0, 1, 2, 3]
+    run(tmp_path / "random", ids=ids, halves="random", noise_samples=0)
+    assert not torch.allclose(load_factors(tmp_path / "random", name).h_in_a, f.h_in_a, rtol=1e-3)
 
 
 # 8 windows = 2 halves × 2 batches of 2, a checkpoint after every batch but a half's last (its files are written
