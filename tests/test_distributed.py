@@ -81,6 +81,7 @@ def test_two_processes_equal_one(tmp_path, tiny_model_dir, tiny_text):
         for x, y in [(a.h_out_a, b.h_out_a), (a.h_in_b, b.h_in_b), (a.xtx_a, b.xtx_a), (a.h_out_b, b.h_out_b)]:
             assert rel_diff(x, y) < 1e-6
         assert (a.samples, a.tokens, a.grad_sq) == (b.samples, b.tokens, pytest.approx(b.grad_sq, rel=1e-9))
+        assert a.window_grad_sq == pytest.approx(b.window_grad_sq, rel=1e-9)
 
     plan = solve(single, "4.5bpw")
     plan.save(tmp_path / "plan.json")

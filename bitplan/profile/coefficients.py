@@ -1,10 +1,11 @@
 """Predicted linearity coefficients from the Kronecker factors (units of α_noise: mean per-token ΔKL per unit t²).
 
-Per token, the layer's Fisher is F ≈ c·H_O ⊗ H_I with c fixed by tr F = E‖G‖² per token, i.e.
-c = (Σ_c‖G_c‖² / tokens) / (tr H_O · tr H_I). An isotropic error of relative size t² (E[ΔW ΔWᵀ] per entry
+Per token, the layer's Fisher is F ≈ c·H_O ⊗ H_I with c fixed by its trace per token, the whole windows'
+gradients' Σ_w‖G_w‖² / tokens (factors.py: chunks shorter than the window would drop the cross-token terms):
+c = (Σ_w‖G_w‖² / tokens) / (tr H_O · tr H_I). An isotropic error of relative size t² (E[ΔW ΔWᵀ] per entry
 t²‖W‖²/mn) then costs
 
-    round-to-nearest:   ½ c (‖W‖²/mn) tr H_O tr H_I · t²  = ½ (‖W‖²/mn) (Σ_c‖G_c‖² / tokens) · t²
+    round-to-nearest:   ½ c (‖W‖²/mn) tr H_O tr H_I · t²  = ½ (‖W‖²/mn) (Σ_w‖G_w‖² / tokens) · t²
     two-sided LDLQ:     ½ c (‖W‖²/mn) tr D_O tr D_I · t²  = α_hessian · gain,
 
 gain = (tr D_O / tr H_O)(tr D_I / tr H_I) on the normalized factors. In-sample (LDL and judgement on the same
@@ -27,7 +28,7 @@ from .relerr import rotation_seeds
 class Coefficients:
     trace_h_in: float          # of the summed (both halves) factor, as accumulated (a sum over chunks)
     trace_h_out: float
-    grad_sq_per_token: float   # Σ_c ‖G_c‖² / tokens
+    grad_sq_per_token: float   # Σ_w ‖G_w‖² / tokens over whole windows (Σ_c ‖G_c‖² / tokens in older profiles)
     grad_sq_per_sample: float  # E_c ‖G_c‖²
     c: float                   # Kronecker scale: F per token ≈ c · H_O ⊗ H_I
     alpha_hessian: float
@@ -70,7 +71,7 @@ def layer_coefficients(f: LayerFactors, weight_sq_norm: float, *, block: int = 1
     m, n = f.h_out_a.shape[0], f.h_in_a.shape[0]
     h_out, h_in = f.h_out, f.h_in
     tr_out, tr_in = float(torch.trace(h_out)), float(torch.trace(h_in))
-    per_token = f.grad_sq / f.tokens
+    per_token = (f.grad_sq if f.window_grad_sq is None else f.window_grad_sq) / f.tokens
     c = per_token / (tr_out * tr_in)
     alpha = rtn_alpha(c, weight_sq_norm, m, n, tr_out, tr_in)
 

@@ -10,6 +10,13 @@ matrices K_x = x_c x_cᵀ and K_g = g_c g_cᵀ (T'×T'):
 
 so a batch costs about m² + n² + T'(m + n) multiply-adds per token. Products are taken in the activations'
 dtype and summed into float64 accumulators.
+
+The factors' SHAPE is best estimated from many small samples, but their SCALE (the Fisher's trace, which sets
+α_hessian) is not: a weight error is the same at every position, so the sample whose norm is the trace is the
+whole window's gradient G_w = Σ_t g_t x_tᵀ, and ‖G_w‖² = Σ K_x ∘ K_g over the window's T×T Grams keeps the
+cross-token terms that chunks of T' < T drop (per token they understate v_proj's trace about 3× on the default
+model). `window_grad_sq` is that sum; it costs T(m + n) per token, and the input's Gram is shared by layers
+that read the same input.
 """
 from __future__ import annotations
 
@@ -24,16 +31,33 @@ class ChunkStats:
     h_in: torch.Tensor     # n×n, Σ_c G_cᵀ G_c
     grad_sq: float         # Σ_c ‖G_c‖²_F (= tr h_out = tr h_in, kept separately as a check)
     samples: int           # number of chunks
+    window_grad_sq: float  # Σ_w ‖G_w‖²_F over whole windows (cross-token terms included): the Fisher's trace
 
 
 def n_chunks(seqlen: int, chunk: int) -> int:
     return -(-seqlen // chunk)
 
 
-def chunk_stats(x: torch.Tensor, g: torch.Tensor, chunk: int) -> ChunkStats:
+def window_gram(x: torch.Tensor) -> torch.Tensor:
+    """K = x xᵀ per window: [B, T, T] from x [B, T, n]."""
+    return x @ x.transpose(1, 2)
+
+
+def chunk_stats(x: torch.Tensor, g: torch.Tensor, chunk: int, x_gram: torch.Tensor | None = None) -> ChunkStats:
     """Factor increments from one batch: x [B, T, n] layer inputs, g [B, T, m] gradients of the summed loss
     with respect to the layer outputs. A last chunk shorter than `chunk` is padded with zero tokens, which
-    add nothing to its G_c."""
+    add nothing to its G_c. `x_gram` is `window_gram(x)` when the caller already has it."""
+    T = x.shape[1]
+    h_out, h_in, grad_sq, samples = _chunk_factors(x, g, chunk)
+    if chunk >= T:   # the chunk is the window
+        window_sq = grad_sq
+    else:
+        kx = window_gram(x) if x_gram is None else x_gram
+        window_sq = float((kx * window_gram(g)).sum(dtype=torch.float64))
+    return ChunkStats(h_out, h_in, grad_sq, samples, window_sq)
+
+
+def _chunk_factors(x: torch.Tensor, g: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor, float, int]:
     B, T, n = x.shape
     m = g.shape[-1]
     if chunk == 1:
@@ -43,7 +67,7 @@ def chunk_stats(x: torch.Tensor, g: torch.Tensor, chunk: int) -> ChunkStats:
         h_out = (gf * xsq).T @ gf
         h_in = (xf * gsq).T @ xf
         grad_sq = float((xsq * gsq).sum(dtype=torch.float64))
-        return ChunkStats(h_out, h_in, grad_sq, B * T)
+        return h_out, h_in, grad_sq, B * T
     c = n_chunks(T, chunk)
     pad = c * chunk - T
     if pad:
@@ -56,7 +80,7 @@ def chunk_stats(x: torch.Tensor, g: torch.Tensor, chunk: int) -> ChunkStats:
     h_out = gc.reshape(-1, m).T @ (kx @ gc).reshape(-1, m)
     h_in = xc.reshape(-1, n).T @ (kg @ xc).reshape(-1, n)
     grad_sq = float((kx * kg).sum(dtype=torch.float64))
-    return ChunkStats(h_out, h_in, grad_sq, B * c)
+    return h_out, h_in, grad_sq, B * c
 
 
 def input_moment(x: torch.Tensor) -> torch.Tensor:
@@ -74,6 +98,8 @@ class FactorSums:
     grad_sq: float = 0.0
     samples: int = 0
     tokens: int = 0
+    window_grad_sq: float | None = 0.0   # None: read from a file written before it was kept
+
 
     @classmethod
     def zeros(cls, out_features: int, in_features: int) -> "FactorSums":
@@ -87,6 +113,8 @@ class FactorSums:
         if xtx is not None:
             self.xtx += xtx.to(torch.float64)
         self.grad_sq += stats.grad_sq
+        if self.window_grad_sq is not None:
+            self.window_grad_sq += stats.window_grad_sq
         self.samples += stats.samples
         self.tokens += tokens
 

@@ -4,7 +4,8 @@ File `hessians/<half>/<layer name>.safetensors` (half `a` or `b`), float32 tenso
     h_out [m, m]   Σ_c G_c G_cᵀ
     h_in  [n, n]   Σ_c G_cᵀ G_c
     xtx   [n, n]   Σ_t x_t x_tᵀ (the inputs' second moment: one-sided LDLQ's H_I; absent in older profiles)
-metadata "bitplan" (JSON): format, name, half, sketch_chunk, grad_sq (Σ_c‖G_c‖²), samples (chunks), tokens.
+metadata "bitplan" (JSON): format, name, half, sketch_chunk, grad_sq (Σ_c‖G_c‖²), window_grad_sq (Σ_w‖G_w‖² over
+whole windows: the Fisher's trace; absent in older profiles), samples (chunks), tokens.
 A half's files are written as soon as that half is accumulated, straight from memory. Rounding uses the sum of
 the halves; the halves are kept for cross-validation (held-out predictions, shrinkage chosen on the other half).
 """
@@ -43,6 +44,8 @@ class LayerFactors:
     tokens_a: int
     tokens_b: int
     sketch_chunk: int
+    window_grad_sq_a: float | None = None
+    window_grad_sq_b: float | None = None
 
     @property
     def h_out(self) -> torch.Tensor:
@@ -65,6 +68,13 @@ class LayerFactors:
         return self.grad_sq_a + self.grad_sq_b
 
     @property
+    def window_grad_sq(self) -> float | None:
+        """Σ_w ‖G_w‖² over both halves' windows, or None for a profile written before it was kept."""
+        if self.window_grad_sq_a is None or self.window_grad_sq_b is None:
+            return None
+        return self.window_grad_sq_a + self.window_grad_sq_b
+
+    @property
     def samples(self) -> int:
         return self.samples_a + self.samples_b
 
@@ -82,7 +92,8 @@ def save_half_factors(path: str | Path, name: str, half: str, sums: FactorSums, 
         return ((h + h.T) / 2).to(torch.float32).contiguous()
 
     meta = {"format": FORMAT, "name": name, "half": half, "sketch_chunk": sketch_chunk,
-            "grad_sq": sums.grad_sq, "samples": sums.samples, "tokens": sums.tokens}
+            "grad_sq": sums.grad_sq, "window_grad_sq": sums.window_grad_sq, "samples": sums.samples,
+            "tokens": sums.tokens}
     with atomic_path(path) as tmp:
         tensors = {"h_out": sym32(sums.h_out), "h_in": sym32(sums.h_in)}
         if sums.xtx is not None:
@@ -102,7 +113,8 @@ def read_half_factors(path: str | Path, dtype: torch.dtype = torch.float64) -> t
             xtx = fh.get_tensor("xtx").to(dtype) if "xtx" in fh.keys() else None
     except (KeyError, ValueError, OSError, json.JSONDecodeError) as e:
         raise BitplanError(f"{path} is not a bitplan Hessian file ({type(e).__name__}: {e})") from None
-    return FactorSums(h_out, h_in, xtx, meta["grad_sq"], meta["samples"], meta["tokens"]), meta
+    return FactorSums(h_out, h_in, xtx, meta["grad_sq"], meta["samples"], meta["tokens"],
+                      meta.get("window_grad_sq")), meta
 
 
 def load_factors(profile_dir: str | Path, name: str, dtype: torch.dtype = torch.float64) -> LayerFactors:
@@ -111,4 +123,5 @@ def load_factors(profile_dir: str | Path, name: str, dtype: torch.dtype = torch.
     return LayerFactors(name=name, h_out_a=a.h_out, h_in_a=a.h_in, h_out_b=b.h_out, h_in_b=b.h_in,
                         xtx_a=a.xtx, xtx_b=b.xtx,
                         grad_sq_a=a.grad_sq, grad_sq_b=b.grad_sq, samples_a=a.samples, samples_b=b.samples,
-                        tokens_a=a.tokens, tokens_b=b.tokens, sketch_chunk=meta["sketch_chunk"])
+                        tokens_a=a.tokens, tokens_b=b.tokens, sketch_chunk=meta["sketch_chunk"],
+                        window_grad_sq_a=a.window_grad_sq, window_grad_sq_b=b.window_grad_sq)

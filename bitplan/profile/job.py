@@ -149,7 +149,7 @@ class Job:
             tensors[f"{name}.h_out"] = s.h_out
             tensors[f"{name}.h_in"] = s.h_in
             tensors[f"{name}.xtx"] = s.xtx
-            stats[name] = [s.grad_sq, s.samples, s.tokens]
+            stats[name] = [s.grad_sq, s.samples, s.tokens, s.window_grad_sq]
         meta = {"half": state.half, "next_batch": state.next_batch, "stats": stats}
         with atomic_path(self._ckpt(state.half, tag)) as tmp:
             save_file(tensors, str(tmp), metadata={"bitplan": json.dumps(meta)})
@@ -163,9 +163,10 @@ class Job:
             meta = json.loads(fh.metadata()["bitplan"])
             layers = {}
             for name in shapes:
-                grad_sq, samples, tokens = meta["stats"][name]
+                grad_sq, samples, tokens, *window = meta["stats"][name]   # older checkpoints lack window_grad_sq
                 layers[name] = FactorSums(fh.get_tensor(f"{name}.h_out"), fh.get_tensor(f"{name}.h_in"),
-                                          fh.get_tensor(f"{name}.xtx"), grad_sq, samples, tokens)
+                                          fh.get_tensor(f"{name}.xtx"), grad_sq, samples, tokens,
+                                          window[0] if window else None)
         return HalfFactors(half, layers, int(meta["next_batch"]))
 
     def half_done(self, half: str, part: str = "") -> bool:

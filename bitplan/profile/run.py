@@ -404,7 +404,7 @@ def _reduce_to_owner(ranks: Ranks, owner: dict[str, int], sums: dict[str, Factor
     """A sketch sink that sums one batch's statistics over the ranks onto the layer's owner (zeros from a rank
     whose batch is only a stand-in). Hooks fire in the same order on every rank, so the collectives match."""
     def sink(name: str, stats: ChunkStats, tokens: int, xtx: torch.Tensor) -> None:
-        counts = torch.tensor([stats.grad_sq, stats.samples, tokens], dtype=torch.float64)
+        counts = torch.tensor([stats.grad_sq, stats.samples, tokens, stats.window_grad_sq], dtype=torch.float64)
         # float64, as the sums are kept: a float32 sum of the ranks' parts would differ from one process by ~1e-7
         parts = [stats.h_out.double(), stats.h_in.double(), xtx.to(torch.float64, copy=True), counts]
         for t in parts:
@@ -413,8 +413,8 @@ def _reduce_to_owner(ranks: Ranks, owner: dict[str, int], sums: dict[str, Factor
             ranks.reduce_sum(t, owner[name])
         if owner[name] == ranks.rank:
             h_out, h_in, xtx_sum, counts = parts
-            sums[name].add(ChunkStats(h_out, h_in, float(counts[0]), int(counts[1])), tokens=int(counts[2]),
-                           xtx=xtx_sum)
+            sums[name].add(ChunkStats(h_out, h_in, float(counts[0]), int(counts[1]), float(counts[3])),
+                           tokens=int(counts[2]), xtx=xtx_sum)
     return sink
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import BitplanError
 
-from .factors import ChunkStats, FactorSums, chunk_stats, input_moment
+from .factors import ChunkStats, FactorSums, chunk_stats, input_moment, window_gram
 
 # Where one layer's statistics of a batch go: (layer, stats, tokens, Σxxᵀ). The default adds them to `sums`; a
 # distributed profile reduces them onto the layer's owner instead (profile/run.py).
@@ -64,17 +64,18 @@ def accumulate_batch(model: nn.Module, modules: dict[str, nn.Module], ids: torch
     start = time.perf_counter()
     tokens = ids.numel()
     seen: set[str] = set()
-    # q/k/v (and gate/up) share one input: its Σxxᵀ is computed once. Each entry holds x itself, so no other
-    # tensor can reuse the address and be mistaken for it within the batch.
-    moments: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+    # q/k/v (and gate/up) share one input: its Σxxᵀ and window Grams are computed once. Each entry holds x
+    # itself, so no other tensor can reuse the address and be mistaken for it within the batch.
+    moments: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
 
     def on_grad(name: str, x: torch.Tensor, g: torch.Tensor) -> None:
         t0 = time.perf_counter()
         seen.add(name)
         key = (x.data_ptr(), tuple(x.shape))
         if key not in moments:
-            moments[key] = (x, input_moment(x))
-        sink(name, chunk_stats(x, g.to(x.dtype), chunk), tokens, moments[key][1])
+            moments[key] = (x, input_moment(x), window_gram(x) if chunk < x.shape[1] else None)
+        _, xtx, x_gram = moments[key]
+        sink(name, chunk_stats(x, g.to(x.dtype), chunk, x_gram), tokens, xtx)
         if times is not None:
             times.accumulate += time.perf_counter() - t0
 

@@ -31,12 +31,13 @@ def sketch(model, ids, chunk, labels=None, batch=None):
 
 def brute_force(model, ids, labels, chunk):
     """Per window and per chunk c, G_c = ∂(Σ loss)/∂Δ_c where the layer computes y_t = x_t (W + Δ_c(t))ᵀ:
-    the chunk's own copy of the weight, so autograd returns exactly Σ_{t∈c} g_t x_tᵀ. Then Σ G Gᵀ, Σ Gᵀ G."""
+    the chunk's own copy of the weight, so autograd returns exactly Σ_{t∈c} g_t x_tᵀ. Then Σ G Gᵀ, Σ Gᵀ G, Σ‖G_c‖²
+    and, over whole windows, Σ‖Σ_c G_c‖² (the window's weight gradient)."""
     infos = find_linears(model)
     T = ids.shape[1]
     bounds = [(s, min(s + chunk, T)) for s in range(0, T, chunk)]
     out = {i.name: [torch.zeros(i.out_features, i.out_features, dtype=torch.float64),
-                    torch.zeros(i.in_features, i.in_features, dtype=torch.float64), 0.0] for i in infos}
+                    torch.zeros(i.in_features, i.in_features, dtype=torch.float64), 0.0, 0.0] for i in infos}
     for b in range(ids.shape[0]):
         deltas, handles = {}, []
         for info in infos:
@@ -60,6 +61,7 @@ def brute_force(model, ids, labels, chunk):
                 out[name][0] += Gc @ Gc.T
                 out[name][1] += Gc.T @ Gc
                 out[name][2] += float((Gc * Gc).sum())
+            out[name][3] += float((G.sum(0) ** 2).sum())
     return out
 
 
@@ -72,10 +74,11 @@ def test_factors_equal_brute_force_per_chunk_gradients(tiny64, chunk):
     ids = token_ids(3, 16)
     sums, labels = sketch(tiny64, ids, chunk, batch=2)
     ref = brute_force(tiny64, ids, labels, chunk)
-    for name, (h_out, h_in, gsq) in ref.items():
+    for name, (h_out, h_in, gsq, window_gsq) in ref.items():
         assert rel(sums[name].h_out, h_out) < 1e-10, name
         assert rel(sums[name].h_in, h_in) < 1e-10, name
         assert sums[name].grad_sq == pytest.approx(gsq, rel=1e-10)
+        assert sums[name].window_grad_sq == pytest.approx(window_gsq, rel=1e-10)
         assert sums[name].samples == 3 * -(-16 // chunk)
         assert sums[name].tokens == 3 * 16
 
@@ -84,7 +87,7 @@ def test_float32_model_matches_float64_brute_force_to_1e6(tiny32):
     ids = token_ids(2, 12)
     sums, labels = sketch(tiny32, ids, 4)
     ref = brute_force(tiny32, ids, labels, 4)
-    for name, (h_out, h_in, _) in ref.items():
+    for name, (h_out, h_in, *_) in ref.items():
         assert rel(sums[name].h_out, h_out) < 1e-5, name
         assert rel(sums[name].h_in, h_in) < 1e-5, name
 

@@ -66,9 +66,11 @@ def test_small_noise_is_in_the_linear_regime():
             assert fit.r2 > 0.99, info.name
 
 
-def test_alpha_hessian_predicts_alpha_noise_in_expectation():
-    """Units and constants: the factor trace with many sampled labels (an unbiased Fisher trace for T' = T)
-    against noise injection averaged over several draws, both as mean per-token ΔKL per unit t²."""
+@pytest.mark.parametrize("chunk", [12, 1])   # sketch B and per token: α's scale must not depend on the chunk
+def test_alpha_hessian_predicts_alpha_noise_in_expectation(chunk):
+    """Units and constants: the Fisher trace from the whole windows' gradients with many sampled labels (unbiased
+    whatever the chunk the factors are sampled in) against noise injection averaged over several draws, both as
+    mean per-token ΔKL per unit t². Per-chunk ‖G_c‖² with T' = 1 would miss the cross-token terms."""
     model = tiny_llama(dtype=torch.float64)
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)   # peaked outputs, like a trained LM
@@ -79,16 +81,17 @@ def test_alpha_hessian_predicts_alpha_noise_in_expectation():
     copies = 100
     rep = ids.repeat(copies, 1)
     for s in range(0, rep.shape[0], 50):  # each copy is another window id: fresh labels for the same text
-        accumulate_batch(model, modules, rep[s:s + 50], list(range(s, s + 50)), 0, 12, sums)
+        accumulate_batch(model, modules, rep[s:s + 50], list(range(s, s + 50)), 0, chunk, sums)
     cache = build_cache(model, ids, 2)
     checked = 0
     for info in infos:
         W = modules[info.name].weight
         f = sums[info.name]
         tr_o, tr_i = float(torch.trace(f.h_out)), float(torch.trace(f.h_in))
-        c = f.grad_sq / f.tokens / (tr_o * tr_i)
+        c = f.window_grad_sq / f.tokens / (tr_o * tr_i)
         predicted = rtn_alpha(c, float((W.double() ** 2).sum()), *W.shape, tr_o, tr_i)
-        assert predicted == pytest.approx(0.5 * float((W ** 2).sum()) / W.numel() * f.grad_sq / f.tokens, rel=1e-10)
+        assert predicted == pytest.approx(0.5 * float((W ** 2).sum()) / W.numel() * f.window_grad_sq / f.tokens,
+                                          rel=1e-10)
         measured = np.mean([NoiseMeter(model, cache, (1e-4, 3e-4, 1e-3), seed=s).measure(info.name, info.block).alpha
                             for s in range(4)])
         if predicted > 1e-4:

@@ -12,6 +12,8 @@ from torch import nn
 from bitplan.errors import BitplanError
 from bitplan.models import find_linears
 from bitplan.profile import load_factors, load_profile, profile_model
+from bitplan.profile.coefficients import layer_coefficients
+from bitplan.profile.hessians import HALVES, factors_path, read_half_factors, save_half_factors
 from bitplan.profile.report import COLUMNS, sensitivity_table
 from bitplan.profile.run import split_halves
 
@@ -66,6 +68,25 @@ def test_outputs(tmp_path):
     rec = loaded.layers[0]
     assert rec.trace_h_out == pytest.approx(float(torch.trace(f.h_out)), rel=1e-5)
     assert sensitivity_table(loaded).row_count == len(infos)
+    # α's scale is the whole windows' gradient norm, not the chunks' (which lack the cross-chunk terms)
+    assert f.window_grad_sq != pytest.approx(f.grad_sq, rel=1e-3)
+    assert rec.extra["grad_sq_per_token"] == pytest.approx(f.window_grad_sq / f.tokens, rel=1e-9)
+    assert rec.extra["grad_sq_per_sample"] == pytest.approx(f.grad_sq / f.samples, rel=1e-9)
+
+
+def test_factor_files_without_window_norms_fall_back_to_the_chunks(tmp_path):
+    """Profiles written before window_grad_sq was kept still load; α then scales by Σ_c‖G_c‖² as it did."""
+    out = tmp_path / "prof"
+    run(out)
+    name = find_linears(tiny_llama())[0].name
+    for half in HALVES:
+        sums, meta = read_half_factors(factors_path(out, name, half))
+        sums.window_grad_sq = None
+        save_half_factors(factors_path(out, name, half), name, half, sums, meta["sketch_chunk"])
+    f = load_factors(out, name)
+    assert f.window_grad_sq is None
+    coef = layer_coefficients(f, 1.0)
+    assert coef.grad_sq_per_token == pytest.approx(f.grad_sq / f.tokens, rel=1e-12)
 
 
 def test_halves_are_a_seeded_partition():
