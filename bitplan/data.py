@@ -117,9 +117,11 @@ def token_windows(tokenizer, source: str, n_windows: int, seqlen: int, seed: int
 
 
 def placed_token_windows(tokenizer, source: str, n_windows: int, seqlen: int, seed: int = 0,
-                         max_context: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         max_context: int | None = None,
+                         exclude: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`token_windows` and where each window starts in the source's token stream (LongTensor [n]): the profile
-    can split its windows by where they come from in the text."""
+    can split its windows by where they come from in the text. `exclude` lists (start, length) spans of the
+    stream that no window may touch (say, another run's calibration windows, from `calibration_spans`)."""
     if n_windows <= 0:
         raise BitplanError(f"the number of windows must be positive (got {n_windows})")
     if seqlen < 2:
@@ -129,17 +131,43 @@ def placed_token_windows(tokenizer, source: str, n_windows: int, seqlen: int, se
     stream = token_stream(tokenizer, load_texts(source))
     bos = tokenizer.bos_token_id if needs_bos(tokenizer) else None
     body = seqlen - 1 if bos is not None else seqlen
-    available = len(stream) // body
-    if available == 0:
+    slots = len(stream) // body
+    if slots == 0:
         raise BitplanError(f"{source} has {len(stream)} tokens, shorter than one window of {seqlen}")
+    free = torch.arange(slots) if not exclude else _free_slots(len(stream), slots, body, exclude)
+    available = len(free)
     if n_windows > available:
-        raise BitplanError(f"{source} has {len(stream)} tokens: {available} windows of {seqlen} at most, "
+        outside = f" outside the {len(exclude)} excluded spans" if exclude else ""
+        raise BitplanError(f"{source} has {len(stream)} tokens: {available} windows of {seqlen}{outside} at most, "
                            f"{n_windows} asked for")
-    order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:n_windows]
-    windows = stream[: available * body].view(available, body)[order]
+    order = free[torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:n_windows]]
+    windows = stream[: slots * body].view(slots, body)[order]
     if bos is not None:
         windows = torch.cat([torch.full((n_windows, 1), bos, dtype=torch.long), windows], dim=1)
     return windows, order * body
+
+
+def _free_slots(stream_len: int, slots: int, body: int, exclude: list[tuple[int, int]]) -> torch.Tensor:
+    """Indices of the window slots [k·body, (k+1)·body) that overlap none of the excluded spans."""
+    used = torch.zeros(stream_len, dtype=torch.bool)
+    for start, length in exclude:
+        used[max(start, 0):max(start + length, 0)] = True
+    touched = used[: slots * body].view(slots, body).any(dim=1)
+    return torch.nonzero(~touched).flatten()
+
+
+def calibration_spans(tokenizer, calibration: dict, source: str) -> list[tuple[int, int]]:
+    """The (start, length) spans of `source`'s token stream that a profile's calibration windows covered,
+    re-derived from its record (samples, seqlen, seed): what held-out windows of the same text must avoid. Empty
+    when `source` is not the calibration text (its sha256 differs), which then shares no window with it."""
+    if not all(k in calibration for k in ("sha256", "samples", "seqlen", "seed")):
+        raise BitplanError("the calibration record does not say which windows of which text it used")
+    if describe_source(source).sha256 != calibration["sha256"]:
+        return []
+    samples, seqlen, seed = (int(calibration[k]) for k in ("samples", "seqlen", "seed"))
+    _, starts = placed_token_windows(tokenizer, source, samples, seqlen, seed)
+    body = seqlen - 1 if needs_bos(tokenizer) else seqlen
+    return [(int(s), body) for s in starts]
 
 
 def warn_if_same_source(calibration: dict | None, evaluation: TextSource) -> str | None:

@@ -9,6 +9,10 @@ Per scored token (each position predicting the next token of the window):
 Windows are streamed one at a time and reduced to these per-token numbers at once, so memory does not grow
 with the number of windows or the vocabulary beyond one window's logits. Statistics follow llama.cpp's
 `--kl-divergence` report (mean ± standard error, percentiles, same-top-token rate, RMS Δp).
+
+Evaluating on the calibration text itself is in-sample and only warned about; `exclude_calibration` instead draws
+the windows from the parts of that text the candidate's calibration windows did not touch, which judges text of
+the calibration's kind that the rounding did not fit.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import describe_source, token_windows, warn_if_same_source
+from .data import calibration_spans, describe_source, placed_token_windows, warn_if_same_source
 from .errors import BitplanError
 from .io import write_json
 from .logit_cache import LogitCache
@@ -62,6 +66,7 @@ class EvalResult:
     rms_dp: float
     rms_dp_se: float
     warnings: list[str]
+    excluded_spans: int = 0    # stretches of the text kept out of the windows (the calibration's, when excluded)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -131,8 +136,11 @@ def _logits(model, window: torch.Tensor) -> torch.Tensor:
 
 def evaluate(reference: str | LoadedModel, candidate: str | LoadedModel, data: str, windows: int = 32,
              seqlen: int = 512, seed: int = 0, cache: bool = True, cache_gb: float = 2.0,
-             json_out: str | Path | None = None, progress: bool = True) -> EvalResult:
-    """Compare `candidate` with `reference` on `windows` held-out windows of `data` (see module docstring)."""
+             json_out: str | Path | None = None, progress: bool = True, exclude_calibration: bool = False,
+             exclude: list[tuple[int, int]] | None = None) -> EvalResult:
+    """Compare `candidate` with `reference` on `windows` held-out windows of `data` (see module docstring).
+    `exclude` lists (start, length) spans of the data's token stream no window may touch; `exclude_calibration`
+    adds the candidate's calibration windows when `data` is its calibration text."""
     if windows <= 0:
         raise BitplanError(f"--windows must be positive (got {windows})")
     source = describe_source(data)  # a missing or empty file fails here, before any model is loaded
@@ -142,14 +150,20 @@ def evaluate(reference: str | LoadedModel, candidate: str | LoadedModel, data: s
     if not same_tokenizer(ref.tokenizer, cand.tokenizer):
         raise BitplanError(f"{ref.spec} and {cand.spec} use different tokenizers; KL needs the same vocabulary")
     context = min(c for c in (_context_length(ref.model), _context_length(cand.model), 10**9) if c)
-    tokens = token_windows(ref.tokenizer, data, windows, seqlen, seed, max_context=context)
+    quant = getattr(cand.model.config, "quantization_config", None)
+    calibration = quant.get("calibration") if isinstance(quant, dict) else None
+    spans = list(exclude or [])
+    if exclude_calibration:
+        if not calibration:
+            raise BitplanError(f"{cand.spec} records no calibration, so there is nothing to exclude")
+        spans += calibration_spans(ref.tokenizer, calibration, data)
+    tokens = placed_token_windows(ref.tokenizer, data, windows, seqlen, seed, max_context=context,
+                                  exclude=spans)[0]
 
     notes = []
-    calibration = getattr(cand.model.config, "quantization_config", None)
-    if isinstance(calibration, dict):
-        note = warn_if_same_source(calibration.get("calibration"), source)
-        if note:
-            notes.append(note)
+    note = None if exclude_calibration else warn_if_same_source(calibration, source)
+    if note:
+        notes.append(note)
 
     logit_cache = LogitCache(cache_dir() / "logits", int(cache_gb * 2**30)) if cache else None
     ref_hash = weights_sha256(ref.model) if logit_cache else ""
@@ -170,7 +184,7 @@ def evaluate(reference: str | LoadedModel, candidate: str | LoadedModel, data: s
             bar.advance(task)
 
     result = EvalResult(reference=ref.spec, candidate=cand.spec, data=data, windows=windows, seqlen=seqlen,
-                        seed=seed, warnings=notes, **summarize(stats))
+                        seed=seed, warnings=notes, excluded_spans=len(spans), **summarize(stats))
     if json_out is not None:
         write_json(json_out, result.to_json())
     return result

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from bitplan.data import (describe_source, load_texts, needs_bos, placed_token_windows, token_stream, token_windows,
-                          warn_if_same_source)
+from bitplan.data import (calibration_spans, describe_source, load_texts, needs_bos, placed_token_windows,
+                          token_stream, token_windows, warn_if_same_source)
 from bitplan.errors import BitplanError
 
 from tests.conftest import TINY_TEXT, make_tokenizer
@@ -95,6 +95,31 @@ def test_window_errors(tmp_path, tiny_tokenizer, tiny_text):
         token_windows(tiny_tokenizer, str(tiny_text), 1, 512, max_context=256)
     with pytest.raises(BitplanError, match="windows of 64 at most"):
         token_windows(tiny_tokenizer, str(tiny_text), 10_000, 64)
+
+
+def test_excluded_spans_are_never_touched(tiny_text):
+    """Windows drawn around a calibration's windows share no token position with them, whatever the lengths."""
+    tok = make_tokenizer(bos=True)
+    calib = {"sha256": describe_source(str(tiny_text)).sha256, "samples": 5, "seqlen": 12, "seed": 3}
+    spans = calibration_spans(tok, calib, str(tiny_text))
+    _, starts = placed_token_windows(tok, str(tiny_text), 5, 12, seed=3)
+    assert spans == [(int(s), 11) for s in starts]
+    covered = {t for start, length in spans for t in range(start, start + length)}
+    stream_len = len(token_stream(tok, load_texts(str(tiny_text))))
+    slots = stream_len // 15
+    free = [k for k in range(slots) if not covered & set(range(15 * k, 15 * k + 15))]
+    assert 0 < len(free) < slots - 2   # the calibration blocks some slots (5 windows of 11 touch 3 or more)
+    windows, positions = placed_token_windows(tok, str(tiny_text), len(free), 16, seed=0, exclude=spans)
+    assert sorted(p // 15 for p in positions.tolist()) == free   # every free slot, and only those
+    # a prefix of them, seeded, and the text is where the positions say
+    few, pos = placed_token_windows(tok, str(tiny_text), 2, 16, seed=0, exclude=spans)
+    assert torch.equal(few, windows[:2]) and torch.equal(pos, positions[:2])
+    with pytest.raises(BitplanError, match="outside the 5 excluded spans"):
+        placed_token_windows(tok, str(tiny_text), len(free) + 1, 16, seed=0, exclude=spans)
+    # another text shares nothing with the calibration; a record without its windows is refused
+    assert calibration_spans(tok, {**calib, "sha256": "0" * 64}, str(tiny_text)) == []
+    with pytest.raises(BitplanError, match="which windows"):
+        calibration_spans(tok, {"sha256": calib["sha256"]}, str(tiny_text))
 
 
 def test_same_source_warning(tiny_text):

@@ -95,6 +95,48 @@ def test_self_and_noisy(tiny_model_dir, tiny_text, tmp_path):
                     progress=False).kl_mean > r.kl_mean
 
 
+def test_exclude_calibration_draws_only_untouched_windows(tiny_model_dir, tmp_path, monkeypatch):
+    """On the calibration text, --exclude-calibration scores windows that share no token position with the
+    candidate's calibration windows (found here by matching every window against the token stream)."""
+    from bitplan.apply import apply_plan
+    from bitplan.data import load_texts, token_stream, token_windows
+    from bitplan.profile import profile_model
+    from bitplan.solve import solve
+    import bitplan.evaluate as ev
+
+    text = tmp_path / "numbered.txt"   # numbered lines: every window is a unique slice, so matching finds it
+    text.write_text(" ".join(f"Line {i} of the union." for i in range(900)))
+    lm = load_model(str(tiny_model_dir))
+    profile_model(lm, str(text), samples=60, seqlen=32, out_dir=tmp_path / "prof", noise_samples=0,
+                  formats=["int4-g32"], progress=False)
+    plan = solve(tmp_path / "prof", "5.5bpw")   # int4-g32 everywhere: 5.02 bpw with its scales and zeros
+    plan.save(tmp_path / "plan.json")
+    apply_plan(tmp_path / "plan.json", tmp_path / "q", model=lm, rounding="rtn", progress=False)
+    stream = token_stream(lm.tokenizer, load_texts(str(text)))
+    seen = []
+    real = ev._logits
+    monkeypatch.setattr(ev, "_logits", lambda m, w: seen.append(w) or real(m, w))
+
+    def starts(windows, length):
+        return [next(s for s in range(0, len(stream) - length + 1) if torch.equal(stream[s:s + length], w))
+                for w in windows]
+
+    r = evaluate(str(tiny_model_dir), str(tmp_path / "q"), str(text), windows=40, seqlen=24, seed=1,
+                 exclude_calibration=True, cache=False, progress=False)
+    calib = starts(token_windows(lm.tokenizer, str(text), 60, 32, seed=0), 32)
+    scored = starts(seen[1::2], 24)   # the candidate's calls (the reference is scored first)
+    assert r.excluded_spans == 60 and not r.warnings and len(set(scored)) == 40
+    assert all(s + 24 <= c or c + 32 <= s for s in scored for c in calib)
+    # without it the same call draws windows the calibration saw, and warns that the figure is in-sample
+    seen.clear()
+    r = evaluate(str(tiny_model_dir), str(tmp_path / "q"), str(text), windows=40, seqlen=24, seed=1,
+                 cache=False, progress=False)
+    assert r.warnings and any(not (s + 24 <= c or c + 32 <= s) for s in starts(seen[1::2], 24) for c in calib)
+    with pytest.raises(BitplanError, match="records no calibration"):
+        evaluate(str(tiny_model_dir), str(tiny_model_dir), str(text), windows=2, seqlen=24,
+                 exclude_calibration=True, progress=False)
+
+
 def test_reference_logits_cache(tiny_model_dir, tiny_text, tmp_path, monkeypatch):
     """A second evaluation reads the reference logits from disk and gives the same figures."""
     noisy = noisy_copy_dir(tiny_model_dir, tmp_path / "noisy", 0.1)

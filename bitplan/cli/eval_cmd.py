@@ -21,12 +21,15 @@ def eval_command(
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results to this JSON file"),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="cache reference logits on disk"),
     cache_gb: float = typer.Option(2.0, "--cache-gb", help="size cap of the reference-logit cache"),
+    exclude_calibration: bool = typer.Option(False, "--exclude-calibration",
+                                             help="when --data is the candidate's calibration text, draw only "
+                                                  "windows its calibration did not touch"),
 ) -> None:
     """Compare a candidate with its reference on held-out text."""
     from ..evaluate import evaluate
 
     result = evaluate(reference, candidate, data, windows=windows, seqlen=seqlen, seed=seed, cache=cache,
-                      cache_gb=cache_gb, json_out=json_out)
+                      cache_gb=cache_gb, json_out=json_out, exclude_calibration=exclude_calibration)
     for note in result.warnings:
         err_console.print(f"[yellow]warning:[/] {note}")
     console.print(eval_table(result))
@@ -35,7 +38,9 @@ def eval_command(
 
 
 def eval_table(r) -> Table:
-    table = Table(title=f"{r.candidate} vs {r.reference} — {r.tokens:,} tokens ({r.windows} × {r.seqlen}) of {r.data}")
+    held_out = f", outside {r.excluded_spans} calibration windows" if r.excluded_spans else ""
+    table = Table(title=f"{r.candidate} vs {r.reference} — {r.tokens:,} tokens ({r.windows} × {r.seqlen}) "
+                        f"of {r.data}{held_out}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     rows = [
