@@ -36,6 +36,7 @@ from bitplan.data import calibration_spans
 from bitplan.evaluate import evaluate
 from bitplan.io import read_json, write_json
 from bitplan.models import find_linears, load_model
+from bitplan.profile.report import alpha_shaped
 from bitplan.profile.schema import load_profile
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -44,13 +45,15 @@ GAIN_KEYS = {"ldlq": "ldlq_gain_heldout", "yaqa raw": "yaqa_gain_heldout_raw", "
 
 
 def predicted_kl(profile, fmt: str, variant: str) -> float | None:
-    """Σ_l α_hessian,l · t²_l(fmt) · held-out gain_l: the profile's own forecast for this rounding."""
+    """Σ_l α_l · t²_l(fmt) · held-out gain_l: the profile's own forecast for this rounding (α_hessian for
+    round-to-nearest, α_shaped, the factors' own scale, for the adaptive roundings: profile/coefficients.py)."""
     total = 0.0
     for r in profile.layers:
         gain = 1.0 if variant == "rtn" else r.extra.get(GAIN_KEYS[variant])
-        if gain is None or r.alpha_hessian is None or fmt not in r.rel_err:
+        alpha = r.alpha_hessian if variant == "rtn" else alpha_shaped(r)
+        if gain is None or alpha is None or fmt not in r.rel_err:
             return None
-        total += r.alpha_hessian * r.rel_err[fmt] * gain
+        total += alpha * r.rel_err[fmt] * gain
     return total
 
 
@@ -159,7 +162,7 @@ def main() -> None:
                           fmt, *(f"{kl[v]:.4f}" for v in variants), *ratios("yaqa auto"), *ratios("yaqa raw"),
                           f"{wall / 60:.1f} min", f"{wall / results[key_fb]:.1f} ×" if key_fb in results else "–")
     console.print(table)
-    console.print("predicted: Σ α_hessian·t²·gain over the layers, gains cross-fitted on the profile's two halves; "
+    console.print("predicted: Σ α_shaped·t²·gain over the layers, gains cross-fitted on the profile's two halves; "
                   "profile: its phases' wall time (noise injection and format errors included when it ran them)")
     if args.heldout_calib:
         console.print(f"on calib. text: the measured ratio on {args.heldout_calib} × {args.seqlen} tokens of "

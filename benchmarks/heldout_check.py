@@ -23,6 +23,7 @@ from bitplan.apply.ldlq import proxy
 from bitplan.formats import get_format
 from bitplan.models import find_linears, get_module, load_model
 from bitplan.profile.hessians import load_factors
+from bitplan.profile.report import alpha_shaped
 from bitplan.profile.schema import load_profile
 
 VARIANTS = ("ldlq", "raw", "auto")
@@ -75,7 +76,7 @@ def main() -> None:
             r = records[name]
             W = get_module(lm.model, name).weight.detach()
             got = realized_gains(name, W, fmt, load_factors(args.profile, name), r)
-            w = r.alpha_hessian * r.rel_err[args.format]  # the layer's share of round-to-nearest's KL
+            w = alpha_shaped(r) * r.rel_err[args.format]  # the layer's weight in the forecast (Σ α_shaped·t²·gain)
             cells = []
             for v in VARIANTS:
                 pred = r.extra[PREDICTED[v]]

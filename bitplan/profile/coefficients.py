@@ -6,9 +6,15 @@ c = (Σ_w‖G_w‖² / tokens) / (tr H_O · tr H_I). An isotropic error of relat
 t²‖W‖²/mn) then costs
 
     round-to-nearest:   ½ c (‖W‖²/mn) tr H_O tr H_I · t²  = ½ (‖W‖²/mn) (Σ_w‖G_w‖² / tokens) · t²
-    two-sided LDLQ:     ½ c (‖W‖²/mn) tr D_O tr D_I · t²  = α_hessian · gain,
+    two-sided LDLQ:     ½ c' (‖W‖²/mn) tr D_O tr D_I · t² = α_shaped · gain,   c' = (Σ_c‖G_c‖² / tokens) / (tr H_O tr H_I)
 
-gain = (tr D_O / tr H_O)(tr D_I / tr H_I) on the normalized factors. In-sample (LDL and judgement on the same
+gain = (tr D_O / tr H_O)(tr D_I / tr H_I) on the normalized factors.
+The two scales differ on purpose. The whole window's Fisher has cross-token terms the per-chunk factors lack,
+and an isotropic error pays for them (noise injection agrees with c, not c'). The error adaptive rounding leaves
+does not: measured layer by layer on held-out calibration text (README, "Which Fisher scale"), its ΔKL follows
+the factors' own scale c', and c would overstate it (v_proj's ~2×), because the cross-token mass lies along the
+inputs' dominant shared directions, which the rounding keeps the error out of. So α_shaped = α_hessian · c'/c,
+and every α after adaptive rounding (α_yaqa, the held-out forecasts) is α_shaped · gain. In-sample (LDL and judgement on the same
 factors) the gain is wildly optimistic with small calibration (DESIGN.md); the held-out gain fits the LDL on
 one calibration half and judges it under the other, both ways, and averages the two.
 """
@@ -31,7 +37,8 @@ class Coefficients:
     grad_sq_per_token: float   # Σ_w ‖G_w‖² / tokens over whole windows (Σ_c ‖G_c‖² / tokens in older profiles)
     grad_sq_per_sample: float  # E_c ‖G_c‖²
     c: float                   # Kronecker scale: F per token ≈ c · H_O ⊗ H_I
-    alpha_hessian: float
+    alpha_hessian: float       # round-to-nearest (an isotropic error), at the whole windows' scale c
+    alpha_shaped: float        # the same at the factors' own scale c': what adaptive rounding's gains multiply
     yaqa_gain: float           # in-sample, raw factors (λ = 0)
     alpha_yaqa: float
     yaqa_gain_heldout: float | None       # cross-fitted, factors shrunk by the chosen λs (`apply --shrink auto`)
@@ -74,6 +81,7 @@ def layer_coefficients(f: LayerFactors, weight_sq_norm: float, *, block: int = 1
     per_token = (f.grad_sq if f.window_grad_sq is None else f.window_grad_sq) / f.tokens
     c = per_token / (tr_out * tr_in)
     alpha = rtn_alpha(c, weight_sq_norm, m, n, tr_out, tr_in)
+    shaped = alpha * f.grad_sq / (f.grad_sq if f.window_grad_sq is None else f.window_grad_sq)
 
     seed_out, seed_in = rotation_seeds(f.name)
     ldl_out = block_ldl(normalize(rotate_factor(h_out, seed_out)), block, sigma=sigma, name=f"{f.name} (H_out)")
@@ -84,9 +92,9 @@ def layer_coefficients(f: LayerFactors, weight_sq_norm: float, *, block: int = 1
         if f.samples_a > 0 and f.samples_b > 0 else None
     return Coefficients(
         trace_h_in=tr_in, trace_h_out=tr_out, grad_sq_per_token=per_token,
-        grad_sq_per_sample=f.grad_sq / max(f.samples, 1), c=c, alpha_hessian=alpha,
-        yaqa_gain=gain, alpha_yaqa=alpha * gain,
-        yaqa_gain_heldout=cf and cf.yaqa, alpha_yaqa_heldout=cf and alpha * cf.yaqa,
+        grad_sq_per_sample=f.grad_sq / max(f.samples, 1), c=c, alpha_hessian=alpha, alpha_shaped=shaped,
+        yaqa_gain=gain, alpha_yaqa=shaped * gain,
+        yaqa_gain_heldout=cf and cf.yaqa, alpha_yaqa_heldout=cf and shaped * cf.yaqa,
         yaqa_gain_heldout_raw=cf and cf.yaqa_raw, ldlq_gain_heldout=cf and cf.ldlq,
         shrink_out=cf and cf.shrink, shrink_in=cf and cf.shrink_in, shrink_target=cf and target,
         shrink_gains=cf and {str(k): v for k, v in cf.out_gains.items()},

@@ -15,7 +15,7 @@ from .schema import Profile
 REFERENCE_FORMATS = ("int4-g128", "int3-g128", "higgs-p2-n256-g128", "higgs-p2-n64-g128", "higgs-p2-n16-g128")
 
 COLUMNS = ["name", "block", "kind", "out_features", "in_features", "params", "weight_sq_norm", "trace_h_in",
-           "trace_h_out", "alpha_noise", "alpha_noise_r2", "alpha_hessian", "alpha_yaqa", "yaqa_gain",
+           "trace_h_out", "alpha_noise", "alpha_noise_r2", "alpha_hessian", "alpha_shaped", "alpha_yaqa", "yaqa_gain",
            "alpha_yaqa_heldout", "yaqa_gain_heldout", "shrink_out", "shrink_in", "yaqa_gain_heldout_raw",
            "ldlq_gain_heldout"]
 
@@ -24,18 +24,25 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
 
+def alpha_shaped(r) -> float | None:
+    """The layer's α at the scale adaptive rounding's errors see (coefficients.py); α_hessian in older profiles."""
+    return r.extra.get("alpha_shaped", r.alpha_hessian)
+
+
 def sensitivity_frame(profile: Profile) -> pd.DataFrame:
     """dkl_<format> = alpha_hessian × rel_err(format): predicted mean per-token ΔKL of quantizing that layer
     alone to the format by round-to-nearest."""
     refs = [f for f in REFERENCE_FORMATS if f in profile.formats]
     rows = []
     for r in profile.layers:
+        shaped = alpha_shaped(r)
         row = {"name": r.name, "block": r.block, "kind": r.kind, "out_features": r.shape[0],
                "in_features": r.shape[1], "params": r.params, "weight_sq_norm": r.weight_sq_norm,
                "trace_h_in": r.trace_h_in, "trace_h_out": r.trace_h_out, "alpha_noise": r.alpha_noise,
-               "alpha_noise_r2": r.alpha_noise_r2, "alpha_hessian": r.alpha_hessian, "alpha_yaqa": r.alpha_yaqa,
-               "yaqa_gain": _ratio(r.alpha_yaqa, r.alpha_hessian), "alpha_yaqa_heldout": r.alpha_yaqa_heldout,
-               "yaqa_gain_heldout": _ratio(r.alpha_yaqa_heldout, r.alpha_hessian),
+               "alpha_noise_r2": r.alpha_noise_r2, "alpha_hessian": r.alpha_hessian,
+               "alpha_shaped": shaped, "alpha_yaqa": r.alpha_yaqa,
+               "yaqa_gain": _ratio(r.alpha_yaqa, shaped), "alpha_yaqa_heldout": r.alpha_yaqa_heldout,
+               "yaqa_gain_heldout": _ratio(r.alpha_yaqa_heldout, shaped),
                **{k: r.extra.get(k) for k in ("shrink_out", "shrink_in", "yaqa_gain_heldout_raw",
                                               "ldlq_gain_heldout")}}
         for f in refs:
@@ -66,7 +73,7 @@ def spearman(a, b) -> float | None:
 def summary_line(profile: Profile) -> str:
     L = profile.layers
     rho = spearman([r.alpha_hessian for r in L], [r.alpha_noise for r in L])
-    gains = sorted(_ratio(r.alpha_yaqa_heldout, r.alpha_hessian) for r in L if r.alpha_yaqa_heldout is not None)
+    gains = sorted(_ratio(r.alpha_yaqa_heldout, alpha_shaped(r)) for r in L if r.alpha_yaqa_heldout is not None)
     parts = [f"{len(L)} layers", f"{profile.calibration.get('tokens', '?')} calibration tokens"]
     if rho is not None:
         parts.append(f"Spearman(α_hessian, α_noise) = {rho:.3f}")
@@ -96,7 +103,7 @@ def sensitivity_table(profile: Profile, top: int = 8) -> Table:
     def add(r) -> None:
         table.add_row(short_name(r.name), fmt(r.alpha_hessian), fmt(r.alpha_noise),
                       fmt(r.alpha_noise_r2, ".3f"), fmt(r.alpha_yaqa_heldout),
-                      fmt(_ratio(r.alpha_yaqa_heldout, r.alpha_hessian), ".3f"))
+                      fmt(_ratio(r.alpha_yaqa_heldout, alpha_shaped(r)), ".3f"))
 
     head = ranked[:top]
     tail = ranked[max(top, len(ranked) - top):]

@@ -268,7 +268,7 @@ def _layer_record(info, res: dict, fit: dict | None, rel_err: dict[str, float]) 
         alpha_yaqa_heldout=res["alpha_yaqa_heldout"], rel_err=rel_err,
         extra={"n_samples": res["samples"], "tokens": res["tokens"],
                "grad_sq_per_sample": res["grad_sq_per_sample"], "grad_sq_per_token": res["grad_sq_per_token"],
-               "kron_scale_c": res["c"], "yaqa_gain": res["yaqa_gain"], "yaqa_gain_heldout": res["yaqa_gain_heldout"],
+               "kron_scale_c": res["c"], "alpha_shaped": res["alpha_shaped"], "yaqa_gain": res["yaqa_gain"], "yaqa_gain_heldout": res["yaqa_gain_heldout"],
                "yaqa_gain_heldout_raw": res["yaqa_gain_heldout_raw"], "ldlq_gain_heldout": res["ldlq_gain_heldout"],
                **{k: res.get(k) for k in ("shrink_out", "shrink_in", "shrink_target", "shrink_gains",
                                           "shrink_in_gains")},

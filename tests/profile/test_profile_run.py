@@ -56,13 +56,13 @@ def test_outputs(tmp_path):
     assert loaded.settings["sketch_chunk"] == 4 and loaded.formats == FORMATS.split(",")
     for r in loaded.layers:
         assert r.alpha_hessian > 0 and r.alpha_noise is not None and r.alpha_yaqa_heldout is not None
-        assert r.alpha_yaqa <= r.alpha_hessian * 1.01 ** 2   # in-sample LDL never loses (up to the damping)
+        assert r.alpha_yaqa <= r.extra["alpha_shaped"] * 1.01 ** 2   # in-sample LDL never loses (up to the damping)
         assert set(r.rel_err) == set(FORMATS.split(","))
         assert r.rel_err["int3-g64"] > r.rel_err["int4-g32"] > r.rel_err["fp16"]
         assert r.extra["n_samples"] == 8 * 4  # 16 tokens in chunks of 4
     df = pd.read_csv(out / "sensitivity.csv")
     assert list(df.columns[:len(COLUMNS)]) == COLUMNS and len(df) == len(infos)
-    assert df["yaqa_gain"].tolist() == pytest.approx((df["alpha_yaqa"] / df["alpha_hessian"]).tolist(), rel=1e-5)
+    assert df["yaqa_gain"].tolist() == pytest.approx((df["alpha_yaqa"] / df["alpha_shaped"]).tolist(), rel=1e-5)
     f = load_factors(out, infos[0].name)
     assert f.tokens_a == f.tokens_b == 4 * 16 and f.samples == 32
     rec = loaded.layers[0]
@@ -72,6 +72,10 @@ def test_outputs(tmp_path):
     assert f.window_grad_sq != pytest.approx(f.grad_sq, rel=1e-3)
     assert rec.extra["grad_sq_per_token"] == pytest.approx(f.window_grad_sq / f.tokens, rel=1e-9)
     assert rec.extra["grad_sq_per_sample"] == pytest.approx(f.grad_sq / f.samples, rel=1e-9)
+    # adaptive rounding's α is at the factors' own (per-chunk) scale, with the gain the CSV shows
+    assert rec.extra["alpha_shaped"] == pytest.approx(rec.alpha_hessian * f.grad_sq / f.window_grad_sq, rel=1e-9)
+    assert rec.alpha_yaqa_heldout == pytest.approx(rec.extra["alpha_shaped"] * rec.extra["yaqa_gain_heldout"], rel=1e-9)
+    assert df["yaqa_gain_heldout"][0] == pytest.approx(rec.extra["yaqa_gain_heldout"], rel=1e-5)
 
 
 def test_factor_files_without_window_norms_fall_back_to_the_chunks(tmp_path):
