@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/calibration-bench.json"))
     parser.add_argument("--work", type=Path, default=Path("runs/calibration-bench-ckpt"))
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)   # a wide table, whole in a log file
     lm = load_model(args.model)
     names = [i.name for i in find_linears(lm.model)]
     results = read_json(args.out, "benchmark results") if args.out.is_file() else {}

@@ -14,6 +14,7 @@ of text; WikiText shows how much of the gain carries to other text.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -52,7 +53,7 @@ def main() -> None:
     parser.add_argument("--calib-data", default=str(DATA / "sotu.jsonl"), help="the profile's calibration text")
     parser.add_argument("--other-data", default=str(DATA / "wikitext2-test.raw"))
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)   # a wide table, whole in a log file
     fmt = get_format(args.format)
     profile = load_profile(args.profile)
     records = {r.name: r for r in profile.layers}
