@@ -103,7 +103,7 @@ def main() -> None:
         total.add_column(col, justify="left" if col in ("text", "rounding") else "right")
     for t in texts:
         for v in ROUNDINGS:
-            total.add_row(t, v, *(f"{sums[(t, v, k)]:.5f}" for k in ("measured", "hessian", "shaped")))
+            total.add_row(t, v, *(f"{sums[(t, v, k)]:.3g}" for k in ("measured", "hessian", "shaped")))
     console.print(total)
     for t in texts:
         console.print(f"{t}: measured ldlq ÷ rtn {sums[(t, 'ldlq', 'measured')] / sums[(t, 'rtn', 'measured')]:.3f}, "
