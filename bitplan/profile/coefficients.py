@@ -78,10 +78,11 @@ def layer_coefficients(f: LayerFactors, weight_sq_norm: float, *, block: int = 1
     m, n = f.h_out_a.shape[0], f.h_in_a.shape[0]
     h_out, h_in = f.h_out, f.h_in
     tr_out, tr_in = float(torch.trace(h_out)), float(torch.trace(h_in))
-    per_token = (f.grad_sq if f.window_grad_sq is None else f.window_grad_sq) / f.tokens
+    window_sq = f.grad_sq if f.window_grad_sq is None else f.window_grad_sq
+    per_token = window_sq / f.tokens
     c = per_token / (tr_out * tr_in)
     alpha = rtn_alpha(c, weight_sq_norm, m, n, tr_out, tr_in)
-    shaped = alpha * f.grad_sq / (f.grad_sq if f.window_grad_sq is None else f.window_grad_sq)
+    shaped = alpha * f.grad_sq / window_sq
 
     seed_out, seed_in = rotation_seeds(f.name)
     ldl_out = block_ldl(normalize(rotate_factor(h_out, seed_out)), block, sigma=sigma, name=f"{f.name} (H_out)")

@@ -100,7 +100,6 @@ class FactorSums:
     tokens: int = 0
     window_grad_sq: float | None = 0.0   # None: read from a file written before it was kept
 
-
     @classmethod
     def zeros(cls, out_features: int, in_features: int) -> "FactorSums":
         return cls(torch.zeros(out_features, out_features, dtype=torch.float64),
