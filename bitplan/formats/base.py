@@ -152,6 +152,12 @@ class Format(ABC):
         """The grid table [n, p] (float32) for grid formats, else None."""
         return None
 
+    def for_measuring(self) -> "Format":
+        """This format as the profile measures its round-to-nearest error: the same values, except that a
+        grid format may settle an exact tie between equidistant codes otherwise (the same distance
+        in the normalized space; such ties have measure zero in real weights)."""
+        return self
+
     # -- per-format parts --------------------------------------------------------------------------------
     @abstractmethod
     def fit(self, W: torch.Tensor) -> GroupParams:

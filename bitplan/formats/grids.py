@@ -129,10 +129,12 @@ class GridEncoder:
             best, dbest = np.where(take, nb, best), np.where(take, d, dbest)
         return order[best]
 
-    def _encode_nd(self, x: np.ndarray, workers: int) -> np.ndarray:
+    def _encode_nd(self, x: np.ndarray, workers: int, exact_ties: bool = True) -> np.ndarray:
         n = len(self._cb)
         if n == 1:
             return np.zeros(len(x), dtype=np.int64)
+        if not exact_ties:
+            return self._tree.query(x, k=1, workers=workers)[1].astype(np.int64)
         d, i = self._tree.query(x, k=2, workers=workers)
         d1, d2 = d[:, 0] ** 2, d[:, 1] ** 2
         out = i[:, 0].astype(np.int64)
@@ -141,8 +143,9 @@ class GridEncoder:
             out[close] = self._brute(x[close])
         return out
 
-    def encode(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Codes (int64) of the rows of x [N, p]."""
+    def encode(self, x: np.ndarray | torch.Tensor, exact_ties: bool = True) -> np.ndarray:
+        """Codes (int64) of the rows of x [N, p]. `exact_ties` False: a row whose two nearest codes are
+        (within rounding) equidistant may get either, which spares the k-d tree the second neighbour."""
         if isinstance(x, torch.Tensor):
             x = x.detach().to("cpu", torch.float64).numpy()
         x = np.ascontiguousarray(x, dtype=np.float64)
@@ -155,7 +158,7 @@ class GridEncoder:
         workers = max(1, torch.get_num_threads()) if len(x) >= _PARALLEL_MIN else 1
         for s in range(0, len(x), _CHUNK):
             xc = x[s:s + _CHUNK]
-            out[s:s + _CHUNK] = self._encode_1d(xc[:, 0]) if self.p == 1 else self._encode_nd(xc, workers)
+            out[s:s + _CHUNK] = self._encode_1d(xc[:, 0]) if self.p == 1 else self._encode_nd(xc, workers, exact_ties)
         return out
 
     def brute_force(self, x: np.ndarray) -> np.ndarray:

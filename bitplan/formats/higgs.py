@@ -8,7 +8,7 @@ elementwise by their scales, is replaced by its nearest grid point (exact search
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -31,6 +31,9 @@ def _check_tile(T: torch.Tensor, scale: torch.Tensor | None, p: int, name: str) 
 @dataclass(frozen=True)
 class GridFormat(Format):
     levels: int = 0  # number of grid points n
+    # Ties between equidistant codes go to the lowest index, as a brute-force search settles them (codes are then
+    # a function of the values alone). False: the k-d tree settles them, 1.3-1.8x faster (`for_measuring`).
+    exact_ties: bool = True
 
     @classmethod
     def make(cls, p: int, n: int, g: int, mse_q: float) -> "GridFormat":
@@ -38,6 +41,9 @@ class GridFormat(Format):
             name=f"higgs-p{p}-n{n}-g{g}", kind="grid", nominal_bits=math.log2(n) / p, group_size=g, vector_dim=p,
             code_bits=int(math.log2(n)), mse_q=mse_q, rotated=True, codebook_bits=32 * n * p, levels=n,
         )
+
+    def for_measuring(self) -> "GridFormat":
+        return replace(self, exact_ties=False)
 
     def codebook(self) -> torch.Tensor:
         return torch.from_numpy(grid_table(self.vector_dim, self.levels).copy())
@@ -65,7 +71,7 @@ class GridFormat(Format):
         check_finite(T, f"{self.name}: input")
         p = self.vector_dim
         z = self._normalized(T, scale).reshape(-1, p)
-        codes = grid_encoder(p, self.levels).encode(z.cpu())
+        codes = grid_encoder(p, self.levels).encode(z.cpu(), exact_ties=self.exact_ties)
         return torch.from_numpy(codes).to(torch.int32).reshape(*T.shape[:-1], T.shape[-1] // p).to(T.device)
 
     def decode(self, codes: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | None = None) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 W̃ is the weight rotated on both sides by randomized Hadamard transforms whose seeds are derived from the layer
 name (`rotation_seeds`), so a later `apply` rotates the same layer the same way. Formats with
-`rotated = False` (fp16) are measured on W itself.
+`rotated = False` (fp16) are measured on W itself. Grid formats are measured with `for_measuring()`, which
+lets the k-d tree settle exact ties between equidistant codes (measure zero in real weights), 1.3–1.8× faster.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def relative_errors(W: torch.Tensor, name: str, formats: list[Format]) -> dict[s
     out: dict[str, float] = {}
     for fmt in formats:
         src = rotated if fmt.rotated else W
-        err = src.double() - fmt.dequantize(fmt.quantize(src)).double()
+        measuring = fmt.for_measuring()
+        err = src.double() - measuring.dequantize(measuring.quantize(src)).double()
         out[fmt.name] = float((err * err).sum() / (src.double() ** 2).sum())
     return out

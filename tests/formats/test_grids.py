@@ -122,6 +122,20 @@ def test_encoding_equals_brute_force(p, n):
     np.testing.assert_array_equal(codes, brute_force(x, C))
 
 
+@pytest.mark.parametrize("p, n", BRUTE)
+def test_encoding_without_exact_ties_reaches_the_nearest_distance(p, n):
+    """`exact_ties=False` (the profile's t² measurement) may settle a tie on another code, never on a farther one."""
+    C = grid_table(p, n).astype(np.float64)
+    rng = np.random.default_rng(7 * n + p)
+    i, j = rng.integers(0, n, 300), rng.integers(0, n, 300)
+    x = np.concatenate([rng.standard_normal((6000, p)) * 1.3, (C[i] + C[j]) / 2, np.zeros((1, p))])
+    fast = grid_encoder(p, n).encode(x, exact_ties=False)
+    exact = brute_force(x, C)
+    dist = lambda codes: ((x - C[codes]) ** 2).sum(-1)  # noqa: E731
+    np.testing.assert_allclose(dist(fast), dist(exact), rtol=1e-12, atol=1e-15)
+    assert (fast == exact).mean() > 0.95  # only ties differ
+
+
 def test_exact_ties_pick_the_lowest_index():
     C = np.array([[-1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
     enc = GridEncoder(C)

@@ -91,6 +91,25 @@ def test_gaussian_error_is_the_grid_mse(name):
     assert t2 == pytest.approx(fmt.mse_q, rel=0.03)
 
 
+@pytest.mark.parametrize("name", ["higgs-p3-n512-g128", "higgs-p4-n64-g128", "higgs-p2-n16-g128", "higgs-p1-n8-g128"])
+def test_for_measuring_keeps_the_round_to_nearest_error(name):
+    """The profile measures t² with `for_measuring()` (ties settled by the k-d tree): same name, the same error
+    as lowest-index ties to float64 rounding, on a width that pads and p-vectors that straddle groups (p = 3)."""
+    fmt = get_format(name)
+    fast = fmt.for_measuring()
+    assert fast.name == fmt.name and not fast.exact_ties and fmt.exact_ties
+    W = gaussian(48, 200, 11)
+    W[3] = 0  # a zero row: every vector ties between equidistant codes on a symmetric grid
+    err = {f: float((W.double() - f.dequantize(f.quantize(W)).double()).pow(2).sum()) for f in (fmt, fast)}
+    assert err[fast] == pytest.approx(err[fmt], rel=1e-12)
+    assert fast.quantize(W).format == fmt.name
+
+
+def test_non_grid_formats_measure_as_themselves():
+    for name in ("int4-g128", "fp16"):
+        assert get_format(name).for_measuring() is get_format(name)
+
+
 def test_zero_rows_and_groups():
     fmt = get_format("higgs-p2-n16-g64")
     W = gaussian(3, 128, 4)
