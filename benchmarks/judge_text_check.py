@@ -1,0 +1,78 @@
+"""Would a judge from other text forecast the gain there? The forecast's formula with another profile's factors.
+
+    python benchmarks/judge_text_check.py FIT_PROFILE JUDGE_PROFILE [JUDGE_PROFILE ...] [--format int4-g128]
+
+The profile forecasts YAQA ÷ LDLQ by fitting on one calibration half and judging under the other. Here each
+layer is fitted as `apply` fits it (both halves summed: Σxxᵀ for LDLQ, the raw factors, the factors shrunk by
+FIT_PROFILE's λs), and the fit is judged under each JUDGE_PROFILE's factors (both halves summed): a profile of
+the same model on other text, such as the evaluation text or the model's own samples. It prints Σ α·t²·gain
+for each rounding and the ratios next to FIT_PROFILE's own cross-fitted forecast, so a measured ratio on the
+judge's text can be set against what its own factors predict. Diagnostic: a judge drawn from the evaluation
+text has seen that text.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+
+from bitplan.heldout import Judge, rotate_factor, side_gain
+from bitplan.profile.hessians import load_factors
+from bitplan.profile.relerr import rotation_seeds
+from bitplan.profile.report import alpha_shaped
+from bitplan.profile.schema import load_profile
+
+BLOCK, SIGMA = 16, 0.01
+OWN = {"ldlq": "ldlq_gain_heldout", "raw": "yaqa_gain_heldout_raw", "auto": "yaqa_gain_heldout"}
+
+
+def judged_gains(fit, judge, record) -> dict[str, float]:
+    """Gains (÷ round-to-nearest's) of the three fits of one layer, judged under the judge's summed factors."""
+    so, si = rotation_seeds(fit.name)
+    f_out, f_in, f_xtx = rotate_factor(fit.h_out, so), rotate_factor(fit.h_in, si), rotate_factor(fit.xtx, si)
+    j_out, j_in = Judge.of(rotate_factor(judge.h_out, so)), Judge.of(rotate_factor(judge.h_in, si))
+    lam_out, lam_in = record.extra.get("shrink_out") or 0.0, record.extra.get("shrink_in") or 0.0
+
+    def two_sided(lo: float, li: float) -> float:
+        return side_gain(f_out, j_out, BLOCK, SIGMA, lo, fit.name) * side_gain(f_in, j_in, BLOCK, SIGMA, li, fit.name)
+    return {"ldlq": side_gain(f_xtx, j_in, BLOCK, SIGMA, 0.0, fit.name), "raw": two_sided(0.0, 0.0),
+            "auto": two_sided(lam_out, lam_in)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("fit", type=Path)
+    parser.add_argument("judges", type=Path, nargs="+")
+    parser.add_argument("--format", default="int4-g128")
+    parser.add_argument("--every", type=int, default=1, help="use every k-th layer")
+    args = parser.parse_args()
+    fit_profile = load_profile(args.fit)
+    layers = fit_profile.layers[::args.every]
+    console = Console(width=200)
+    table = Table(title=f"fitted on {args.fit}, {len(layers)} layers, weights α_shaped·t²({args.format})")
+    for col in ("judge", "Σ LDLQ", "Σ raw", "Σ auto", "raw ÷ LDLQ", "auto ÷ LDLQ"):
+        table.add_column(col, justify="left" if col == "judge" else "right")
+
+    def row(label: str, sums: dict[str, float]) -> None:
+        table.add_row(label, *(f"{sums[k]:.3g}" for k in ("ldlq", "raw", "auto")),
+                      f"{sums['raw'] / sums['ldlq']:.3f}", f"{sums['auto'] / sums['ldlq']:.3f}")
+
+    own = {k: sum(alpha_shaped(r) * r.rel_err[args.format] * r.extra[key] for r in layers) for k, key in OWN.items()}
+    row("own halves (the profile's forecast)", own)
+    for path in args.judges:
+        judge_profile = {r.name: r for r in load_profile(path).layers}
+        sums = {k: 0.0 for k in OWN}
+        for r in track(layers, description=f"judging under {path}", console=Console(stderr=True)):
+            gains = judged_gains(load_factors(args.fit, r.name), load_factors(path, r.name), r)
+            weight = alpha_shaped(judge_profile[r.name]) * r.rel_err[args.format]
+            for k in sums:
+                sums[k] += weight * gains[k]
+        row(str(path), sums)
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
