@@ -11,7 +11,8 @@ WikiText-2 (text no profile saw), and prints mean KL:
   yaqa raw   two-sided block LDLQ with the raw factors (λ = 0)
   yaqa auto  two-sided, H_O and H_I shrunk by λs per layer chosen on the profile's held-out half (`--shrink auto`)
 next to the held-out predicted ratio YAQA ÷ LDLQ from the profile (Σ α·t²·gain over the layers, gains
-cross-fitted: LDL on one calibration half, judged under the other) and the measured one. Also the profile's wall
+cross-fitted: LDL on one calibration half, judged under the other), the same judged on the model's own samples
+for profiles made with --judge-samples (profile/judge.py), and the measured one. Also the profile's wall
 time and its ratio to one plain forward+backward pass (weight gradients included) over the same calibration.
 With --heldout-calib N it also evaluates every checkpoint on N windows of the calibration text (--calib-data)
 that no profile's calibration windows touched: text of the calibration's kind that no rounding fitted, which is
@@ -36,25 +37,11 @@ from bitplan.data import calibration_spans
 from bitplan.evaluate import evaluate
 from bitplan.io import read_json, write_json
 from bitplan.models import find_linears, load_model
-from bitplan.profile.report import alpha_shaped
+from bitplan.profile.report import forecast_kl
 from bitplan.profile.schema import load_profile
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 VARIANTS = {"rtn": ("rtn", 0.0), "ldlq": ("ldlq", 0.0), "yaqa raw": ("yaqa", 0.0), "yaqa auto": ("yaqa", "auto")}
-GAIN_KEYS = {"ldlq": "ldlq_gain_heldout", "yaqa raw": "yaqa_gain_heldout_raw", "yaqa auto": "yaqa_gain_heldout"}
-
-
-def predicted_kl(profile, fmt: str, variant: str) -> float | None:
-    """Σ_l α_l · t²_l(fmt) · held-out gain_l: the profile's own forecast for this rounding (α_hessian for
-    round-to-nearest, α_shaped, the factors' own scale, for the adaptive roundings: profile/coefficients.py)."""
-    total = 0.0
-    for r in profile.layers:
-        gain = 1.0 if variant == "rtn" else r.extra.get(GAIN_KEYS[variant])
-        alpha = r.alpha_hessian if variant == "rtn" else alpha_shaped(r)
-        if gain is None or alpha is None or fmt not in r.rel_err:
-            return None
-        total += alpha * r.rel_err[fmt] * gain
-    return total
 
 
 def plain_forward_backward_s(lm, windows: torch.Tensor, batch: int = 4) -> float:
@@ -128,8 +115,8 @@ def main() -> None:
     table = Table(title=f"{args.model}: one format on every layer, mean KL on {args.windows} × {args.seqlen} "
                         f"tokens of {Path(args.data).name}")
     held_cols = ("on calib. text",) if args.heldout_calib else ()
-    for col in ("calibration", "format", *variants, "auto ÷ ldlq", *held_cols, "predicted", "raw ÷ ldlq", *held_cols,
-                "predicted", "profile", "÷ fwd+bwd"):
+    for col in ("calibration", "format", *variants, "auto ÷ ldlq", *held_cols, "predicted", "judged", "raw ÷ ldlq",
+                *held_cols, "predicted", "judged", "profile", "÷ fwd+bwd"):
         table.add_column(col, justify="left" if col in ("calibration", "format") else "right")
     for pdir, profile in profiles.items():
         tokens = profile.calibration["tokens"]
@@ -149,21 +136,25 @@ def main() -> None:
                 key = f"{fmt}/rtn" if v == "rtn" else f"{fmt}/{v}/{pdir}"
                 r = run(key, fmt, v, None if v == "rtn" else pdir)
                 kl[v], kl_calib[v] = r["kl"], r.get("kl_calib")
-            pred = {v: predicted_kl(profile, fmt, v) for v in ("ldlq", "yaqa raw", "yaqa auto")}
+            pred = {v: forecast_kl(profile, fmt, v) for v in ("ldlq", "yaqa raw", "yaqa auto")}
+            judged = {v: forecast_kl(profile, fmt, v, "samples") for v in ("ldlq", "yaqa raw", "yaqa auto")}
 
             def ratio(a, b):
                 return f"{a / b:.3f}" if a is not None and b else "–"
 
             def ratios(v):
                 held = (ratio(kl_calib.get(v), kl_calib.get("ldlq")),) if args.heldout_calib else ()
-                return ratio(kl.get(v), kl.get("ldlq")), *held, ratio(pred[v], pred["ldlq"])
+                return (ratio(kl.get(v), kl.get("ldlq")), *held, ratio(pred[v], pred["ldlq"]),
+                        ratio(judged[v], judged["ldlq"]))
 
             table.add_row(f"{profile.calibration['samples']} × {profile.calibration['seqlen']} = {tokens // 1024}K",
                           fmt, *(f"{kl[v]:.4f}" for v in variants), *ratios("yaqa auto"), *ratios("yaqa raw"),
                           f"{wall / 60:.1f} min", f"{wall / results[key_fb]:.1f} ×" if key_fb in results else "–")
     console.print(table)
     console.print("predicted: Σ α_shaped·t²·gain over the layers, gains cross-fitted on the profile's two halves; "
-                  "profile: its phases' wall time (noise injection and format errors included when it ran them)")
+                  "judged: the same judged on the model's own samples (profiles made with --judge-samples); "
+                  "profile: its phases' wall time (noise injection, format errors and the judge included when it "
+                  "ran them)")
     if args.heldout_calib:
         console.print(f"on calib. text: the measured ratio on {args.heldout_calib} × {args.seqlen} tokens of "
                       f"{Path(args.calib_data).name} outside all {len(spans)} calibration windows")

@@ -8,7 +8,8 @@ FIT_PROFILE's λs), and the fit is judged under each JUDGE_PROFILE's factors (bo
 the same model on other text, such as the evaluation text or the model's own samples. It prints Σ α·t²·gain
 for each rounding and the ratios next to FIT_PROFILE's own cross-fitted forecast, so a measured ratio on the
 judge's text can be set against what its own factors predict. Diagnostic: a judge drawn from the evaluation
-text has seen that text.
+text has seen that text. `bitplan profile --judge-samples N` makes the model's own samples the profile's judge
+(profile/judge.py, the same judgement); this script compares judges profiled separately on any text.
 """
 from __future__ import annotations
 
@@ -19,27 +20,18 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from bitplan.heldout import Judge, rotate_factor, side_gain
+from bitplan.profile.factors import FactorSums
 from bitplan.profile.hessians import load_factors
-from bitplan.profile.relerr import rotation_seeds
+from bitplan.profile.judge import judged_gains
 from bitplan.profile.report import alpha_shaped
 from bitplan.profile.schema import load_profile
 
-BLOCK, SIGMA = 16, 0.01
 OWN = {"ldlq": "ldlq_gain_heldout", "raw": "yaqa_gain_heldout_raw", "auto": "yaqa_gain_heldout"}
 
 
-def judged_gains(fit, judge, record) -> dict[str, float]:
-    """Gains (÷ round-to-nearest's) of the three fits of one layer, judged under the judge's summed factors."""
-    so, si = rotation_seeds(fit.name)
-    f_out, f_in, f_xtx = rotate_factor(fit.h_out, so), rotate_factor(fit.h_in, si), rotate_factor(fit.xtx, si)
-    j_out, j_in = Judge.of(rotate_factor(judge.h_out, so)), Judge.of(rotate_factor(judge.h_in, si))
-    lam_out, lam_in = record.extra.get("shrink_out") or 0.0, record.extra.get("shrink_in") or 0.0
-
-    def two_sided(lo: float, li: float) -> float:
-        return side_gain(f_out, j_out, BLOCK, SIGMA, lo, fit.name) * side_gain(f_in, j_in, BLOCK, SIGMA, li, fit.name)
-    return {"ldlq": side_gain(f_xtx, j_in, BLOCK, SIGMA, 0.0, fit.name), "raw": two_sided(0.0, 0.0),
-            "auto": two_sided(lam_out, lam_in)}
+def summed(f) -> FactorSums:
+    """A judge profile's two halves as one set of factors."""
+    return FactorSums(f.h_out, f.h_in, f.xtx, f.grad_sq, f.samples, f.tokens, f.window_grad_sq)
 
 
 def main() -> None:
@@ -66,10 +58,11 @@ def main() -> None:
         judge_profile = {r.name: r for r in load_profile(path).layers}
         sums = {k: 0.0 for k in OWN}
         for r in track(layers, description=f"judging under {path}", console=Console(stderr=True)):
-            gains = judged_gains(load_factors(args.fit, r.name), load_factors(path, r.name), r)
+            g = judged_gains(load_factors(args.fit, r.name), summed(load_factors(path, r.name)), r.weight_sq_norm,
+                             r.extra.get("shrink_out") or 0.0, r.extra.get("shrink_in") or 0.0)
             weight = alpha_shaped(judge_profile[r.name]) * r.rel_err[args.format]
-            for k in sums:
-                sums[k] += weight * gains[k]
+            for k, gain in (("ldlq", g.ldlq), ("raw", g.yaqa_raw), ("auto", g.yaqa)):
+                sums[k] += weight * gain
         row(str(path), sums)
     console.print(table)
 

@@ -19,7 +19,7 @@ from bitplan.solve import solve
 
 FORMATS = "int4-g32,int3-g64,fp16"
 PROFILE_ARGS = dict(samples=10, seqlen=16, sketch_chunk=4, noise_samples=2, formats=FORMATS, batch_size=2,
-                    checkpoint_every=2, factor_groups=2)
+                    checkpoint_every=2, factor_groups=2, judge_samples=2)
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:

@@ -6,8 +6,8 @@ from typing import Optional
 
 import typer
 
-from ..profile.defaults import (DEFAULT_CHUNK, DEFAULT_HALVES, DEFAULT_NOISE_SAMPLES, DEFAULT_SAMPLES, DEFAULT_SEQLEN,
-                                HALF_SPLITS)
+from ..profile.defaults import (DEFAULT_CHUNK, DEFAULT_HALVES, DEFAULT_JUDGE_SAMPLES, DEFAULT_NOISE_SAMPLES,
+                                DEFAULT_SAMPLES, DEFAULT_SEQLEN, HALF_SPLITS)
 from . import app, console
 
 
@@ -30,6 +30,10 @@ def profile_command(
                                          "factor sums (each writes a half's float64 sums: 3.5 GB for smollm2-135m)"),
     factor_groups: int = typer.Option(1, "--factor-groups", help="run the calibration G times, each for 1/G of the "
                                       "layers: the factor sums take 1/G of the memory (same result, G × the passes)"),
+    judge_samples: int = typer.Option(DEFAULT_JUDGE_SAMPLES, "--judge-samples", help="also forecast for text unlike the calibration: "
+                                      "judge each layer's fit on this many windows sampled from the model itself "
+                                      "(0: none; 64 measured; adds sampling and one factor pass over them; "
+                                      "a finished profile gets only the judge)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a profile or job of other settings in --out"),
     keep_job: bool = typer.Option(False, "--keep-job", help="keep OUT/.job (per-layer intermediate results) after finishing"),
     threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0: torch's default); on a machine shared "
@@ -49,8 +53,7 @@ def profile_command(
     profile = profile_model(model, calib, samples, seqlen, seed, out, sketch_chunk=sketch_chunk,
                             noise_samples=noise_samples, formats=formats, batch_size=batch_size,
                             checkpoint_every=checkpoint_every, factor_groups=factor_groups, halves=halves,
-                            overwrite=overwrite,
-                            keep_job=keep_job)
+                            judge_samples=judge_samples, overwrite=overwrite, keep_job=keep_job)
     from ..distributed import Ranks
 
     if not Ranks.current().main:  # under torchrun, rank 0 reports

@@ -17,7 +17,15 @@ REFERENCE_FORMATS = ("int4-g128", "int3-g128", "higgs-p2-n256-g128", "higgs-p2-n
 COLUMNS = ["name", "block", "kind", "out_features", "in_features", "params", "weight_sq_norm", "trace_h_in",
            "trace_h_out", "alpha_noise", "alpha_noise_r2", "alpha_hessian", "alpha_shaped", "alpha_yaqa", "yaqa_gain",
            "alpha_yaqa_heldout", "yaqa_gain_heldout", "shrink_out", "shrink_in", "yaqa_gain_heldout_raw",
-           "ldlq_gain_heldout"]
+           "ldlq_gain_heldout", "alpha_shaped_judge", "yaqa_gain_judged", "yaqa_gain_judged_raw", "ldlq_gain_judged"]
+JUDGED = ("alpha_shaped_judge", "yaqa_gain_judged", "yaqa_gain_judged_raw", "ldlq_gain_judged")
+
+# Where each forecast's gains are: judged on the other calibration half (cross-fitted), or on the model's own
+# samples (profile/judge.py, with --judge-samples), whose own α_shaped then weighs the layers.
+FORECAST_GAINS = {
+    "halves": {"ldlq": "ldlq_gain_heldout", "yaqa raw": "yaqa_gain_heldout_raw", "yaqa auto": "yaqa_gain_heldout"},
+    "samples": {"ldlq": "ldlq_gain_judged", "yaqa raw": "yaqa_gain_judged_raw", "yaqa auto": "yaqa_gain_judged"},
+}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -44,12 +52,40 @@ def sensitivity_frame(profile: Profile) -> pd.DataFrame:
                "yaqa_gain": _ratio(r.alpha_yaqa, shaped), "alpha_yaqa_heldout": r.alpha_yaqa_heldout,
                "yaqa_gain_heldout": _ratio(r.alpha_yaqa_heldout, shaped),
                **{k: r.extra.get(k) for k in ("shrink_out", "shrink_in", "yaqa_gain_heldout_raw",
-                                              "ldlq_gain_heldout")}}
+                                              "ldlq_gain_heldout", *JUDGED)}}
         for f in refs:
             t2 = r.rel_err.get(f)
             row[f"dkl_{f}"] = None if t2 is None or r.alpha_hessian is None else r.alpha_hessian * t2
         rows.append(row)
     return pd.DataFrame(rows, columns=COLUMNS + [f"dkl_{f}" for f in refs])
+
+
+def forecast_kl(profile: Profile, fmt: str, rounding: str, judge: str = "halves") -> float | None:
+    """Σ_l α_l · t²_l(fmt) · gain_l: the profile's forecast of the mean KL with `fmt` on every layer, rounded by
+    `rounding` (rtn, ldlq, yaqa raw, yaqa auto), judged on the other calibration half or on the model's samples.
+    α is α_hessian for round-to-nearest, α_shaped for the adaptive roundings (coefficients.py). None when a layer
+    lacks a figure (no judge, or the format not measured)."""
+    if judge not in FORECAST_GAINS:
+        raise ValueError(f"judge must be one of {', '.join(FORECAST_GAINS)}, got {judge!r}")
+    total = 0.0
+    for r in profile.layers:
+        if rounding == "rtn":
+            gain, alpha = 1.0, r.alpha_hessian if judge == "halves" else None
+        else:
+            gain = r.extra.get(FORECAST_GAINS[judge][rounding])
+            alpha = alpha_shaped(r) if judge == "halves" else r.extra.get("alpha_shaped_judge")
+        if gain is None or alpha is None or fmt not in r.rel_err:
+            return None
+        total += alpha * r.rel_err[fmt] * gain
+    return total
+
+
+def forecast_ratios(profile: Profile, fmt: str, judge: str = "halves") -> dict[str, float] | None:
+    """YAQA raw ÷ LDLQ and YAQA auto ÷ LDLQ forecast with `fmt` on every layer (None without the figures)."""
+    kl = {v: forecast_kl(profile, fmt, v, judge) for v in ("ldlq", "yaqa raw", "yaqa auto")}
+    if any(x is None for x in kl.values()) or not kl["ldlq"]:
+        return None
+    return {v: kl[v] / kl["ldlq"] for v in ("yaqa raw", "yaqa auto")}
 
 
 def write_csv(profile: Profile, path: str | Path) -> pd.DataFrame:
@@ -79,6 +115,12 @@ def summary_line(profile: Profile) -> str:
         parts.append(f"Spearman(α_hessian, α_noise) = {rho:.3f}")
     if gains:
         parts.append(f"median held-out YAQA gain {gains[len(gains) // 2]:.3f}")
+    ref = next((f for f in REFERENCE_FORMATS if f in profile.formats), None)
+    for judge, where in (("halves", "the other calibration half"), ("samples", "the model's own samples")):
+        ratios = forecast_ratios(profile, ref, judge) if ref else None
+        if ratios:
+            parts.append(f"forecast ÷ LDLQ with {ref} everywhere, judged on {where}: YAQA raw "
+                         f"{ratios['yaqa raw']:.3f}, auto {ratios['yaqa auto']:.3f}")
     return ", ".join(parts)
 
 

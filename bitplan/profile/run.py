@@ -9,11 +9,14 @@ Phases (each resumable on its own, see job.py):
   3. layers  per layer: predicted coefficients from the factors (block LDL, held-out gains);
   4. formats per layer: the relative error of every candidate format (the candidate list is not part of the
              job's fingerprint: asking a finished profile for other formats measures only those);
-then profile.json and sensitivity.csv.
+then profile.json and sensitivity.csv; then, with `judge_samples`, the judge (judge.py): windows sampled from
+the model, their factors in hessians/judge/, each layer's fit judged under them. The judge is an addition to a
+finished profile, not part of its fingerprint: asking a finished profile for one computes only the judge.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import resource
 import time
@@ -31,13 +34,16 @@ from .. import __version__
 from ..distributed import Ranks
 from ..errors import BitplanError
 from ..formats import Format, default_candidates, get_format
+from ..heldout import DEFAULT_SHRINK_TARGET
+from ..io import atomic_path, read_json, write_json
 from ..models import LoadedModel, find_extras, find_linears, get_module, load_model, weights_sha256
 from .coefficients import layer_coefficients
-from .defaults import (DEFAULT_CHUNK, DEFAULT_HALVES, DEFAULT_NOISE_SAMPLES, DEFAULT_SAMPLES, DEFAULT_SEQLEN,
-                       HALF_SPLITS)
+from .defaults import (DEFAULT_CHUNK, DEFAULT_HALVES, DEFAULT_JUDGE_SAMPLES, DEFAULT_NOISE_SAMPLES, DEFAULT_SAMPLES,
+                       DEFAULT_SEQLEN, HALF_SPLITS)
 from .factors import ChunkStats, FactorSums
-from .hessians import HALVES, factors_path, load_factors, save_half_factors
+from .hessians import HALVES, HESSIAN_DIR, factors_path, load_factors, read_half_factors, save_half_factors
 from .job import Job
+from .judge import JUDGE, JUDGE_WINDOW_OFFSET, judged_gains, sample_windows, start_token
 from .noise import DEFAULT_LEVELS, NoiseMeter, build_cache
 from .relerr import relative_errors
 from .schema import LayerRecord, Profile, load_profile
@@ -155,12 +161,15 @@ def profile_model(model: str | Path | LoadedModel | nn.Module, calib: str | Path
                   noise_samples: int = DEFAULT_NOISE_SAMPLES, noise_levels: tuple[float, ...] = DEFAULT_LEVELS,
                   formats: str | list | None = None, batch_size: int = 4, checkpoint_every: int = 64,
                   factor_groups: int = 1, halves: str = DEFAULT_HALVES,
+                  judge_samples: int = DEFAULT_JUDGE_SAMPLES,
                   overwrite: bool = False, progress: bool = True, keep_job: bool = False,
                   events: Events | None = None, ranks: Ranks | None = None) -> Profile:
     """Profile `model` on calibration text (a .txt/.jsonl path or hf:NAME) or token ids [windows, seqlen].
 
     Writes OUT/profile.json, OUT/sensitivity.csv and OUT/hessians/; resumes an interrupted run of the same
     settings in OUT; returns an existing finished profile of the same settings without recomputing.
+    `judge_samples` > 0 adds a judge of that many windows sampled from the model itself (judge.py): the
+    forecast for text unlike the calibration, in each record's `*_judged` figures.
     `events(phase, count)` is called after each checkpoint or per-layer result (tests interrupt through it).
     Under torchrun every process calls this with the same arguments and the work is split (bitplan.distributed);
     `ranks` defaults to the group torchrun set up, or a single process.
@@ -181,6 +190,8 @@ def profile_model(model: str | Path | LoadedModel | nn.Module, calib: str | Path
         raise BitplanError(f"--noise-samples must be between 0 and --samples ({n_windows}), got {noise_samples}")
     if batch_size < 1 or checkpoint_every < 1:
         raise BitplanError("batch size and checkpoint interval must be positive")
+    if judge_samples < 0:
+        raise BitplanError(f"--judge-samples must be 0 (no judge) or a number of windows, got {judge_samples}")
     levels = tuple(float(x) for x in noise_levels)
 
     sha = weights_sha256(net)
@@ -194,13 +205,22 @@ def profile_model(model: str | Path | LoadedModel | nn.Module, calib: str | Path
     # Rank 0 checks, clears or creates the folder before the others open it (and never clear it again).
     job, complete = ranks.on_main(lambda: Job.open(out, identity, fingerprint, options, overwrite),
                                   lambda: Job.open(out, identity, fingerprint, options, False))
+    judge = {"samples": judge_samples, "seqlen": T, "seed": seed, "sketch_chunk": sketch_chunk}
+
+    def with_judge(p: Profile) -> Profile:
+        if not judge_samples or p.extra.get("judge", {}).get("settings") == judge:
+            return p
+        return ranks.on_main(lambda: _judge_phase(p, out, loaded, infos, judge, batch_size, progress,
+                                                  events or (lambda phase, count: None)),
+                             lambda: load_profile(out))
+
     if complete:
         existing = load_profile(out)
-        if existing.formats == [f.name for f in fmts]:
-            return existing
-        return ranks.on_main(lambda: _update_formats(existing, out, net, fmts, progress,
-                                                     emit=events or (lambda phase, count: None)),
-                             lambda: load_profile(out))
+        if existing.formats != [f.name for f in fmts]:
+            existing = ranks.on_main(lambda: _update_formats(existing, out, net, fmts, progress,
+                                                             emit=events or (lambda phase, count: None)),
+                                     lambda: load_profile(out))
+        return with_judge(existing)
     console = Console(stderr=True)
     if progress and job.resumed:
         console.print(f"[dim]resuming the profile job in {job.dir}[/]")
@@ -227,7 +247,7 @@ def profile_model(model: str | Path | LoadedModel | nn.Module, calib: str | Path
         timing = add_time("formats", time.perf_counter() - t0)
     if not ranks.main:
         ranks.barrier()  # rank 0 writes the profile
-        return load_profile(out)
+        return with_judge(load_profile(out))
 
     records = [_layer_record(i, layer_results[i.name], noise.get(i.name), rel_errs[i.name]) for i in infos]
     params = {id(p): p.numel() for p in net.parameters()}
@@ -256,7 +276,7 @@ def profile_model(model: str | Path | LoadedModel | nn.Module, calib: str | Path
     write_csv(profile, out / "sensitivity.csv")
     job.finish(keep_job)
     ranks.barrier()
-    return profile
+    return with_judge(profile)   # every rank: rank 0 judges while the others wait for it
 
 
 def _layer_record(info, res: dict, fit: dict | None, rel_err: dict[str, float]) -> LayerRecord:
@@ -303,6 +323,67 @@ def _update_formats(profile: Profile, out: Path, net: nn.Module, fmts: list[Form
     profile.save(out / "profile.json")
     write_csv(profile, out / "sensitivity.csv")
     return profile
+
+
+def _judge_phase(profile: Profile, out: Path, loaded: LoadedModel, infos, judge: dict, batch_size: int,
+                 progress: bool, emit: Events) -> Profile:
+    """Sample the judge's windows, accumulate their factors (hessians/judge/), judge every layer's fit under
+    them, and rewrite profile.json and sensitivity.csv. Runs on a finished profile; every file is replaced
+    atomically, so a killed run leaves the profile as it was. The judge's folder is complete when its
+    settings.json is written: then it is reused (the samples and their factors depend only on the model and the
+    judge's settings), and only the judging is redone."""
+    folder = out / HESSIAN_DIR / JUDGE
+    settings = {**judge, "weights_sha256": profile.model["weights_sha256"]}
+    marker = folder / "settings.json"
+    t0 = time.perf_counter()
+    with _progress(progress) as bars:
+        if not (marker.is_file() and read_json(marker, "judge settings") == settings):
+            marker.unlink(missing_ok=True)
+            _judge_factors(out, loaded, infos, judge, batch_size, bars, emit)
+            write_json(marker, settings)
+        bar = _Bar(bars, "judge: judging each layer's fit", len(infos))
+        for k, (info, rec) in enumerate(zip(infos, profile.layers)):
+            sums, _ = read_half_factors(factors_path(out, info.name, JUDGE))
+            lam_out, lam_in = rec.extra.get("shrink_out") or 0.0, rec.extra.get("shrink_in") or 0.0
+            target = rec.extra.get("shrink_target") or DEFAULT_SHRINK_TARGET
+            g = judged_gains(load_factors(out, info.name), sums, rec.weight_sq_norm, lam_out, lam_in,
+                             block=LDL_BLOCK, sigma=LDL_SIGMA, target=target)
+            rec.extra.update(alpha_shaped_judge=g.alpha_shaped, yaqa_gain_judged=g.yaqa,
+                             yaqa_gain_judged_raw=g.yaqa_raw, ldlq_gain_judged=g.ldlq)
+            bar.advance()
+            emit("judge", k + 1)
+    profile.extra["judge"] = {"settings": judge, "tokens": judge["samples"] * judge["seqlen"],
+                              "source": "the model's own samples: temperature 1 from its BOS token"}
+    profile.extra.setdefault("timing_s", {})["judge"] = round(time.perf_counter() - t0, 2)
+    from .report import write_csv
+
+    profile.save(out / "profile.json")
+    write_csv(profile, out / "sensitivity.csv")
+    return profile
+
+
+def _judge_factors(out: Path, loaded: LoadedModel, infos, judge: dict, batch_size: int, bars,
+                   emit: Events) -> None:
+    """The judge's windows (and their text, for people to read) and every layer's factors on them."""
+    net, folder = loaded.model, out / HESSIAN_DIR / JUDGE
+    n, T, seed, chunk = judge["samples"], judge["seqlen"], judge["seed"], judge["sketch_chunk"]
+    start = start_token(net, loaded.tokenizer)
+    bar = _Bar(bars, "judge: sampling from the model", n)
+    windows = sample_windows(net, n, T, start, seed, bar.advance)
+    if loaded.tokenizer is not None:
+        with atomic_path(folder / "samples.jsonl") as tmp:
+            Path(tmp).write_text("".join(json.dumps({"id": f"judge-{w}", "text": loaded.tokenizer.decode(ids[1:])})
+                                         + "\n" for w, ids in enumerate(windows.tolist())))
+    modules = {i.name: get_module(net, i.name) for i in infos}
+    sums = {i.name: FactorSums.zeros(i.out_features, i.in_features) for i in infos}
+    bar = _Bar(bars, "judge: factors", n)
+    for s in range(0, n, batch_size):
+        idx = list(range(s, min(n, s + batch_size)))
+        accumulate_batch(net, modules, windows[idx], [JUDGE_WINDOW_OFFSET + w for w in idx], seed, chunk, sums)
+        bar.advance(len(idx))
+        emit("judge-factors", idx[-1] + 1)
+    for info in infos:
+        save_half_factors(factors_path(out, info.name, JUDGE), info.name, JUDGE, sums.pop(info.name), chunk)
 
 
 def _versions() -> dict[str, str]:

@@ -21,3 +21,14 @@ def token_ids(n: int, seqlen: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
+
+
+class Interrupt(Exception):
+    """What the tests raise from a profile's `events` callback to kill it at a chosen point."""
+
+
+def stop_at(phase: str, count: int):
+    def events(p: str, c: int) -> None:
+        if p == phase and c == count:
+            raise Interrupt(f"{p} {c}")
+    return events

@@ -17,21 +17,10 @@ from bitplan.profile.hessians import HALVES, factors_path, read_half_factors, sa
 from bitplan.profile.report import COLUMNS, sensitivity_table
 from bitplan.profile.run import split_halves
 
-from tests.profile.helpers import tiny_llama, token_ids
+from tests.profile.helpers import Interrupt, stop_at, tiny_llama, token_ids
 
 FORMATS = "int4-g32,int3-g64,fp16"
 KW = dict(sketch_chunk=4, noise_samples=2, formats=FORMATS, batch_size=2, checkpoint_every=2, progress=False)
-
-
-class Interrupt(Exception):
-    pass
-
-
-def stop_at(phase: str, count: int):
-    def events(p: str, c: int) -> None:
-        if p == phase and c == count:
-            raise Interrupt(f"{p} {c}")
-    return events
 
 
 def run(out: Path, model=None, ids=None, **kw):
