@@ -32,8 +32,9 @@ from .seeds import generator
 
 JUDGE = "judge"                 # the hessians/ subfolder and the factor set's name
 JUDGE_WINDOW_OFFSET = 1 << 40   # judge windows' ids for the label seeds: never a calibration window's
-SAMPLE_BATCH = 64   # windows sampled together: each step streams the whole model, so wide steps pay (64 windows × 11
-                    # steps took 0.48 × the time in batches of 64 as of 16); fixed, so samples do not depend on options
+# Windows sampled together: every step streams the whole model, so wide steps pay (the default model, 64 windows of
+# 12 tokens: batches of 64 took 0.48 × the time of batches of 16). Fixed, so the samples do not depend on options.
+SAMPLE_BATCH = 64
 
 
 def start_token(model: nn.Module, tokenizer=None) -> int:
