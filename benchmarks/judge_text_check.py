@@ -14,6 +14,7 @@ text has seen that text. `bitplan profile --judge-samples N` makes the model's o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from rich.console import Console
@@ -23,10 +24,10 @@ from rich.table import Table
 from bitplan.profile.factors import FactorSums
 from bitplan.profile.hessians import load_factors
 from bitplan.profile.judge import judged_gains
-from bitplan.profile.report import alpha_shaped
+from bitplan.profile.report import alpha_shaped, forecast_kl
 from bitplan.profile.schema import load_profile
 
-OWN = {"ldlq": "ldlq_gain_heldout", "raw": "yaqa_gain_heldout_raw", "auto": "yaqa_gain_heldout"}
+ROUNDINGS = {"ldlq": "ldlq", "raw": "yaqa raw", "auto": "yaqa auto"}   # column → forecast_kl's rounding
 
 
 def summed(f) -> FactorSums:
@@ -52,11 +53,12 @@ def main() -> None:
         table.add_row(label, *(f"{sums[k]:.3g}" for k in ("ldlq", "raw", "auto")),
                       f"{sums['raw'] / sums['ldlq']:.3f}", f"{sums['auto'] / sums['ldlq']:.3f}")
 
-    own = {k: sum(alpha_shaped(r) * r.rel_err[args.format] * r.extra[key] for r in layers) for k, key in OWN.items()}
+    sub = dataclasses.replace(fit_profile, layers=layers)
+    own = {k: forecast_kl(sub, args.format, rounding) for k, rounding in ROUNDINGS.items()}
     row("own halves (the profile's forecast)", own)
     for path in args.judges:
         judge_profile = {r.name: r for r in load_profile(path).layers}
-        sums = {k: 0.0 for k in OWN}
+        sums = {k: 0.0 for k in ROUNDINGS}
         for r in track(layers, description=f"judging under {path}", console=Console(stderr=True)):
             g = judged_gains(load_factors(args.fit, r.name), summed(load_factors(path, r.name)), r.weight_sq_norm,
                              r.extra.get("shrink_out") or 0.0, r.extra.get("shrink_in") or 0.0)

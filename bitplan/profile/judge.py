@@ -92,8 +92,9 @@ def judged_gains(fit: LayerFactors, judge: FactorSums, weight_sq_norm: float, sh
         raise BitplanError(f"{fit.name}: the judge's factors were accumulated from no samples")
     m, n = fit.h_out_a.shape[0], fit.h_in_a.shape[0]
     so, si = rotation_seeds(fit.name)
-    f_out, f_in = rotate_factor(fit.h_out, so), rotate_factor(fit.h_in, si)
-    t_out, t_in = rotated_target(fit.h_out, so, target), rotated_target(fit.h_in, si, target)
+    h_out, h_in = fit.h_out, fit.h_in   # both halves summed (each access adds them)
+    f_out, f_in = rotate_factor(h_out, so), rotate_factor(h_in, si)
+    t_out, t_in = rotated_target(h_out, so, target), rotated_target(h_in, si, target)
     j_out, j_in = Judge.of(rotate_factor(judge.h_out, so)), Judge.of(rotate_factor(judge.h_in, si))
 
     def two_sided(lam_out: float, lam_in: float) -> float:

@@ -205,26 +205,24 @@ def profile_model(model: str | Path | LoadedModel | nn.Module, calib: str | Path
     # Rank 0 checks, clears or creates the folder before the others open it (and never clear it again).
     job, complete = ranks.on_main(lambda: Job.open(out, identity, fingerprint, options, overwrite),
                                   lambda: Job.open(out, identity, fingerprint, options, False))
+    emit = events or (lambda phase, count: None)
     judge = {"samples": judge_samples, "seqlen": T, "seed": seed, "sketch_chunk": sketch_chunk}
 
     def with_judge(p: Profile) -> Profile:
         if not judge_samples or p.extra.get("judge", {}).get("settings") == judge:
             return p
-        return ranks.on_main(lambda: _judge_phase(p, out, loaded, infos, judge, batch_size, progress,
-                                                  events or (lambda phase, count: None)),
+        return ranks.on_main(lambda: _judge_phase(p, out, loaded, infos, judge, batch_size, progress, emit),
                              lambda: load_profile(out))
 
     if complete:
         existing = load_profile(out)
         if existing.formats != [f.name for f in fmts]:
-            existing = ranks.on_main(lambda: _update_formats(existing, out, net, fmts, progress,
-                                                             emit=events or (lambda phase, count: None)),
+            existing = ranks.on_main(lambda: _update_formats(existing, out, net, fmts, progress, emit=emit),
                                      lambda: load_profile(out))
         return with_judge(existing)
     console = Console(stderr=True)
     if progress and job.resumed:
         console.print(f"[dim]resuming the profile job in {job.dir}[/]")
-    emit = events or (lambda phase, count: None)
     sketch_times = SketchTimes()
 
     def add_time(phase: str, seconds: float) -> dict[str, float]:
