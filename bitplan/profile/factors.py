@@ -8,8 +8,9 @@ matrices K_x = x_c x_cᵀ and K_g = g_c g_cᵀ (T'×T'):
 
     G_c G_cᵀ = g_cᵀ K_x g_c,    G_cᵀ G_c = x_cᵀ K_g x_c,    ‖G_c‖² = Σ K_x ∘ K_g,
 
-so a batch costs about m² + n² + T'(m + n) multiply-adds per token. Products are taken in the activations'
-dtype and summed into float64 accumulators.
+so a batch costs about m² + n² + T'(m + n) multiply-adds per token (per token, T' = 1, the symmetric ones are
+taken as block triangles: `weighted_gram`). Products are taken in the activations' dtype and summed into float64
+accumulators.
 
 The factors' SHAPE is best estimated from many small samples, but their SCALE (the Fisher's trace, which sets
 α_hessian) is not: a weight error is the same at every position, so the sample whose norm is the trace is the
@@ -23,6 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+# Rows per block of `weighted_gram`'s triangle (benchmarks/gram_bench.py).
+GRAM_BLOCK = 128
 
 
 @dataclass
@@ -40,7 +44,7 @@ def n_chunks(seqlen: int, chunk: int) -> int:
 
 def window_gram(x: torch.Tensor) -> torch.Tensor:
     """K = x xᵀ per window: [B, T, T] from x [B, T, n]."""
-    return x @ x.transpose(1, 2)
+    return weighted_gram(x.mT)
 
 
 def chunk_stats(x: torch.Tensor, g: torch.Tensor, chunk: int, x_gram: torch.Tensor | None = None) -> ChunkStats:
@@ -61,11 +65,11 @@ def _chunk_factors(x: torch.Tensor, g: torch.Tensor, chunk: int) -> tuple[torch.
     B, T, n = x.shape
     m = g.shape[-1]
     if chunk == 1:
-        # G_t = g_t x_tᵀ: G Gᵀ = ‖x_t‖² g_t g_tᵀ, Gᵀ G = ‖g_t‖² x_t x_tᵀ; one large matmul each.
+        # G_t = g_t x_tᵀ: G Gᵀ = ‖x_t‖² g_t g_tᵀ, Gᵀ G = ‖g_t‖² x_t x_tᵀ; one weighted Gram each.
         xf, gf = x.reshape(-1, n), g.reshape(-1, m)
         xsq, gsq = (xf * xf).sum(-1, keepdim=True), (gf * gf).sum(-1, keepdim=True)
-        h_out = (gf * xsq).T @ gf
-        h_in = (xf * gsq).T @ xf
+        h_out = weighted_gram(gf, xsq)
+        h_in = weighted_gram(xf, gsq)
         grad_sq = float((xsq * gsq).sum(dtype=torch.float64))
         return h_out, h_in, grad_sq, B * T
     c = n_chunks(T, chunk)
@@ -85,8 +89,25 @@ def _chunk_factors(x: torch.Tensor, g: torch.Tensor, chunk: int) -> tuple[torch.
 
 def input_moment(x: torch.Tensor) -> torch.Tensor:
     """Σ_t x_t x_tᵀ over every token of a batch x [B, T, n]."""
-    xf = x.reshape(-1, x.shape[-1])
-    return xf.T @ xf
+    return weighted_gram(x.reshape(-1, x.shape[-1]))
+
+
+def weighted_gram(a: torch.Tensor, w: torch.Tensor | None = None, block: int = GRAM_BLOCK) -> torch.Tensor:
+    """aᵀ diag(w) a for a [..., N, n] and weights w [..., N, 1] (none: aᵀa), per leading index. The result is
+    symmetric, so only its block upper triangle is multiplied, one block row of `block` rows at a time, and the
+    rest is mirrored: (k + 1)/2k of a full matmul's multiply-adds with k block rows. torch has no syrk; BLAS's
+    own, through scipy, ran slower inside the profile (its threads competing with torch's, README)."""
+    aw = a if w is None else a * w
+    n = a.shape[-1]
+    if n <= block:
+        return aw.mT @ a
+    out = torch.empty(*a.shape[:-2], n, n, dtype=torch.promote_types(aw.dtype, a.dtype))
+    for s in range(0, n, block):
+        e = min(n, s + block)
+        row = aw[..., s:e].mT @ a[..., s:]   # block row s:e, from the diagonal on
+        out[..., s:e, s:] = row
+        out[..., e:, s:e] = row[..., e - s:].mT
+    return out
 
 
 @dataclass

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from bitplan.models import find_linears, get_module
-from bitplan.profile.factors import FactorSums, chunk_stats
+from bitplan.profile.factors import FactorSums, chunk_stats, weighted_gram
 from bitplan.profile.seeds import derive_seed
 from bitplan.profile.sketch import accumulate_batch, sample_labels
 
@@ -158,6 +158,22 @@ def test_chunk_stats_padding_is_exact():
     h_out = sum(G @ G.T for b in range(2) for G in [gr[b, i:i + 3].T @ x[b, i:i + 3] for i in (0, 3, 6)])
     assert rel(s.h_out, h_out) < 1e-12
     assert s.samples == 6
+
+
+@pytest.mark.parametrize("n,block", [(10, 3), (12, 4), (7, 7), (9, 20), (5, 1)])
+def test_weighted_gram_equals_the_sum_of_weighted_outer_products(n, block):
+    """The block-triangle product (whole block rows, a ragged last one, a single block, one row per block)
+    against Σ_t w_t a_t a_tᵀ token by token, with and without weights."""
+    g = torch.Generator().manual_seed(n * 100 + block)
+    a = torch.randn(13, n, dtype=torch.float64, generator=g)
+    w = torch.rand(13, 1, dtype=torch.float64, generator=g)
+    weighted = sum(w[t, 0] * torch.outer(a[t], a[t]) for t in range(13))
+    plain = sum(torch.outer(a[t], a[t]) for t in range(13))
+    assert rel(weighted_gram(a, w, block), weighted) < 1e-12
+    assert rel(weighted_gram(a, block=block), plain) < 1e-12
+    batched = torch.stack([a, 2 * a]), torch.stack([w, w.flip(0)])
+    ref = torch.stack([weighted, 4 * sum(w[12 - t, 0] * torch.outer(a[t], a[t]) for t in range(13))])
+    assert rel(weighted_gram(*batched, block=block), ref) < 1e-12   # one Gram per leading index
 
 
 def test_input_moment_equals_sum_of_outer_products_of_each_layers_inputs(tiny64):
