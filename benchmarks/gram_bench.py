@@ -1,7 +1,7 @@
 """The factors' weighted Gram matrices aᵀ diag(w) a (factors.py: `weighted_gram`) against one full matmul, at the
 default model's layer widths and the profile's batch of 4 × 256 tokens.
 
-    python benchmarks/gram_bench.py --blocks 128,192,288,384
+    python benchmarks/gram_bench.py --blocks 96,128,192,384
 
 For each width n and rows per block, both ways run alternately on the same inputs (so they see the same machine
 load); it prints the median milliseconds of each, their ratio, and the largest difference from the full matmul
@@ -24,13 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bitplan.profile.factors import GRAM_BLOCK, weighted_gram  # noqa: E402
 
 
-def _ms(fn, reps: int) -> list[float]:
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(1e3 * (time.perf_counter() - t0))
-    return out
+def _ms(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return 1e3 * (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -55,8 +52,8 @@ def main() -> None:
             diff = float((weighted_gram(a, w, block) - full).abs().max() / full.abs().max())
             plain, ours = [], []
             for _ in range(args.reps):   # alternate, so both see the same load
-                plain += _ms(lambda: (a * w).T @ a, 1)
-                ours += _ms(lambda: weighted_gram(a, w, block), 1)
+                plain.append(_ms(lambda: (a * w).T @ a))
+                ours.append(_ms(lambda: weighted_gram(a, w, block)))
             p, o = statistics.median(plain), statistics.median(ours)
             table.add_row(str(n), str(block), f"{p:.2f}", f"{o:.2f}", f"{o / p:.3f}", f"{diff:.1e}")
     Console().print(table)
