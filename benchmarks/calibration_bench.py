@@ -152,7 +152,7 @@ def main() -> None:
                           f"{wall / 60:.1f} min", f"{wall / results[key_fb]:.1f} ×" if key_fb in results else "–")
     console.print(table)
     console.print("predicted: Σ α_shaped·t²·gain over the layers, gains cross-fitted on the profile's two halves; "
-                  "judged: the same judged on the model's own samples (profiles made with --judge-samples); "
+                  "judged: the same judged on the model's own samples (the profile's judge, on by default); "
                   "profile: its phases' wall time (noise injection, format errors and the judge included when it "
                   "ran them)")
     if args.heldout_calib:

@@ -48,7 +48,7 @@ def main() -> None:
     console.rule("[bold]1. profile")
     model = load_model(args.model)
     profile_model(model, args.calib, samples=args.samples, seqlen=256, out_dir=out / "profile", noise_samples=0,
-                  formats=QUICK_FORMATS)
+                  formats=QUICK_FORMATS, judge_samples=0)   # quick: the halves' forecast alone
 
     console.rule("[bold]2. solve")
     plan = solve(out / "profile", args.budget)

@@ -108,7 +108,7 @@ def test_exclude_calibration_draws_only_untouched_windows(tiny_model_dir, tmp_pa
     text.write_text(" ".join(f"Line {i} of the union." for i in range(900)))
     lm = load_model(str(tiny_model_dir))
     profile_model(lm, str(text), samples=60, seqlen=32, out_dir=tmp_path / "prof", noise_samples=0,
-                  formats=["int4-g32"], progress=False)
+                  formats=["int4-g32"], judge_samples=0, progress=False)
     plan = solve(tmp_path / "prof", "5.5bpw")   # int4-g32 everywhere: 5.02 bpw with its scales and zeros
     plan.save(tmp_path / "plan.json")
     apply_plan(tmp_path / "plan.json", tmp_path / "q", model=lm, rounding="rtn", progress=False)

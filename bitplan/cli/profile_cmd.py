@@ -30,10 +30,12 @@ def profile_command(
                                          "factor sums (each writes a half's float64 sums: 3.5 GB for smollm2-135m)"),
     factor_groups: int = typer.Option(1, "--factor-groups", help="run the calibration G times, each for 1/G of the "
                                       "layers: the factor sums take 1/G of the memory (same result, G × the passes)"),
-    judge_samples: int = typer.Option(DEFAULT_JUDGE_SAMPLES, "--judge-samples", help="also forecast for text unlike the calibration: "
-                                      "judge each layer's fit on this many windows sampled from the model itself "
-                                      "(0: none; 64 measured; adds sampling and one factor pass over them; "
-                                      "a finished profile gets only the judge)"),
+    judge_samples: Optional[int] = typer.Option(None, "--judge-samples", show_default=False,
+                                                help="forecast for text unlike the calibration: judge each layer's fit "
+                                                f"on this many windows sampled from the model itself (default "
+                                                f"{DEFAULT_JUDGE_SAMPLES}, the number measured, for a model that names "
+                                                "a BOS or EOS token; 0: none; costs sampling and one factor pass over "
+                                                "them; a finished profile asked for another gets only the judge)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a profile or job of other settings in --out"),
     keep_job: bool = typer.Option(False, "--keep-job", help="keep OUT/.job (per-layer intermediate results) after finishing"),
     threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0: torch's default); on a machine shared "

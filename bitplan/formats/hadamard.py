@@ -6,7 +6,7 @@
 - **Kronecker** `Had_K ⊗ Had_{2^k}` when n = K·2^k and a Hadamard matrix of order K comes from a Paley
   construction over a finite field GF(q), q a prime power: Paley I gives K = q + 1 for q ≡ 3 (mod 4),
   Paley II gives K = 2(q + 1) for q ≡ 1 (mod 4). The smallest such K is used (the K-part costs K
-  multiply-adds per entry, the 2^k-part log2(2^k) butterfly stages);
+  multiply-adds per entry, the 2^k-part one small dense matmul per tile of ≤ FWHT_TILE, see `fwht`);
 - **block-diagonal** Sylvester blocks of size 2^k (the largest power of two dividing n) otherwise, if
   2^k ≥ MIN_BLOCK. Mixing then stays inside each block; other n are unsupported.
 
@@ -24,7 +24,8 @@ The dimensions met in common LLMs get:
     14336 = 28 · 512        Had_28 (Paley I, q = 3^3)      ⊗ Had_512
     28672 = 28 · 1024       Had_28 (Paley I, q = 3^3)      ⊗ Had_1024
 
-`describe(n)` prints the construction of any n. Applying R to a length-n vector costs O(n (K + log n));
+`describe(n)` prints the construction of any n. Applying R to a length-n vector, n = K·2^k, costs
+O(n (K + FWHT_TILE · ⌈k / 5⌉));
 no dense n×n matrix is formed (`matrix()` exists for tests).
 
 Weights and the linear-layer identity. For a linear layer y = x Wᵀ with W ∈ R^{m×n} (out × in),
@@ -239,17 +240,33 @@ def describe(n: int) -> str:
 # The transform
 # ----------------------------------------------------------------------------------------------------------
 
+# The Sylvester transform is applied as dense Had_f matmuls over tiles of f ≤ FWHT_TILE entries: Had_{2^k} is the
+# Kronecker product of the tiles' Sylvester matrices, so each tile axis is one small matmul. BLAS runs those at
+# 5–15× the speed of log2(N) butterfly passes, each of which streams the whole tensor through memory
+# (`python benchmarks/hadamard_bench.py`); the cost per entry stays O(f · passes), not O(N).
+FWHT_TILE = 32
+
+
+@functools.lru_cache(maxsize=None)
+def _sylvester_tile(f: int, dtype: torch.dtype) -> torch.Tensor:
+    return sylvester(f).to(dtype)
+
+
 def fwht(x: torch.Tensor) -> torch.Tensor:
-    """Unnormalized fast Walsh–Hadamard transform along the last dim (a power of two): log2(N) butterflies."""
+    """Unnormalized Walsh–Hadamard transform (Sylvester order) along the last dim, a power of two N:
+    x·Had_N, as one matmul per tile axis of N = f_1·f_2·… (f_i ≤ FWHT_TILE, the first the most significant)."""
     N = x.shape[-1]
-    lead = x.shape[:-1]
-    h = 1
-    while h < N:
-        y = x.reshape(*lead, N // (2 * h), 2, h)
-        a, b = y[..., 0, :], y[..., 1, :]
-        x = torch.stack((a + b, a - b), dim=-2).reshape(*lead, N)
-        h *= 2
-    return x
+    if N & (N - 1):
+        raise BitplanError(f"fwht needs a power-of-two length, got {N}")
+    lead, rows = x.shape[:-1], x.numel() // max(N, 1)
+    y, before = x.reshape(rows, N).contiguous(), 1   # strided views (a transposed factor) make BLAS crawl
+    while before < N:
+        f = min(FWHT_TILE, N // before)
+        after = N // (before * f)
+        Hf = _sylvester_tile(f, x.dtype)   # symmetric, so applying it on either side is the same
+        y = y.reshape(-1, f) @ Hf if after == 1 else torch.matmul(Hf, y.reshape(rows * before, f, after))
+        before *= f
+    return y.reshape(*lead, N)
 
 
 def _check_seed(seed: int) -> int:

@@ -13,8 +13,19 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..errors import BitplanError
-from .base import Format, GroupParams, check_finite, check_matrix, to_fp16_values
+from .base import Format, GroupParams, check_finite, check_matrix, pad_cols, to_fp16_values
 from .grids import grid_encoder, grid_table
+
+
+@dataclass
+class NormalizedWeight:
+    """A weight's per-weight RMS group scales and its entries divided by them, as p-vectors: what every grid
+    format of one group size and vector dimension encodes (the profile measures ~28 grids on the same ones)."""
+    shape: tuple[int, int]     # (m, n) of the weight
+    group_size: int
+    vector_dim: int
+    scale: torch.Tensor        # [m, width] float32 (fp16 values), width = n padded to a multiple of p
+    z: torch.Tensor            # [m · width / p, p] float64
 
 
 def _check_tile(T: torch.Tensor, scale: torch.Tensor | None, p: int, name: str) -> None:
@@ -65,6 +76,25 @@ class GridFormat(Format):
         s = scale.detach().to(torch.float64)
         z = T.detach().to(torch.float64) / torch.where(s == 0, 1.0, s)
         return torch.where(s == 0, 0.0, z)
+
+    def normalize(self, W: torch.Tensor) -> NormalizedWeight:
+        """W's scales and normalized vectors, exactly as `quantize` computes them before the grid search."""
+        check_matrix(W)
+        m, n = W.shape
+        scale, _ = self.per_weight(self.fit(W), n)
+        width = math.ceil(n / self.vector_dim) * self.vector_dim
+        T, scale = pad_cols(W, width, "zero"), pad_cols(scale, width, "edge")
+        z = self._normalized(T, scale).reshape(-1, self.vector_dim)
+        return NormalizedWeight((m, n), self.group_size, self.vector_dim, scale, z)
+
+    def round_normalized(self, nw: NormalizedWeight) -> torch.Tensor:
+        """dequantize(quantize(W)) [m, n] from `normalize(W)` of this format's group size and vector dimension
+        (any grid size): the same values, without fitting the scales again."""
+        if (nw.group_size, nw.vector_dim) != (self.group_size, self.vector_dim):
+            raise BitplanError(f"{self.name}: weights normalized for groups of {nw.group_size} and vectors of "
+                               f"{nw.vector_dim}, not {self.group_size} and {self.vector_dim}")
+        codes = torch.from_numpy(grid_encoder(self.vector_dim, self.levels).encode(nw.z, self.exact_ties))
+        return (self.codebook()[codes].reshape(nw.scale.shape) * nw.scale)[:, :nw.shape[1]]
 
     def encode(self, T: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | None = None) -> torch.Tensor:
         _check_tile(T, scale, self.vector_dim, self.name)

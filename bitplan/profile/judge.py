@@ -37,8 +37,9 @@ JUDGE_WINDOW_OFFSET = 1 << 40   # judge windows' ids for the label seeds: never 
 SAMPLE_BATCH = 64
 
 
-def start_token(model: nn.Module, tokenizer=None) -> int:
-    """The token every sampled window starts from: BOS, else EOS (a document boundary)."""
+def find_start_token(model: nn.Module, tokenizer=None) -> int | None:
+    """The token every sampled window starts from: BOS, else EOS (a document boundary); None if neither the
+    tokenizer nor the model's config names one."""
     for source in (tokenizer, getattr(model, "config", None)):
         for attr in ("bos_token_id", "eos_token_id"):
             value = getattr(source, attr, None) if source is not None else None
@@ -46,8 +47,16 @@ def start_token(model: nn.Module, tokenizer=None) -> int:
                 value = value[0] if value else None
             if value is not None:
                 return int(value)
-    raise BitplanError("the judge samples from the model's BOS token, and neither the tokenizer nor the model "
-                       "config names one; run without --judge-samples")
+    return None
+
+
+def start_token(model: nn.Module, tokenizer=None) -> int:
+    """`find_start_token`, or a BitplanError saying how to go without the judge."""
+    token = find_start_token(model, tokenizer)
+    if token is None:
+        raise BitplanError("the judge samples from the model's BOS token, and neither the tokenizer nor the model "
+                           "config names one; run with --judge-samples 0")
+    return token
 
 
 def sample_windows(model: nn.Module, n: int, seqlen: int, start: int, seed: int,

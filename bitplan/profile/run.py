@@ -9,9 +9,10 @@ Phases (each resumable on its own, see job.py):
   3. layers  per layer: predicted coefficients from the factors (block LDL, held-out gains);
   4. formats per layer: the relative error of every candidate format (the candidate list is not part of the
              job's fingerprint: asking a finished profile for other formats measures only those);
-then profile.json and sensitivity.csv; then, with `judge_samples`, the judge (judge.py): windows sampled from
-the model, their factors in hessians/judge/, each layer's fit judged under them. The judge is an addition to a
-finished profile, not part of its fingerprint: asking a finished profile for one computes only the judge.
+then profile.json and sensitivity.csv; then (by default; `judge_samples` = 0 goes without) the judge (judge.py):
+windows sampled from the model, their factors in hessians/judge/, each layer's fit judged under them. The judge
+is an addition to a finished profile, not part of its fingerprint: asking a finished profile for one computes
+only the judge.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ from .defaults import (DEFAULT_CHUNK, DEFAULT_HALVES, DEFAULT_JUDGE_SAMPLES, DEF
 from .factors import ChunkStats, FactorSums
 from .hessians import HALVES, HESSIAN_DIR, factors_path, load_factors, read_half_factors, save_half_factors
 from .job import Job
-from .judge import JUDGE, JUDGE_WINDOW_OFFSET, judged_gains, sample_windows, start_token
+from .judge import JUDGE, JUDGE_WINDOW_OFFSET, find_start_token, judged_gains, sample_windows, start_token
 from .noise import DEFAULT_LEVELS, NoiseMeter, build_cache
 from .relerr import relative_errors
 from .schema import LayerRecord, Profile, load_profile
@@ -161,7 +162,7 @@ def profile_model(model: str | Path | LoadedModel | nn.Module, calib: str | Path
                   noise_samples: int = DEFAULT_NOISE_SAMPLES, noise_levels: tuple[float, ...] = DEFAULT_LEVELS,
                   formats: str | list | None = None, batch_size: int = 4, checkpoint_every: int = 64,
                   factor_groups: int = 1, halves: str = DEFAULT_HALVES,
-                  judge_samples: int = DEFAULT_JUDGE_SAMPLES,
+                  judge_samples: int | None = None,
                   overwrite: bool = False, progress: bool = True, keep_job: bool = False,
                   events: Events | None = None, ranks: Ranks | None = None) -> Profile:
     """Profile `model` on calibration text (a .txt/.jsonl path or hf:NAME) or token ids [windows, seqlen].
@@ -169,7 +170,9 @@ def profile_model(model: str | Path | LoadedModel | nn.Module, calib: str | Path
     Writes OUT/profile.json, OUT/sensitivity.csv and OUT/hessians/; resumes an interrupted run of the same
     settings in OUT; returns an existing finished profile of the same settings without recomputing.
     `judge_samples` > 0 adds a judge of that many windows sampled from the model itself (judge.py): the
-    forecast for text unlike the calibration, in each record's `*_judged` figures.
+    forecast for text unlike the calibration, in each record's `*_judged` figures; 0 goes without; None (the
+    default) is DEFAULT_JUDGE_SAMPLES for a model that names a BOS or EOS token, and no judge (with a note) for
+    one that names neither.
     `events(phase, count)` is called after each checkpoint or per-layer result (tests interrupt through it).
     Under torchrun every process calls this with the same arguments and the work is split (bitplan.distributed);
     `ranks` defaults to the group torchrun set up, or a single process.
@@ -190,6 +193,12 @@ def profile_model(model: str | Path | LoadedModel | nn.Module, calib: str | Path
         raise BitplanError(f"--noise-samples must be between 0 and --samples ({n_windows}), got {noise_samples}")
     if batch_size < 1 or checkpoint_every < 1:
         raise BitplanError("batch size and checkpoint interval must be positive")
+    if judge_samples is None:
+        judge_samples = DEFAULT_JUDGE_SAMPLES if find_start_token(net, loaded.tokenizer) is not None else 0
+        if not judge_samples and progress:
+            Console(stderr=True).print("[yellow]no judge from the model's own samples: the model names no BOS or "
+                                       "EOS token to start them from (the forecast is the calibration halves' "
+                                       "alone)[/]")
     if judge_samples < 0:
         raise BitplanError(f"--judge-samples must be 0 (no judge) or a number of windows, got {judge_samples}")
     levels = tuple(float(x) for x in noise_levels)

@@ -22,7 +22,7 @@ def test_default_model_roundings_and_loaded_logits(smollm2, tmp_path):
     names = [i.name for i in find_linears(smollm2.model) if i.block < 2]
     prof = tmp_path / "prof"
     profile_model(smollm2, str(SOTU), samples=4, seqlen=64, out_dir=prof, noise_samples=0,
-                  formats=["int3-g128"], progress=False)
+                  formats=["int3-g128"], judge_samples=0, progress=False)
     formats = {n: "int3-g128" for n in names}
     for rounding in ("yaqa", "ldlq"):
         result = apply_formats(smollm2, formats, tmp_path / rounding, rounding=rounding, profile_dir=prof,

@@ -20,7 +20,8 @@ FORMATS = ["int2-g32", "int3-g32", "int4-g32", "higgs-p2-n64-g64", "fp16"]
 def tiny_plan(tiny_model_dir, tmp_path):
     lm = load_model(str(tiny_model_dir))
     windows = torch.randint(0, len(lm.tokenizer), (8, 32), generator=torch.Generator().manual_seed(0))
-    profile_model(lm, windows, out_dir=tmp_path / "prof", noise_samples=0, formats=FORMATS, progress=False)
+    profile_model(lm, windows, out_dir=tmp_path / "prof", noise_samples=0, formats=FORMATS, judge_samples=0,
+                  progress=False)
     plan = solve(tmp_path / "prof", "3.5bpw")
     plan.save(tmp_path / "plan.json")
     return lm, plan, tmp_path / "plan.json"

@@ -9,7 +9,7 @@ import torch
 
 from bitplan.errors import BitplanError
 from bitplan.formats import RandomizedHadamard, is_supported, rotate_weight, unrotate_weight
-from bitplan.formats.hadamard import hadamard_matrix, plan, sylvester
+from bitplan.formats.hadamard import fwht, hadamard_matrix, plan, sylvester
 
 LISTED = {  # dimension: (construction, K, power-of-two part) as documented in hadamard.py
     192: ("kronecker", 12, 16),
@@ -168,3 +168,16 @@ def test_wrong_size_and_type():
         R.forward(torch.zeros(3, 32))
     with pytest.raises(BitplanError, match="2-D"):
         rotate_weight(torch.zeros(4), 0, 0)
+
+
+@pytest.mark.parametrize("N", [1, 2, 8, 32, 64, 128, 1024, 2048])
+def test_fwht_tiles_equal_the_dense_sylvester_matrix(N):
+    # the tiled matmuls (N = 32·32·2 … ) against the Sylvester matrix built by doubling, on leading dims
+    x = torch.randn(3, 5, N, dtype=torch.float64, generator=torch.Generator().manual_seed(N))
+    assert torch.allclose(fwht(x), x @ sylvester(N), atol=1e-12 * math.sqrt(N), rtol=0)
+    assert (fwht(x.float()).double() - x @ sylvester(N)).abs().max() < 1e-5 * math.sqrt(N)
+
+
+def test_fwht_needs_a_power_of_two():
+    with pytest.raises(BitplanError, match="power-of-two"):
+        fwht(torch.zeros(2, 12))

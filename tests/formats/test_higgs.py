@@ -105,6 +105,22 @@ def test_for_measuring_keeps_the_round_to_nearest_error(name):
     assert fast.quantize(W).format == fmt.name
 
 
+@pytest.mark.parametrize("names", [("higgs-p1-n16-g128", "higgs-p1-n256-g128"),
+                                   ("higgs-p3-n128-g128", "higgs-p3-n4096-g128"), ("higgs-p2-n64-g64",)])
+def test_one_normalization_rounds_every_grid_of_its_shape_like_quantize(names):
+    """The profile normalizes a weight once per (group size, vector dim) and rounds it to each grid from there:
+    bit for bit dequantize(quantize(W)), with a tail group and (p = 3) padding to whole vectors."""
+    W = gaussian(40, 200, 5)
+    W[2] = 0
+    fmts = [get_format(n) for n in names] + [get_format(names[0]).for_measuring()]
+    nw = fmts[0].normalize(W)
+    for f in fmts:
+        assert torch.equal(f.round_normalized(nw), f.dequantize(f.quantize(W)))
+    other = get_format("higgs-p2-n64-g128" if names[0] != "higgs-p2-n64-g64" else "higgs-p2-n64-g128")
+    with pytest.raises(BitplanError, match="normalized for groups"):
+        other.round_normalized(get_format("higgs-p4-n64-g128").normalize(W))
+
+
 def test_non_grid_formats_measure_as_themselves():
     for name in ("int4-g128", "fp16"):
         assert get_format(name).for_measuring() is get_format(name)

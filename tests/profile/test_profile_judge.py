@@ -16,6 +16,7 @@ from bitplan.profile import load_factors, load_profile, profile_model
 from bitplan.profile.coefficients import layer_coefficients
 from bitplan.profile.factors import FactorSums
 from bitplan.profile.hessians import LayerFactors, factors_path, read_half_factors
+from bitplan.profile.defaults import DEFAULT_JUDGE_SAMPLES
 from bitplan.profile.judge import JUDGE, JUDGE_WINDOW_OFFSET, judged_gains, sample_windows, start_token
 from bitplan.profile.relerr import rotation_seeds
 from bitplan.profile.report import forecast_kl, forecast_ratios
@@ -204,3 +205,17 @@ def test_judge_text_is_written_when_the_model_has_a_tokenizer(tmp_path, tiny_mod
     profile_model(str(tiny_model_dir), str(tiny_text), samples=4, seqlen=16, out_dir=out, judge_samples=2, **KW)
     lines = (out / "hessians" / JUDGE / "samples.jsonl").read_text().splitlines()
     assert len(lines) == 2 and all('"text"' in line for line in lines)
+
+
+def test_the_judge_is_on_by_default_when_the_model_names_a_start_token(tmp_path):
+    profile = profile_model(tiny_llama(), token_ids(8, 16), out_dir=tmp_path / "prof", **KW)
+    assert profile.extra["judge"]["settings"]["samples"] == DEFAULT_JUDGE_SAMPLES
+    assert all(r.extra["yaqa_gain_judged"] > 0 for r in profile.layers)
+    # a model that names neither BOS nor EOS: no judge by default, and a clear error when one is asked for
+    model = tiny_llama()
+    model.config.bos_token_id = model.config.eos_token_id = None
+    plain = profile_model(model, token_ids(8, 16), out_dir=tmp_path / "nobos", **KW)
+    assert "judge" not in plain.extra and "yaqa_gain_judged" not in plain.layers[0].extra
+    with pytest.raises(BitplanError, match="--judge-samples 0"):
+        profile_model(model, token_ids(8, 16), out_dir=tmp_path / "nobos", judge_samples=2, **KW)
+    assert "judge" not in load_profile(tmp_path / "nobos").extra

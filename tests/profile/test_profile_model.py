@@ -31,7 +31,7 @@ def test_profile_real_weights_end_to_end(smollm2, tmp_path):
     model.config.num_hidden_layers = 4
     out = tmp_path / "profile"
     profile = profile_model(smollm2, str(SOTU), samples=4, seqlen=64, seed=0, out_dir=out, noise_samples=2,
-                            formats=FORMATS, progress=False)
+                            formats=FORMATS, judge_samples=0, progress=False)
     loaded = load_profile(out)
     assert loaded.to_json() == profile.to_json()
     infos = find_linears(model)

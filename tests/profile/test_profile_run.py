@@ -20,7 +20,8 @@ from bitplan.profile.run import split_halves
 from tests.profile.helpers import Interrupt, stop_at, tiny_llama, token_ids
 
 FORMATS = "int4-g32,int3-g64,fp16"
-KW = dict(sketch_chunk=4, noise_samples=2, formats=FORMATS, batch_size=2, checkpoint_every=2, progress=False)
+KW = dict(sketch_chunk=4, noise_samples=2, formats=FORMATS, batch_size=2, checkpoint_every=2, progress=False,
+          judge_samples=0)
 
 
 def run(out: Path, model=None, ids=None, **kw):
@@ -243,6 +244,7 @@ def test_text_calibration_and_cli(tmp_path, tiny_model_dir, tiny_text):
     data = json.loads((out / "profile.json").read_text())
     assert data["calibration"]["source"] == str(tiny_text) and len(data["calibration"]["sha256"]) == 64
     assert data["calibration"]["tokens"] == 4 * 32
+    assert data["extra"]["judge"]["settings"]["samples"] == 64   # on by default: the tiny model names a BOS
     bad = CliRunner().invoke(app, args[:-1] + [str(tmp_path / "other")] + ["--samples", "100000"])
     assert isinstance(bad.exception, BitplanError)
 
