@@ -10,9 +10,7 @@ relative to its largest entry.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,13 +19,9 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.timing import alternated_ms  # noqa: E402
 from bitplan.profile.factors import GRAM_BLOCK, weighted_gram  # noqa: E402
 
-
-def _ms(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return 1e3 * (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -50,11 +44,9 @@ def main() -> None:
             if block >= n:
                 continue
             diff = float((weighted_gram(a, w, block) - full).abs().max() / full.abs().max())
-            plain, ours = [], []
-            for _ in range(args.reps):   # alternate, so both see the same load
-                plain.append(_ms(lambda: (a * w).T @ a))
-                ours.append(_ms(lambda: weighted_gram(a, w, block)))
-            p, o = statistics.median(plain), statistics.median(ours)
+            ms = alternated_ms({"full": lambda: (a * w).T @ a, "ours": lambda: weighted_gram(a, w, block)},
+                               args.reps)
+            p, o = ms["full"], ms["ours"]
             table.add_row(str(n), str(block), f"{p:.2f}", f"{o:.2f}", f"{o / p:.3f}", f"{diff:.1e}")
     Console().print(table)
 

@@ -14,7 +14,6 @@ the largest relative difference in the held-out gains and λs it gives.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.timing import alternated_ms  # noqa: E402
 from bitplan.formats import hadamard  # noqa: E402
 from bitplan.heldout import rotate_factor  # noqa: E402
 
@@ -40,11 +40,6 @@ def butterfly_fwht(x: torch.Tensor) -> torch.Tensor:
         h *= 2
     return x
 
-
-def _ms(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return 1e3 * (time.perf_counter() - t0)
 
 
 @contextmanager
@@ -109,11 +104,9 @@ def main() -> None:
         H = A @ A.T / n
         ref, new = rotate_with(butterfly_fwht, H, 7), rotate_factor(H, 7)
         diff = float((new - ref).abs().max() / H.abs().max())
-        old, ours = [], []
-        for _ in range(args.reps):   # alternate, so both see the same load
-            old.append(_ms(lambda: rotate_with(butterfly_fwht, H, 7)))
-            ours.append(_ms(lambda: rotate_factor(H, 7)))
-        o, t = statistics.median(old), statistics.median(ours)
+        ms = alternated_ms({"butterfly": lambda: rotate_with(butterfly_fwht, H, 7),
+                            "tiled": lambda: rotate_factor(H, 7)}, args.reps)
+        o, t = ms["butterfly"], ms["tiled"]
         table.add_row(str(n), hadamard.describe(n), f"{o:.1f}", f"{t:.1f}", f"{t / o:.3f}", f"{diff:.1e}")
     console = Console()
     console.print(table)

@@ -94,7 +94,7 @@ class GridFormat(Format):
             raise BitplanError(f"{self.name}: weights normalized for groups of {nw.group_size} and vectors of "
                                f"{nw.vector_dim}, not {self.group_size} and {self.vector_dim}")
         codes = torch.from_numpy(grid_encoder(self.vector_dim, self.levels).encode(nw.z, self.exact_ties))
-        return (self.codebook()[codes].reshape(nw.scale.shape) * nw.scale)[:, :nw.shape[1]]
+        return self.decode(codes.reshape(nw.scale.shape[0], -1), nw.scale)[:, :nw.shape[1]]
 
     def encode(self, T: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | None = None) -> torch.Tensor:
         _check_tile(T, scale, self.vector_dim, self.name)

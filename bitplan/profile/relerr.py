@@ -30,8 +30,9 @@ def relative_errors(W: torch.Tensor, name: str, formats: list[Format]) -> dict[s
     rotated = rotate_weight(W, *rotation_seeds(name)) if any(f.rotated for f in formats) else None
     out: dict[str, float] = {}
     normalized: dict[tuple[int, int], NormalizedWeight] = {}   # grid formats are all rotated
-    exact = {False: W.double(), True: None if rotated is None else rotated.double()}   # what the errors are of
-    sq_norm = {k: float(v.pow(2).sum()) for k, v in exact.items() if v is not None}
+    # the weight each format's error is of (rotated or not), in float64, and its squared norm: once per layer
+    exact = {side: (rotated if side else W).double() for side in {f.rotated for f in formats}}
+    sq_norm = {side: float(v.pow(2).sum()) for side, v in exact.items()}
     for fmt in formats:
         src = rotated if fmt.rotated else W
         measuring = fmt.for_measuring()
