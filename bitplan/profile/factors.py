@@ -35,7 +35,8 @@ class ChunkStats:
     h_in: torch.Tensor     # n×n, Σ_c G_cᵀ G_c
     grad_sq: float         # Σ_c ‖G_c‖²_F (= tr h_out = tr h_in, kept separately as a check)
     samples: int           # number of chunks
-    window_grad_sq: float  # Σ_w ‖G_w‖²_F over whole windows (cross-token terms included): the Fisher's trace
+    window_grad_sq: float | None  # Σ_w ‖G_w‖²_F over whole windows (cross-token terms included): the Fisher's
+                                  # trace; None when not asked for
 
 
 def n_chunks(seqlen: int, chunk: int) -> int:
@@ -47,14 +48,18 @@ def window_gram(x: torch.Tensor) -> torch.Tensor:
     return weighted_gram(x.mT)
 
 
-def chunk_stats(x: torch.Tensor, g: torch.Tensor, chunk: int, x_gram: torch.Tensor | None = None) -> ChunkStats:
+def chunk_stats(x: torch.Tensor, g: torch.Tensor, chunk: int, x_gram: torch.Tensor | None = None,
+                window: bool = True) -> ChunkStats:
     """Factor increments from one batch: x [B, T, n] layer inputs, g [B, T, m] gradients of the summed loss
     with respect to the layer outputs. A last chunk shorter than `chunk` is padded with zero tokens, which
-    add nothing to its G_c. `x_gram` is `window_gram(x)` when the caller already has it."""
+    add nothing to its G_c. `x_gram` is `window_gram(x)` when the caller already has it; `window` False skips
+    the window sum (window_grad_sq None)."""
     T = x.shape[1]
     h_out, h_in, grad_sq, samples = _chunk_factors(x, g, chunk)
     if chunk >= T:   # the chunk is the window
         window_sq = grad_sq
+    elif not window:
+        window_sq = None
     else:
         kx = window_gram(x) if x_gram is None else x_gram
         window_sq = float((kx * window_gram(g)).sum(dtype=torch.float64))
@@ -122,18 +127,25 @@ class FactorSums:
     window_grad_sq: float | None = 0.0   # None: read from a file written before it was kept
 
     @classmethod
-    def zeros(cls, out_features: int, in_features: int) -> "FactorSums":
+    def zeros(cls, out_features: int, in_features: int, moments: bool = True) -> "FactorSums":
+        """Empty sums; `moments` False keeps only the Kronecker factors and Σ‖G_c‖² (no Σxxᵀ, no window sum:
+        what the judge reads)."""
         return cls(torch.zeros(out_features, out_features, dtype=torch.float64),
                    torch.zeros(in_features, in_features, dtype=torch.float64),
-                   torch.zeros(in_features, in_features, dtype=torch.float64))
+                   torch.zeros(in_features, in_features, dtype=torch.float64) if moments else None,
+                   window_grad_sq=0.0 if moments else None)
 
     def add(self, stats: ChunkStats, tokens: int, xtx: torch.Tensor | None = None) -> None:
         self.h_out += stats.h_out.to(torch.float64)
         self.h_in += stats.h_in.to(torch.float64)
-        if xtx is not None:
+        if self.xtx is not None:
+            if xtx is None:
+                raise ValueError("these sums keep Σxxᵀ; the batch brought none")
             self.xtx += xtx.to(torch.float64)
         self.grad_sq += stats.grad_sq
         if self.window_grad_sq is not None:
+            if stats.window_grad_sq is None:
+                raise ValueError("these sums keep the window sum; the batch brought none")
             self.window_grad_sq += stats.window_grad_sq
         self.samples += stats.samples
         self.tokens += tokens

@@ -382,11 +382,13 @@ def _judge_factors(out: Path, loaded: LoadedModel, infos, judge: dict, batch_siz
             Path(tmp).write_text("".join(json.dumps({"id": f"judge-{w}", "text": loaded.tokenizer.decode(ids[1:])})
                                          + "\n" for w, ids in enumerate(windows.tolist())))
     modules = {i.name: get_module(net, i.name) for i in infos}
-    sums = {i.name: FactorSums.zeros(i.out_features, i.in_features) for i in infos}
+    # judging reads the factors and Σ‖G_c‖² only: no Σxxᵀ, no window sums
+    sums = {i.name: FactorSums.zeros(i.out_features, i.in_features, moments=False) for i in infos}
     bar = _Bar(bars, "judge: factors", n)
     for s in range(0, n, batch_size):
         idx = list(range(s, min(n, s + batch_size)))
-        accumulate_batch(net, modules, windows[idx], [JUDGE_WINDOW_OFFSET + w for w in idx], seed, chunk, sums)
+        accumulate_batch(net, modules, windows[idx], [JUDGE_WINDOW_OFFSET + w for w in idx], seed, chunk, sums,
+                         moments=False)
         bar.advance(len(idx))
         emit("judge-factors", idx[-1] + 1)
     for info in infos:

@@ -18,9 +18,9 @@ from ..errors import BitplanError
 
 from .factors import ChunkStats, FactorSums, chunk_stats, input_moment, window_gram
 
-# Where one layer's statistics of a batch go: (layer, stats, tokens, Σxxᵀ). The default adds them to `sums`; a
+# Where one layer's statistics of a batch go: (layer, stats, tokens, Σxxᵀ or None). The default adds them to `sums`; a
 # distributed profile reduces them onto the layer's owner instead (profile/run.py).
-Sink = Callable[[str, ChunkStats, int, torch.Tensor], None]
+Sink = Callable[[str, ChunkStats, int, torch.Tensor | None], None]
 from .hooks import capture_grads
 from .seeds import generator
 
@@ -53,29 +53,33 @@ def sample_labels(logits: torch.Tensor, window_ids: list[int], seed: int) -> tor
 
 def accumulate_batch(model: nn.Module, modules: dict[str, nn.Module], ids: torch.Tensor, window_ids: list[int],
                      seed: int, chunk: int, sums: dict[str, FactorSums], times: SketchTimes | None = None,
-                     labels: torch.Tensor | None = None, sink: Sink | None = None) -> torch.Tensor:
+                     labels: torch.Tensor | None = None, sink: Sink | None = None,
+                     moments: bool = True) -> torch.Tensor:
     """Add one batch's chunk statistics to `sums` (every layer in `modules`), or hand them to `sink`;
     returns the labels used. `labels` overrides the sampled ones (tests use it to show that the text's own
-    tokens differ).
+    tokens differ). `moments` False skips Σxxᵀ and the window sums (FactorSums.zeros(..., moments=False)).
     """
     if sink is None:
-        def sink(name: str, stats: ChunkStats, tokens: int, xtx: torch.Tensor) -> None:
+        def sink(name: str, stats: ChunkStats, tokens: int, xtx: torch.Tensor | None) -> None:
             sums[name].add(stats, tokens=tokens, xtx=xtx)
     start = time.perf_counter()
     tokens = ids.numel()
     seen: set[str] = set()
     # q/k/v (and gate/up) share one input: its Σxxᵀ and window Grams are computed once. Each entry holds x
     # itself, so no other tensor can reuse the address and be mistaken for it within the batch.
-    moments: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+    shared: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
 
     def on_grad(name: str, x: torch.Tensor, g: torch.Tensor) -> None:
         t0 = time.perf_counter()
         seen.add(name)
-        key = (x.data_ptr(), tuple(x.shape))
-        if key not in moments:
-            moments[key] = (x, input_moment(x), window_gram(x) if chunk < x.shape[1] else None)
-        _, xtx, x_gram = moments[key]
-        sink(name, chunk_stats(x, g.to(x.dtype), chunk, x_gram), tokens, xtx)
+        if not moments:
+            sink(name, chunk_stats(x, g.to(x.dtype), chunk, window=False), tokens, None)
+        else:
+            key = (x.data_ptr(), tuple(x.shape))
+            if key not in shared:
+                shared[key] = (x, input_moment(x), window_gram(x) if chunk < x.shape[1] else None)
+            _, xtx, x_gram = shared[key]
+            sink(name, chunk_stats(x, g.to(x.dtype), chunk, x_gram), tokens, xtx)
         if times is not None:
             times.accumulate += time.perf_counter() - t0
 

@@ -15,17 +15,17 @@ from tests.profile.helpers import token_ids
 SEED = 7
 
 
-def sketch(model, ids, chunk, labels=None, batch=None):
+def sketch(model, ids, chunk, labels=None, batch=None, moments=True):
     """The production path: hooks, one backward per batch, chunked factors."""
     infos = find_linears(model)
     modules = {i.name: get_module(model, i.name) for i in infos}
-    sums = {i.name: FactorSums.zeros(i.out_features, i.in_features) for i in infos}
+    sums = {i.name: FactorSums.zeros(i.out_features, i.in_features, moments) for i in infos}
     batch = batch or ids.shape[0]
     used = []
     for s in range(0, ids.shape[0], batch):
         lab = None if labels is None else labels[s:s + batch]
         used.append(accumulate_batch(model, modules, ids[s:s + batch], list(range(s, min(s + batch, ids.shape[0]))), SEED, chunk,
-                                     sums, labels=lab))
+                                     sums, labels=lab, moments=moments))
     return sums, torch.cat(used)
 
 
@@ -81,6 +81,26 @@ def test_factors_equal_brute_force_per_chunk_gradients(tiny64, chunk):
         assert sums[name].window_grad_sq == pytest.approx(window_gsq, rel=1e-10)
         assert sums[name].samples == 3 * -(-16 // chunk)
         assert sums[name].tokens == 3 * 16
+
+
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_factors_without_moments_equal_brute_force_and_keep_no_moments(tiny64, chunk):
+    """The judge's accumulation (no Σxxᵀ, no window sums): the same factors, and nothing it did not compute."""
+    ids = token_ids(3, 16)
+    sums, labels = sketch(tiny64, ids, chunk, batch=2, moments=False)
+    ref = brute_force(tiny64, ids, labels, chunk)
+    for name, (h_out, h_in, gsq, _) in ref.items():
+        assert rel(sums[name].h_out, h_out) < 1e-10, name
+        assert rel(sums[name].h_in, h_in) < 1e-10, name
+        assert sums[name].grad_sq == pytest.approx(gsq, rel=1e-10)
+        assert sums[name].xtx is None and sums[name].window_grad_sq is None
+        assert (sums[name].samples, sums[name].tokens) == (3 * -(-16 // chunk), 3 * 16)
+    # sums that keep the moments refuse a batch without them rather than silently miss it
+    x, g = torch.randn(1, 6, 4, dtype=torch.float64), torch.randn(1, 6, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="Σxxᵀ"):
+        FactorSums.zeros(3, 4).add(chunk_stats(x, g, 2, window=False), tokens=6)
+    with pytest.raises(ValueError, match="window"):
+        FactorSums.zeros(3, 4).add(chunk_stats(x, g, 2, window=False), tokens=6, xtx=x[0].T @ x[0])
 
 
 def test_float32_model_matches_float64_brute_force_to_1e6(tiny32):

@@ -136,6 +136,7 @@ def test_profile_judge_accumulates_the_samples_and_judges_every_layer(tmp_path):
     for k, (info, rec) in enumerate(zip(infos, load_profile(out).layers)):
         saved, meta = read_half_factors(factors_path(out, info.name, JUDGE))
         assert meta["half"] == JUDGE and saved.tokens == 64 and saved.samples == 16
+        assert saved.xtx is None and saved.window_grad_sq is None   # judging reads neither
         ref = sums[info.name]   # float32 model, batches of 2 there and of 4 here: agreement to float32 rounding
         for got, want in ((saved.h_out, ref.h_out), (saved.h_in, ref.h_in)):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
