@@ -22,7 +22,9 @@ def solve_command(
     solver: str = typer.Option("dp", "--solver", help="dp (exact dynamic program) or ilp (CBC; exact codebooks, "
                                                       "needed for --resource)"),
     objective: Optional[str] = typer.Option(None, "--objective",
-                                            help="yaqa, hessian or noise (default: the best the profile has)"),
+                                            help="yaqa (after YAQA rounding, judged on the model's own samples when "
+                                                 "the profile has a judge), yaqa-halves (judged on the calibration "
+                                                 "halves), hessian or noise (default: the best the profile has)"),
     formats: Optional[str] = typer.Option(None, "--formats",
                                           help="comma list of format names and sets: profile (default), default, "
                                                "all, grid, int, kernel"),
@@ -78,7 +80,8 @@ def print_plan(plan, defaulted: bool, top: int) -> None:
 
     t, s = plan.totals, plan.solver
     how = "the best coefficient this profile has" if defaulted else "as asked"
-    console.print(f"objective [bold]{plan.objective}[/] ({how}); solver {s['name']}"
+    coefficient = f": {plan.coefficient}" if plan.coefficient else ""
+    console.print(f"objective [bold]{plan.objective}[/]{coefficient} ({how}); solver {s['name']}"
                   f"{'' if s.get('optimal') else ' (not proven optimal)'} in {s.get('seconds', 0):.2f} s; "
                   f"budget {plan.budget['given']} = {plan.budget['resolved']}")
 

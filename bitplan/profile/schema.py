@@ -17,9 +17,12 @@ from ..io import read_json, write_json
 SCHEMA = "bitplan.profile"
 VERSION = 1
 
-# The coefficient each solver objective uses. Held-out variants are preferred when present.
+# The coefficient each solver objective uses: the first of its keys the profile has. Held-out variants come first;
+# "yaqa" prefers the judge's (the model's own samples) to the calibration halves': its plans measured lower KL on
+# WikiText (README, "Which coefficient the solver spends the bits by").
 OBJECTIVES = {
-    "yaqa": ("alpha_yaqa_heldout", "alpha_yaqa"),
+    "yaqa": ("alpha_yaqa_judged", "alpha_yaqa_heldout", "alpha_yaqa"),
+    "yaqa-halves": ("alpha_yaqa_heldout", "alpha_yaqa"),
     "hessian": ("alpha_hessian",),
     "noise": ("alpha_noise",),
 }
@@ -46,18 +49,28 @@ class LayerRecord:
     def params(self) -> int:
         return self.shape[0] * self.shape[1]
 
-    def alpha(self, objective: str) -> float:
-        """The coefficient for `objective`, or a clear error naming what the profile lacks."""
+    @property
+    def alpha_yaqa_judged(self) -> float | None:
+        """α after two-sided LDLQ (`apply --shrink auto`'s fit) judged under the model's own samples: the judge's
+        α_shaped × its gain; None without a judge."""
+        shaped, gain = self.extra.get("alpha_shaped_judge"), self.extra.get("yaqa_gain_judged")
+        return None if shaped is None or gain is None else float(shaped) * float(gain)
+
+    def coefficient(self, objective: str) -> str:
+        """The name of the coefficient `alpha(objective)` is for this layer: the first of the objective's keys it
+        has, or a clear error naming what the profile lacks."""
         if objective not in OBJECTIVES:
             raise BitplanError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
-        for key in OBJECTIVES[objective]:
-            value = getattr(self, key)
-            if value is not None:
-                return max(float(value), 0.0)  # a slightly negative fit is noise: no layer improves by quantizing
-        raise BitplanError(
-            f"profile has no {' or '.join(OBJECTIVES[objective])} for layer {self.name}; "
-            f"re-run `bitplan profile` with that measurement, or pick another --objective"
-        )
+        key = next((k for k in OBJECTIVES[objective] if getattr(self, k) is not None), None)
+        if key is None:
+            raise BitplanError(f"profile has no {' or '.join(OBJECTIVES[objective])} for layer {self.name}; "
+                               "re-run `bitplan profile` with that measurement, or pick another --objective")
+        return key
+
+    def alpha(self, objective: str) -> float:
+        """The coefficient for `objective` (see `coefficient`)."""
+        # a slightly negative fit is noise: no layer improves by quantizing
+        return max(float(getattr(self, self.coefficient(objective))), 0.0)
 
 
 @dataclass

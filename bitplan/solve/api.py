@@ -14,7 +14,7 @@ from .dp import solve_dp
 from .ilp import solve_ilp
 from .mckp import Solution
 from .plan import LayerPlan, Plan, profile_identity
-from .problem import Instance, Resource, build_instance, load_resource
+from .problem import Instance, Resource, build_instance, coefficient_name, load_resource
 
 SOLVERS = ("dp", "ilp")
 DEFAULT_RESOLUTION = 1e-6  # bpw per DP cell: rounding up loses at most (items × resolution) bpw, then polished
@@ -125,7 +125,8 @@ def make_plan(inst: Instance, solution: Solution, target: Target, solver: str, p
             float(sum(float(r[int(j)]) for r, j in zip(inst.resource_use, solution.choice))) / inst.block_weights)
     plan = Plan(profile=profile_id, budget=target.to_json(inst), solver=solver_info, objective=inst.objective,
                 constraints=inst.constraints, layers=entries, extras=inst.extras.to_json(),
-                uniform=best_uniform(inst, target.layer_bits))
+                uniform=best_uniform(inst, target.layer_bits),
+                coefficient=coefficient_name(inst.profile, inst.objective))
     if plan.totals["layer_bits"] + plan.totals["codebook_bits"] > target.layer_bits:
         raise AssertionError("solver returned a plan over its budget")
     return plan
@@ -152,8 +153,9 @@ def solve(profile: Profile | str | Path, budget: str | float | Budget, solver: s
     """Choose a format for every block linear layer of `profile` within `budget`, minimizing predicted ΔKL.
 
     budget: `3.25bpw`, `2.1GB`, `1.8GiB`, `500MB`, `700MiB` (or a number of bpw). solver: `dp` (exact dynamic
-    program; `resolution` bpw cells) or `ilp` (CBC; needed for a second `resource`). objective: yaqa, hessian or
-    noise; None picks the best the profile has. formats: comma list of names and sets (profile, default, all,
+    program; `resolution` bpw cells) or `ilp` (CBC; needed for a second `resource`). objective: yaqa (the judge's
+    coefficient when the profile has one, else the halves'), yaqa-halves, hessian or noise; None picks the best the
+    profile has. formats: comma list of names and sets (profile, default, all,
     grid, int, kernel). pins: `REGEX=FORMAT` strings. min_bits/max_bits bound each layer's nominal bits.
     tie: comma list of qkv, gateup, attn, mlp, block. resource: a Resource or a JSON/CSV table path.
     """

@@ -19,7 +19,7 @@ from ..formats import Format, get_format
 from ..io import read_json, write_json
 from ..profile.schema import Profile, load_profile, profile_path
 from .accounting import codebook_key, extras_account
-from .problem import layer_cost
+from .problem import coefficient_name, layer_cost
 
 SCHEMA = "bitplan.plan"
 VERSION = 1
@@ -61,6 +61,7 @@ class Plan:
     codebooks: list[dict] = field(default_factory=list)
     totals: dict = field(default_factory=dict)
     uniform: dict | None = None      # the best single format at the same budget
+    coefficient: str | None = None   # what the objective took in the profile, e.g. alpha_yaqa_judged
     created_by: str = f"bitplan {__version__}"
 
     def __post_init__(self) -> None:
@@ -88,6 +89,7 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "version": VERSION, "created_by": self.created_by, "profile": self.profile,
                 "budget": self.budget, "solver": self.solver, "objective": self.objective,
+                "coefficient": self.coefficient,
                 "constraints": self.constraints, "totals": self.totals, "uniform": self.uniform,
                 "extras": self.extras, "codebooks": self.codebooks,
                 "layers": [lp.to_json() for lp in self.layers]}
@@ -216,4 +218,5 @@ def load_plan(path: str | Path, profile: Profile | str | Path | None = None) -> 
     budget = data["budget"] if isinstance(data["budget"], dict) else {}
     return Plan(profile=dict(data["profile"]), budget=budget, solver=dict(data.get("solver") or {}),
                 objective=objective, constraints=dict(data.get("constraints") or {}), layers=layers,
-                extras=extras, uniform=data.get("uniform"), created_by=str(data.get("created_by", "")))
+                extras=extras, uniform=data.get("uniform"), created_by=str(data.get("created_by", "")),
+                coefficient=coefficient_name(prof, objective) if prof is not None else data.get("coefficient"))

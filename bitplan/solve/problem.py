@@ -36,7 +36,8 @@ def kind_family(kind: str) -> str:
 
 
 def objective_for(profile: Profile, objective: str | None) -> str:
-    """The requested objective, or the best one every layer has: yaqa, then hessian, then noise."""
+    """The requested objective, or the best one every layer has: yaqa (the judge's coefficient, else the
+    halves'), then hessian, then noise."""
     if objective is not None:
         if objective not in OBJECTIVES:
             raise BitplanError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
@@ -47,7 +48,15 @@ def objective_for(profile: Profile, objective: str | None) -> str:
         if all(any(getattr(r, k) is not None for k in keys) for r in profile.layers):
             return name
     raise BitplanError("the profile has no sensitivity coefficient present for every layer "
-                       "(alpha_yaqa, alpha_hessian or alpha_noise); re-run `bitplan profile`")
+                       "(alpha_yaqa_judged, alpha_yaqa_heldout, alpha_yaqa, alpha_hessian or alpha_noise); "
+                       "re-run `bitplan profile`")
+
+
+def coefficient_name(profile: Profile, objective: str) -> str:
+    """The coefficient `objective` takes in this profile, e.g. alpha_yaqa_judged (names joined by " / " in the
+    objective's order if layers differ)."""
+    keys = {r.coefficient(objective) for r in profile.layers}
+    return " / ".join(k for k in OBJECTIVES[objective] if k in keys)
 
 
 def resolve_formats(spec: str | list | tuple | None, profile: Profile) -> list[Format]:

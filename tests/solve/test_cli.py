@@ -47,12 +47,13 @@ def test_solve_writes_a_plan_and_explains_it(monkeypatch, capsys, profile_dir, t
     assert code == 0
     plan = json.loads(out.read_text())
     assert plan["totals"]["storage_bpw"] <= 4 and plan["objective"] == "yaqa"
-    assert "objective yaqa (the best coefficient this profile has)" in stdout
+    assert "objective yaqa: alpha_yaqa_heldout (the best coefficient this profile has)" in stdout
+    assert plan["coefficient"] == "alpha_yaqa_heldout"   # the fixture has no judge
     for heading in ("formats by projection kind", "by depth", "largest predicted ΔKL", "best uniform"):
         assert heading in stdout
     code, stdout, err = run(monkeypatch, capsys, profile_dir, "--budget", "6bpw", "-o", out, "--objective", "noise",
                           "--solver", "ilp", "--tie", "qkv", "--pin", "gate_proj=int8-g64", "--max-bits", "8")
-    assert code == 0 and "objective noise (as asked)" in stdout, err
+    assert code == 0 and "objective noise: alpha_noise (as asked)" in stdout, err
     plan = json.loads(out.read_text())
     assert all(l["format"] == "int8-g64" for l in plan["layers"] if l["kind"] == "gate_proj")
     assert plan["constraints"]["tie"] == ["qkv"] and plan["solver"]["name"] == "ilp"

@@ -1,6 +1,7 @@
 """Pins, tie groups, bit bounds and a second resource, checked against brute force over the allowed assignments."""
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import re
@@ -173,6 +174,45 @@ def test_objective_default_and_missing_coefficient(small_profile):
         solve(small_profile, "4bpw", objective="yaqa")
     small_profile.layers[0].alpha_hessian = None
     assert solve(small_profile, "4bpw").objective == "noise"
+
+
+def with_judge(profile, seed=3):
+    """Every layer gets a judge whose coefficient orders the layers unlike the halves' (independent draws)."""
+    rng = np.random.default_rng(seed)
+    for r in profile.layers:
+        r.extra.update(alpha_shaped_judge=float(rng.lognormal(-2.0, 1.0)), yaqa_gain_judged=float(rng.uniform(0.1, 1.2)))
+    return profile
+
+
+def test_yaqa_takes_the_judges_coefficient_when_every_layer_has_one(small_profile):
+    plan = solve(with_judge(small_profile), "4bpw")
+    assert plan.objective == "yaqa" and plan.coefficient == "alpha_yaqa_judged"
+    # each layer's cost is the judge's α_shaped × gain × the chosen format's measured t², computed here
+    for lp, r in zip(plan.layers, small_profile.layers):
+        want = r.extra["alpha_shaped_judge"] * r.extra["yaqa_gain_judged"] * r.rel_err[lp.format]
+        assert lp.predicted_dkl == pytest.approx(want, rel=1e-12)
+    # the same plan as a profile whose halves' coefficient is the judged one; yaqa-halves ignores the judge
+    swapped = copy.deepcopy(small_profile)
+    for r in swapped.layers:
+        r.alpha_yaqa_heldout, r.extra = r.extra["alpha_shaped_judge"] * r.extra["yaqa_gain_judged"], {}
+    assert solve(swapped, "4bpw").formats == plan.formats
+    halves = solve(small_profile, "4bpw", objective="yaqa-halves")
+    plain = copy.deepcopy(small_profile)
+    for r in plain.layers:
+        r.extra = {}
+    assert halves.coefficient == "alpha_yaqa_heldout" and halves.formats == solve(plain, "4bpw").formats
+    assert halves.formats != plan.formats   # the two coefficients order the layers differently, and so the plans
+
+
+def test_a_plan_keeps_its_coefficient_through_a_reload(small_profile, tmp_path):
+    from bitplan.solve import load_plan
+
+    plan = solve(with_judge(small_profile), "4bpw")
+    plan.save(tmp_path / "plan.json")
+    assert load_plan(tmp_path / "plan.json").coefficient == "alpha_yaqa_judged"           # as recorded
+    for r in small_profile.layers:
+        r.extra = {}
+    assert load_plan(tmp_path / "plan.json", small_profile).coefficient == "alpha_yaqa_heldout"  # re-checked
 
 
 def test_named_format_sets(small_profile):
