@@ -24,9 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bitplan.models import find_linears, get_module, load_model  # noqa: E402
 from bitplan.profile.factors import FactorSums  # noqa: E402
-from bitplan.profile.hessians import factors_path, load_factors, read_half_factors  # noqa: E402
-from bitplan.profile.judge import JUDGE, JUDGE_WINDOW_OFFSET, judged_gains, sample_windows, start_token  # noqa: E402
-from bitplan.profile.run import LDL_BLOCK, LDL_SIGMA  # noqa: E402
+from bitplan.profile.judge import JUDGE_WINDOW_OFFSET, sample_windows, start_token  # noqa: E402
+from bitplan.profile.run import judge_layer  # noqa: E402
 from bitplan.profile.schema import load_profile  # noqa: E402
 from bitplan.profile.sketch import SketchTimes, accumulate_batch  # noqa: E402
 
@@ -77,12 +76,10 @@ def main() -> None:
         out = Path(args.profile)
         prof = load_profile(out)
         t0 = time.perf_counter()
-        pairs = list(zip(infos, prof.layers))[:args.layers]
-        for info, rec in pairs:
-            judge, _ = read_half_factors(factors_path(out, info.name, JUDGE))
-            judged_gains(load_factors(out, info.name), judge, rec.weight_sq_norm, rec.extra.get("shrink_out") or 0.0,
-                         rec.extra.get("shrink_in") or 0.0, block=LDL_BLOCK, sigma=LDL_SIGMA)
-        console.print(f"judging {len(pairs)} layers' fits (reading their factors included): "
+        layers = prof.layers[:args.layers]
+        for rec in layers:
+            judge_layer(out, rec)
+        console.print(f"judging {len(layers)} layers' fits (reading their factors included): "
                       f"{time.perf_counter() - t0:.1f} s")
 
 

@@ -44,7 +44,8 @@ from .defaults import (DEFAULT_CHUNK, DEFAULT_HALVES, DEFAULT_JUDGE_SAMPLES, DEF
 from .factors import ChunkStats, FactorSums
 from .hessians import HALVES, HESSIAN_DIR, factors_path, load_factors, read_half_factors, save_half_factors
 from .job import Job
-from .judge import JUDGE, JUDGE_WINDOW_OFFSET, find_start_token, judged_gains, sample_windows, start_token
+from .judge import (JUDGE, JUDGE_WINDOW_OFFSET, JudgedGains, find_start_token, judged_gains, sample_windows,
+                    start_token)
 from .noise import DEFAULT_LEVELS, NoiseMeter, build_cache
 from .relerr import relative_errors
 from .schema import LayerRecord, Profile, load_profile
@@ -349,12 +350,8 @@ def _judge_phase(profile: Profile, out: Path, loaded: LoadedModel, infos, judge:
             _judge_factors(out, loaded, infos, judge, batch_size, bars, emit)
             write_json(marker, settings)
         bar = _Bar(bars, "judge: judging each layer's fit", len(infos))
-        for k, (info, rec) in enumerate(zip(infos, profile.layers)):
-            sums, _ = read_half_factors(factors_path(out, info.name, JUDGE))
-            lam_out, lam_in = rec.extra.get("shrink_out") or 0.0, rec.extra.get("shrink_in") or 0.0
-            target = rec.extra.get("shrink_target") or DEFAULT_SHRINK_TARGET
-            g = judged_gains(load_factors(out, info.name), sums, rec.weight_sq_norm, lam_out, lam_in,
-                             block=LDL_BLOCK, sigma=LDL_SIGMA, target=target)
+        for k, rec in enumerate(profile.layers):
+            g = judge_layer(out, rec)
             rec.extra.update(alpha_shaped_judge=g.alpha_shaped, yaqa_gain_judged=g.yaqa,
                              yaqa_gain_judged_raw=g.yaqa_raw, ldlq_gain_judged=g.ldlq)
             bar.advance()
@@ -367,6 +364,15 @@ def _judge_phase(profile: Profile, out: Path, loaded: LoadedModel, infos, judge:
     profile.save(out / "profile.json")
     write_csv(profile, out / "sensitivity.csv")
     return profile
+
+
+def judge_layer(out: Path, rec: LayerRecord) -> JudgedGains:
+    """Layer `rec`'s fit as `apply --shrink auto` makes it (both halves, its λs and shrinkage target), judged under
+    the judge's factors in OUT/hessians/judge/."""
+    sums, _ = read_half_factors(factors_path(out, rec.name, JUDGE))
+    return judged_gains(load_factors(out, rec.name), sums, rec.weight_sq_norm, rec.extra.get("shrink_out") or 0.0,
+                        rec.extra.get("shrink_in") or 0.0, block=LDL_BLOCK, sigma=LDL_SIGMA,
+                        target=rec.extra.get("shrink_target") or DEFAULT_SHRINK_TARGET)
 
 
 def _judge_factors(out: Path, loaded: LoadedModel, infos, judge: dict, batch_size: int, bars,
