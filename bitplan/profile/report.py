@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 from rich.table import Table
 
+from ..errors import BitplanError
 from ..io import atomic_path
 from .schema import Profile
 
@@ -108,15 +109,47 @@ def spearman(a, b) -> float | None:
     return None if math.isnan(rho) else float(rho)
 
 
+def solver_coefficient(profile: Profile, objective: str = "yaqa") -> str | None:
+    """The coefficient `solve --objective OBJECTIVE` spends the bits by on this profile (the one the first layer
+    has; `LayerRecord.coefficient`), or None when the profile has none of the objective's coefficients."""
+    try:
+        return profile.layers[0].coefficient(objective) if profile.layers else None
+    except BitplanError:
+        return None
+
+
+# Per YAQA coefficient: its column header, what its gain multiplies, and where it was judged (tables, summary).
+COEFFICIENT_LABELS = {
+    "alpha_yaqa_judged": ("α_yaqa_judged", "judged on the model's own samples (apply --shrink auto's fit)"),
+    "alpha_yaqa_heldout": ("α_yaqa_ho", "held-out (LDL on one calibration half, judged on the other)"),
+    "alpha_yaqa": ("α_yaqa", "in-sample (fitted and judged on the same calibration)"),
+}
+
+
+def yaqa_gain(r, coefficient: str) -> float | None:
+    """The layer's predicted gain of two-sided LDLQ over round-to-nearest behind `coefficient`: the coefficient
+    ÷ the α_shaped it multiplies (the judge's own α_shaped for the judged one)."""
+    if coefficient == "alpha_yaqa_judged":
+        return r.extra.get("yaqa_gain_judged")
+    return _ratio(getattr(r, coefficient), alpha_shaped(r))
+
+
 def summary_line(profile: Profile) -> str:
     L = profile.layers
     rho = spearman([r.alpha_hessian for r in L], [r.alpha_noise for r in L])
-    gains = sorted(_ratio(r.alpha_yaqa_heldout, alpha_shaped(r)) for r in L if r.alpha_yaqa_heldout is not None)
     parts = [f"{len(L)} layers", f"{profile.calibration.get('tokens', '?')} calibration tokens"]
     if rho is not None:
         parts.append(f"Spearman(α_hessian, α_noise) = {rho:.3f}")
-    if gains:
-        parts.append(f"median held-out YAQA gain {gains[len(gains) // 2]:.3f}")
+    medians = []
+    for key in ("alpha_yaqa_judged", "alpha_yaqa_heldout"):
+        gains = sorted(g for g in (yaqa_gain(r, key) for r in L) if g is not None)
+        if gains:
+            medians.append(f"{gains[len(gains) // 2]:.3f} {COEFFICIENT_LABELS[key][1].split(' (')[0]}")
+    if medians:
+        parts.append("median YAQA gain " + ", ".join(medians))
+    coefficient = solver_coefficient(profile)
+    if coefficient:
+        parts.append(f"solve --objective yaqa spends the bits by {coefficient}")
     ref = next((f for f in REFERENCE_FORMATS if f in profile.formats), None)
     for judge, where in (("halves", "the other calibration half"), ("samples", "the model's own samples")):
         ratios = forecast_ratios(profile, ref, judge) if ref else None
@@ -133,21 +166,30 @@ def short_name(name: str) -> str:
 
 
 def sensitivity_table(profile: Profile, top: int = 8) -> Table:
-    """The most and the least sensitive layers by α_hessian (α_noise alongside)."""
-    ranked = sorted((r for r in profile.layers if r.alpha_hessian is not None), key=lambda r: -r.alpha_hessian)
-    table = Table(title="Most and least sensitive layers (mean per-token ΔKL per unit t²)")
+    """The most and the least sensitive layers by the coefficient `solve` spends the bits by (α_hessian when the
+    profile has no YAQA coefficient), with α_hessian, α_noise and that coefficient's gain alongside."""
+    coefficient = solver_coefficient(profile)
+    key = (lambda r: getattr(r, coefficient) or 0.0) if coefficient else (lambda r: r.alpha_hessian)
+    ranked = sorted((r for r in profile.layers if r.alpha_hessian is not None), key=lambda r: -key(r))
+    label, where = COEFFICIENT_LABELS.get(coefficient, ("", ""))
+    table = Table(title="Most and least sensitive layers (mean per-token ΔKL per unit t²), by "
+                        + (f"{label}: what `solve` spends the bits by" if coefficient else "α_hessian"))
     table.add_column("layer", no_wrap=True)
-    for col in ("α_hessian", "α_noise", "R²", "α_yaqa_ho", "gain_ho"):
+    columns = ["α_hessian", "α_noise", "R²"] + ([label, "gain"] if coefficient else [])
+    for col in columns:
         table.add_column(col, justify="right", no_wrap=True)
-    table.caption = "α_yaqa_ho, gain_ho: after two-sided LDLQ, held-out (LDL on one calibration half, judged on the other)"
+    if coefficient:
+        table.caption = (f"{label}: after two-sided LDLQ, {where}; gain: {label} ÷ the α_shaped it multiplies "
+                         "(round-to-nearest's at the same scale)")
 
     def fmt(x: float | None, spec: str = ".3g") -> str:
         return "–" if x is None else format(x, spec)
 
     def add(r) -> None:
-        table.add_row(short_name(r.name), fmt(r.alpha_hessian), fmt(r.alpha_noise),
-                      fmt(r.alpha_noise_r2, ".3f"), fmt(r.alpha_yaqa_heldout),
-                      fmt(_ratio(r.alpha_yaqa_heldout, alpha_shaped(r)), ".3f"))
+        cells = [fmt(r.alpha_hessian), fmt(r.alpha_noise), fmt(r.alpha_noise_r2, ".3f")]
+        if coefficient:
+            cells += [fmt(getattr(r, coefficient)), fmt(yaqa_gain(r, coefficient), ".3f")]
+        table.add_row(short_name(r.name), *cells)
 
     head = ranked[:top]
     tail = ranked[max(top, len(ranked) - top):]
