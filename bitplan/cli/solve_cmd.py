@@ -81,8 +81,11 @@ def print_plan(plan, defaulted: bool, top: int) -> None:
     t, s = plan.totals, plan.solver
     how = "the best coefficient this profile has" if defaulted else "as asked"
     coefficient = f": {plan.coefficient}" if plan.coefficient else ""
-    console.print(f"objective [bold]{plan.objective}[/]{coefficient} ({how}); solver {s['name']}"
-                  f"{'' if s.get('optimal') else ' (not proven optimal)'} in {s.get('seconds', 0):.2f} s; "
+    gap = s.get("gap_to_lower_bound")
+    proof = ("" if s.get("optimal") else f" (proven within {100 * gap:.2g} % of the optimum)" if gap is not None
+             else " (not proven optimal)")
+    console.print(f"objective [bold]{plan.objective}[/]{coefficient} ({how}); solver {s['name']}{proof} in "
+                  f"{s.get('seconds', 0):.2f} s; "
                   f"budget {plan.budget['given']} = {plan.budget['resolved']}")
 
     kinds = Table(title="formats by projection kind")

@@ -47,8 +47,8 @@ def solve_dp(problem: Problem, quantum: int = 1, reduce: bool = True, polish: bo
 
     With cells coarser than the options' bits, rounding up leaves some true bits unused; `polish` spends them on
     greedy upgrades (only to options whose codebook is already paid for), which can only lower the cost.
-    `stats["lower_bound"]` is a Lagrangian bound on the exact problem (codebooks ignored): the solution is within
-    `cost − lower_bound` of the true optimum, and `optimal` says that this is proven zero.
+    `stats["lower_bound"]` is a Lagrangian bound on the exact problem, with the tables charged (`codebook_bound`):
+    the solution is within `cost − lower_bound` of the true optimum, and `optimal` says that this is proven zero.
     """
     if problem.resource is not None:
         raise BitplanError("a second resource constraint needs --solver ilp (the DP handles one budget only)")
@@ -74,7 +74,7 @@ def solve_dp(problem: Problem, quantum: int = 1, reduce: bool = True, polish: bo
 
     attempt(None)
     if best is None and charged:  # reserving what the DP picked overshot: the fewest-bits grids always fit
-        attempt(problem.codebooks_used(problem.extreme(False)) & set(charged))
+        attempt(problem.codebooks_used(problem.fewest_bits()) & set(charged))
     if best is None:
         lo = problem.bit_range()[0]
         raise BitplanError(f"budget of {problem.budget} bits is below the smallest achievable {lo} bits")
@@ -91,13 +91,54 @@ def solve_dp(problem: Problem, quantum: int = 1, reduce: bool = True, polish: bo
     stats["grid_sets_tried"] = tried
     cost, bits = problem.evaluate(choice)
     low = B.min(axis=1, keepdims=True)
-    lower_bound = _lagrangian(B - low, C, problem.budget - int(low.sum()), upper=False)[2]
+    lam, _, lower_bound, _ = _lagrangian(B - low, C, problem.budget - int(low.sum()), upper=False)
+    if charged:  # the tables are part of the budget: charging them tightens the bound
+        lower_bound = max(lower_bound, codebook_bound(B, C, G, cb, problem.budget, lam))
     stats.update(quantum=q, codebooks_used=int(problem.codebook_total(choice)), lower_bound=lower_bound,
                  seconds=time.perf_counter() - t0)
     optimal = cost - lower_bound <= _tol(cost, lower_bound)
     if not optimal and unrestricted and stats.get("codebook_reserve") == 0 and np.all(B % q == 0):
         optimal = True  # exact cells, all grids allowed, none reserved: the DP's optimum is the problem's
     return Solution(choice=choice, cost=cost, bits=bits, optimal=bool(optimal), stats=stats)
+
+
+def codebook_bound(B: np.ndarray, C: np.ndarray, G: np.ndarray, cb: np.ndarray, budget: int, lam: float) -> float:
+    """A lower bound on the problem with the grids' tables charged, at multiplier λ ≥ 0.
+
+    Every feasible solution (options x, grid set Y) has Σ_k b_kx + Σ_{g∈Y} cb_g ≤ S, so its cost is at least
+    Σ_k (c_kx + λ b_kx) + λ Σ_{g∈Y} cb_g − λ S ≥ min_Y [Σ_k min_{j allowed by Y} a_kj + Σ_{g∈Y} f_g] − λ S, with
+    a = c + λ b and f_g = λ cb_g: an uncapacitated facility-location problem (the grids are the facilities).
+    Any v feasible for its LP dual (Σ_k max(0, v_k − a_kg) ≤ f_g for every grid g, v_k ≤ the item's best
+    table-free option) bounds that min by Σ_k v_k; v comes from Erlenkotter's dual ascent (Oper. Res. 26, 1978):
+    from each item's best option, raise each v_k to its next breakpoint while the grids it already reaches have
+    slack. Without tables to charge this is the plain Lagrangian bound."""
+    A = C + lam * B.astype(np.float64)
+    gid = np.maximum(G, 0)
+    free = (G < 0) | (cb[gid] == 0 if cb.size else True)
+    a_free = np.where(free, A, np.inf).min(axis=1)
+    grids = [g for g in range(cb.size) if cb[g] > 0 and np.any(G == g)]
+    a = np.stack([np.where(G == g, A, np.inf).min(axis=1) for g in grids], axis=1)   # items × grids
+    v = np.minimum(a_free, a.min(axis=1))
+    slack = lam * cb[grids].astype(np.float64) - np.clip(v[:, None] - a, 0, None).sum(axis=0)
+    levels = [np.unique(np.append(a[k][np.isfinite(a[k])], a_free[k])) for k in range(len(v))]
+    for _ in range(4 * a.shape[1] + 4):   # passes; each raises every item by at most one breakpoint
+        raised = False
+        for k in range(len(v)):
+            if v[k] >= a_free[k]:
+                continue
+            above = levels[k][levels[k] > v[k]]
+            step = (above[0] if above.size else np.inf) - v[k]
+            reached = a[k] <= v[k]
+            if reached.any():
+                step = min(step, float(slack[reached].min()))
+            if step <= 0 or not np.isfinite(step):
+                continue
+            v[k] += step
+            slack[reached] -= step
+            raised = True
+        if not raised:
+            break
+    return float(v.sum() - lam * budget)
 
 
 def _reserved(problem: Problem, B: np.ndarray, C: np.ndarray, G: np.ndarray, quantum: int, reduce: bool,

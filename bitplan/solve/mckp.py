@@ -13,6 +13,8 @@ import numpy as np
 
 from ..errors import BitplanError
 
+_EXACT_GRIDS = 12   # `Problem.fewest_bits` tries every set of at most this many grids with tables
+
 
 @dataclass
 class Problem:
@@ -86,9 +88,47 @@ class Problem:
         B, C, _ = self.padded()  # padding has the largest bits at cost +inf: never first in either order
         return np.lexsort((C, -B if largest else B), axis=1)[:, 0]
 
+    def fewest_bits(self) -> np.ndarray:
+        """The assignment with the fewest storage bits, codebooks included.
+
+        Each item's fewest-bits option can cost more in tables than it saves: a slightly larger option on a grid
+        already paid for, or on none, may store less in all. Which grids to pay for is then a small
+        facility-location problem: solved exactly by trying every set when at most `_EXACT_GRIDS` grids carry a
+        table, else by a local search from the fewest-bits options' grids (add or drop one grid at a time)."""
+        if self.codebook is None or not np.any(self.codebook_bits > 0):
+            return self.extreme(False)
+        B, C, G = self.padded()
+        cb = self.codebook_bits
+        charged = [g for g in range(cb.size) if cb[g] > 0 and np.any(G == g)]
+        free = (G < 0) | (cb[np.maximum(G, 0)] == 0)
+        rows = np.arange(B.shape[0])
+
+        def fewest(allowed: frozenset[int]) -> tuple[int, np.ndarray] | None:
+            ok = (free | np.isin(G, list(allowed))) & np.isfinite(C)
+            if not ok.any(axis=1).all():
+                return None
+            choice = np.lexsort((C, np.where(ok, B, np.iinfo(np.int64).max)), axis=1)[:, 0]
+            return int(B[rows, choice].sum()) + self.codebook_total(choice), choice
+
+        candidates: list[tuple[int, np.ndarray]] = []
+        if len(charged) <= _EXACT_GRIDS:
+            sets = (frozenset(g for i, g in enumerate(charged) if mask >> i & 1) for mask in range(1 << len(charged)))
+            candidates = [r for r in map(fewest, sets) if r is not None]
+        else:
+            current = frozenset(self.codebooks_used(self.extreme(False)))
+            best = fewest(current)
+            while True:
+                moves = [r for r in (fewest(current ^ {g}) for g in charged) if r is not None and r[0] < best[0]]
+                if not moves:
+                    break
+                best = min(moves, key=lambda r: r[0])
+                current = frozenset(self.codebooks_used(best[1]))
+            candidates = [best]
+        return min(candidates, key=lambda r: r[0])[1]
+
     def bit_range(self) -> tuple[int, int]:
         """Storage bits of the fewest-bits and the most-bits assignments, codebooks included."""
-        return self.evaluate(self.extreme(False))[1], self.evaluate(self.extreme(True))[1]
+        return self.evaluate(self.fewest_bits())[1], self.evaluate(self.extreme(True))[1]
 
 
 @dataclass

@@ -99,6 +99,70 @@ def test_codebooks_ilp_is_exact_and_dp_stays_feasible():
     assert feasible >= 60 and equal >= 0.9 * feasible  # the grid-set search finds the optimum almost always
 
 
+def test_codebook_bound_is_a_lower_bound_at_any_multiplier_and_tighter_than_ignoring_the_tables():
+    from bitplan.solve.dp import _lagrangian, codebook_bound
+
+    rng = np.random.default_rng(17)
+    checked = tighter = 0
+    for _ in range(120):
+        p = random_problem(rng, int(rng.integers(2, 6)), int(rng.integers(2, 5)), codebooks=True,
+                           slack=rng.uniform(0.1, 0.9))
+        ref = brute_force(p)
+        if ref is None:
+            continue
+        B, C, G = p.padded()
+        low = B.min(axis=1, keepdims=True)
+        lam_dp = _lagrangian(B - low, C, p.budget - int(low.sum()), upper=False)[0]
+        for lam in (0.0, lam_dp, 0.3 * lam_dp, 3.0 * lam_dp, float(rng.uniform(0, 1e-2))):
+            plain = float((C + lam * B).min(axis=1).sum() - lam * p.budget)   # the tables ignored
+            bound = codebook_bound(B, C, G, p.codebook_bits, p.budget, lam)
+            assert bound <= ref * (1 + 1e-9) + 1e-12, (bound, ref, lam)
+            assert bound >= plain - 1e-9 * abs(plain)
+            checked += 1
+            tighter += bound > plain * (1 + 1e-6) + 1e-12
+        dp = solve_dp(p)
+        assert dp.stats["lower_bound"] <= ref * (1 + 1e-9) + 1e-12
+    assert checked >= 300 and tighter >= checked // 5   # charging the tables often raises the bound
+
+
+def test_fewest_bits_counts_the_tables_it_saves():
+    """A larger option on a grid already paid for can store less in all: the range's low end and the DP's
+    fallback use the true fewest-bits assignment (brute force over every assignment)."""
+    import itertools
+
+    rng = np.random.default_rng(23)
+    beaten = 0
+    for _ in range(150):
+        p = random_problem(rng, int(rng.integers(2, 6)), int(rng.integers(2, 5)), codebooks=True)
+        combos = itertools.product(*[range(b.size) for b in p.bits])
+        fewest = min(p.evaluate(np.array(c))[1] for c in combos)
+        lo, hi = p.bit_range()
+        assert lo == fewest and p.evaluate(p.fewest_bits())[1] == fewest
+        beaten += p.evaluate(p.extreme(False))[1] > fewest
+        p.budget = fewest
+        assert solve_dp(p).bits == fewest and solve_ilp(p).bits == fewest
+    assert beaten >= 5   # each item's fewest-bits option is often not the fewest bits in all
+
+
+def test_fewest_bits_local_search_never_does_worse_than_the_items_fewest(monkeypatch):
+    import itertools
+
+    import bitplan.solve.mckp as mckp
+
+    monkeypatch.setattr(mckp, "_EXACT_GRIDS", 0)   # as with more grids than are tried exhaustively
+    rng = np.random.default_rng(23)
+    found = beaten = 0
+    for _ in range(150):
+        p = random_problem(rng, int(rng.integers(2, 6)), int(rng.integers(2, 5)), codebooks=True)
+        fewest = min(p.evaluate(np.array(c))[1] for c in itertools.product(*[range(b.size) for b in p.bits]))
+        naive = p.evaluate(p.extreme(False))[1]
+        got = p.evaluate(p.fewest_bits())[1]
+        assert fewest <= got <= naive
+        found += got == fewest
+        beaten += got < naive
+    assert beaten >= 5 and found >= 0.9 * 150
+
+
 def test_second_resource_is_respected_by_the_ilp_and_refused_by_the_dp():
     rng = np.random.default_rng(9)
     for _ in range(40):
