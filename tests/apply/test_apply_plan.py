@@ -111,3 +111,18 @@ def test_ldlq_on_a_profile_without_input_moments_is_a_clear_error(tiny_plan, tmp
     with pytest.raises(BitplanError, match="re-run `bitplan profile`"):
         apply_plan(plan_path, tmp_path / "q", model=lm, rounding="ldlq", progress=False)
     apply_plan(plan_path, tmp_path / "q", model=lm, rounding="yaqa", progress=False)
+
+
+def test_rounding_a_plan_another_way_than_its_objective_forecasts_warns(tiny_plan, tmp_path, capsys):
+    from bitplan.apply.run import rounding_mismatch
+
+    lm, plan, plan_path = tiny_plan
+    assert plan.objective == "yaqa"
+    apply_plan(plan_path, tmp_path / "q", model=lm, rounding="rtn", progress=False)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--objective yaqa" in err and "--objective hessian" in err
+    apply_plan(plan_path, tmp_path / "q2", model=lm, rounding="yaqa", progress=False)
+    assert "--objective" not in capsys.readouterr().err
+    assert rounding_mismatch("hessian", "rtn") is None and rounding_mismatch("yaqa-halves", "yaqa") is None
+    assert rounding_mismatch("yaqa", "ldlq") is None   # measured alike from every objective's plan
+    assert "--objective yaqa:" in rounding_mismatch("hessian", "yaqa")
