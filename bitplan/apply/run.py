@@ -324,7 +324,8 @@ def apply_plan(plan_path: str | Path, out_dir: str | Path, model: str | LoadedMo
     if rounding != "rtn" and (factors_dir is None or not (factors_dir / "hessians").is_dir()):
         raise BitplanError(f"{rounding} rounding needs Hessian factors, and {factors_dir or 'the plan’s profile'} has "
                            "no hessians/ (shipped profiles leave them out): run `bitplan profile` and pass its folder "
-                           "with --profile, or use --rounding rtn")
+                           "with --profile, or use --rounding rtn with a plan solved by `bitplan solve --objective "
+                           "hessian` (a plan for YAQA rounds to nearest badly)")
     calibration = {}
     if factors_dir is not None and (factors_dir / "profile.json").is_file():
         calibration = load_profile(factors_dir).calibration
