@@ -8,6 +8,7 @@ The profile (a finished one with hessians/ and its judge) is solved at the budge
   yaqa (samples)   `--objective yaqa`, the default: the judge's α_shaped (the model's own samples) × the gain
                    judged under their factors
   hessian          `--objective hessian`: α_hessian, round-to-nearest's coefficient (no credit for adaptive rounding)
+  ldlq             `--objective ldlq`: the judge's α_shaped × one-sided LDLQ's gain judged under the samples' factors
 
 Each plan is rounded with `apply`'s defaults (YAQA, `--shrink auto`), or with `--rounding`, and evaluated on WikiText-2 (text the profile
 never saw) against the original model. The table prints each plan's storage bpw, its predicted ΔKL (the sum of
@@ -54,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     console = Console() if sys.stdout.isatty() else Console(width=140)   # a log file gets the whole table
     lm = load_model(args.model)
-    variants = {"yaqa (halves)": "yaqa-halves", "yaqa (samples)": "yaqa", "hessian": "hessian"}
+    variants = {"yaqa (halves)": "yaqa-halves", "yaqa (samples)": "yaqa", "hessian": "hessian", "ldlq": "ldlq"}
     results_path = args.out / "results.json"
     results = read_json(results_path, "results") if results_path.is_file() else {}
     plans = {}

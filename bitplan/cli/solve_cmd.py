@@ -24,7 +24,8 @@ def solve_command(
     objective: Optional[str] = typer.Option(None, "--objective",
                                             help="yaqa (after YAQA rounding, judged on the model's own samples when "
                                                  "the profile has a judge), yaqa-halves (judged on the calibration "
-                                                 "halves), hessian or noise (default: the best the profile has)"),
+                                                 "halves), hessian or noise (for round-to-nearest), ldlq (for "
+                                                 "--rounding ldlq) (default: the best the profile has)"),
     formats: Optional[str] = typer.Option(None, "--formats",
                                           help="comma list of format names and sets: profile (default), default, "
                                                "all, grid, int, kernel"),

@@ -25,6 +25,8 @@ OBJECTIVES = {
     "yaqa-halves": ("alpha_yaqa_heldout", "alpha_yaqa"),
     "hessian": ("alpha_hessian",),
     "noise": ("alpha_noise",),
+    # one-sided LDLQ's (H_I = Σxxᵀ) forecast, for plans rounded with `apply --rounding ldlq`; never a default
+    "ldlq": ("alpha_ldlq_judged", "alpha_ldlq_heldout"),
 }
 
 
@@ -54,6 +56,18 @@ class LayerRecord:
         """α after two-sided LDLQ (`apply --shrink auto`'s fit) judged under the model's own samples: the judge's
         α_shaped × its gain; None without a judge."""
         shaped, gain = self.extra.get("alpha_shaped_judge"), self.extra.get("yaqa_gain_judged")
+        return None if shaped is None or gain is None else float(shaped) * float(gain)
+
+    @property
+    def alpha_ldlq_judged(self) -> float | None:
+        """α after one-sided LDLQ (H_I = Σxxᵀ of both halves) judged under the model's own samples."""
+        shaped, gain = self.extra.get("alpha_shaped_judge"), self.extra.get("ldlq_gain_judged")
+        return None if shaped is None or gain is None else float(shaped) * float(gain)
+
+    @property
+    def alpha_ldlq_heldout(self) -> float | None:
+        """α after one-sided LDLQ, cross-fitted between the calibration halves: α_shaped × the held-out gain."""
+        shaped, gain = self.extra.get("alpha_shaped"), self.extra.get("ldlq_gain_heldout")
         return None if shaped is None or gain is None else float(shaped) * float(gain)
 
     def coefficient(self, objective: str) -> str:

@@ -204,6 +204,24 @@ def test_yaqa_takes_the_judges_coefficient_when_every_layer_has_one(small_profil
     assert halves.formats != plan.formats   # the two coefficients order the layers differently, and so the plans
 
 
+def test_ldlq_takes_one_sided_ldlqs_gain_judged_or_cross_fitted_and_is_never_the_default(small_profile):
+    rng = np.random.default_rng(4)
+    with pytest.raises(BitplanError, match="alpha_ldlq_judged or alpha_ldlq_heldout"):
+        solve(small_profile, "4bpw", objective="ldlq")   # the fixture has no LDLQ gains
+    plans = {}
+    # the halves' figures first; a judge then takes precedence
+    for coefficient, alpha, gain in (("alpha_ldlq_heldout", "alpha_shaped", "ldlq_gain_heldout"),
+                                     ("alpha_ldlq_judged", "alpha_shaped_judge", "ldlq_gain_judged")):
+        for r in small_profile.layers:
+            r.extra.update({alpha: float(rng.lognormal(-2.0, 1.0)), gain: float(rng.uniform(0.1, 0.9))})
+        plans[coefficient] = plan = solve(small_profile, "4bpw", objective="ldlq")
+        assert plan.coefficient == coefficient
+        for lp, r in zip(plan.layers, small_profile.layers):
+            assert lp.predicted_dkl == pytest.approx(r.extra[alpha] * r.extra[gain] * r.rel_err[lp.format], rel=1e-12)
+    assert plans["alpha_ldlq_judged"].formats != plans["alpha_ldlq_heldout"].formats
+    assert solve(small_profile, "4bpw").objective == "yaqa"   # LDLQ's coefficient is asked for, never defaulted
+
+
 def test_a_plan_keeps_its_coefficient_through_a_reload(small_profile, tmp_path):
     from bitplan.solve import load_plan
 
