@@ -19,7 +19,7 @@ COLUMNS = ["name", "block", "kind", "out_features", "in_features", "params", "we
            "trace_h_out", "alpha_noise", "alpha_noise_r2", "alpha_hessian", "alpha_shaped", "alpha_yaqa", "yaqa_gain",
            "alpha_yaqa_heldout", "yaqa_gain_heldout", "shrink_out", "shrink_in", "yaqa_gain_heldout_raw",
            "ldlq_gain_heldout", "alpha_shaped_judge", "yaqa_gain_judged", "yaqa_gain_judged_raw", "ldlq_gain_judged",
-           "alpha_yaqa_judged"]
+           "alpha_yaqa_judged", "alpha_ldlq_judged"]
 JUDGED = ("alpha_shaped_judge", "yaqa_gain_judged", "yaqa_gain_judged_raw", "ldlq_gain_judged")
 
 # Where each forecast's gains are: judged on the other calibration half (cross-fitted), or on the model's own
@@ -55,7 +55,8 @@ def sensitivity_frame(profile: Profile) -> pd.DataFrame:
                "yaqa_gain_heldout": _ratio(r.alpha_yaqa_heldout, shaped),
                **{k: r.extra.get(k) for k in ("shrink_out", "shrink_in", "yaqa_gain_heldout_raw",
                                               "ldlq_gain_heldout", *JUDGED)},
-               "alpha_yaqa_judged": r.alpha_yaqa_judged}   # what `solve --objective yaqa` spends the bits by
+               "alpha_yaqa_judged": r.alpha_yaqa_judged,   # what `solve --objective yaqa` spends the bits by
+               "alpha_ldlq_judged": r.alpha_ldlq_judged}   # … and `--objective ldlq`
         for f in refs:
             t2 = r.rel_err.get(f)
             row[f"dkl_{f}"] = None if t2 is None or r.alpha_hessian is None else r.alpha_hessian * t2

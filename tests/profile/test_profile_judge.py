@@ -149,6 +149,7 @@ def test_profile_judge_accumulates_the_samples_and_judges_every_layer(tmp_path):
         # the solver's yaqa coefficient: the samples' α_shaped × the judged gain, in the CSV as in the record
         assert rec.alpha_yaqa_judged == pytest.approx(g.alpha_shaped * g.yaqa, rel=1e-12)
         assert df["alpha_yaqa_judged"][k] == pytest.approx(g.alpha_shaped * g.yaqa, rel=1e-5)
+        assert df["alpha_ldlq_judged"][k] == pytest.approx(g.alpha_shaped * g.ldlq, rel=1e-5)
     expected = sum(r.extra["alpha_shaped_judge"] * r.rel_err["int3-g64"] * r.extra["yaqa_gain_judged"]
                    for r in profile.layers)
     assert forecast_kl(profile, "int3-g64", "yaqa auto", "samples") == pytest.approx(expected, rel=1e-12)
