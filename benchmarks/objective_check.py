@@ -10,10 +10,10 @@ The profile (a finished one with hessians/ and its judge) is solved at the budge
   hessian          `--objective hessian`: α_hessian, round-to-nearest's coefficient (no credit for adaptive rounding)
   ldlq             `--objective ldlq`: the judge's α_shaped × one-sided LDLQ's gain judged under the samples' factors
 
-Each plan is rounded with `apply`'s defaults (YAQA, `--shrink auto`), or with `--rounding`, and evaluated on WikiText-2 (text the profile
-never saw) against the original model. The table prints each plan's storage bpw, its predicted ΔKL (the sum of
-its layers' α × t²), the measured mean KL ± its standard error, and measured ÷ predicted. Rows are kept in
-OUT/results.json as they finish; an interrupted run resumes.
+Each plan is rounded with `apply`'s defaults (YAQA, `--shrink auto`), or as `--rounding` says, and evaluated on
+WikiText-2 (text the profile never saw) against the original model. The table prints each plan's storage bpw,
+its predicted ΔKL (the sum of its layers' α × t²), the measured mean KL ± its standard error, and measured ÷
+predicted. Rows are kept in OUT/results.json as they finish; an interrupted run resumes.
 """
 from __future__ import annotations
 

@@ -55,20 +55,23 @@ class LayerRecord:
     def alpha_yaqa_judged(self) -> float | None:
         """α after two-sided LDLQ (`apply --shrink auto`'s fit) judged under the model's own samples: the judge's
         α_shaped × its gain; None without a judge."""
-        shaped, gain = self.extra.get("alpha_shaped_judge"), self.extra.get("yaqa_gain_judged")
-        return None if shaped is None or gain is None else float(shaped) * float(gain)
+        return self._extra_product("alpha_shaped_judge", "yaqa_gain_judged")
 
     @property
     def alpha_ldlq_judged(self) -> float | None:
         """α after one-sided LDLQ (H_I = Σxxᵀ of both halves) judged under the model's own samples."""
-        shaped, gain = self.extra.get("alpha_shaped_judge"), self.extra.get("ldlq_gain_judged")
-        return None if shaped is None or gain is None else float(shaped) * float(gain)
+        return self._extra_product("alpha_shaped_judge", "ldlq_gain_judged")
 
     @property
     def alpha_ldlq_heldout(self) -> float | None:
         """α after one-sided LDLQ, cross-fitted between the calibration halves: α_shaped × the held-out gain."""
-        shaped, gain = self.extra.get("alpha_shaped"), self.extra.get("ldlq_gain_heldout")
-        return None if shaped is None or gain is None else float(shaped) * float(gain)
+        return self._extra_product("alpha_shaped", "ldlq_gain_heldout")
+
+    def _extra_product(self, alpha: str, gain: str) -> float | None:
+        """extra[alpha] × extra[gain]: an α_shaped times the gain a rounding was judged to keep; None if either
+        is missing."""
+        a, g = self.extra.get(alpha), self.extra.get(gain)
+        return None if a is None or g is None else float(a) * float(g)
 
     def coefficient(self, objective: str) -> str:
         """The name of the coefficient `alpha(objective)` is for this layer: the first of the objective's keys it

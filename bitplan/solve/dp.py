@@ -25,7 +25,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ..errors import BitplanError
-from .mckp import Problem, Solution, pareto
+from .mckp import Problem, Solution, charged_grids, pareto, table_free
 
 _TOGGLE_ROUNDS = 6   # local search over which grids to pay for: rounds, and DPs tried per round
 _TOGGLE_TRIES = 3
@@ -58,7 +58,7 @@ def solve_dp(problem: Problem, quantum: int = 1, reduce: bool = True, polish: bo
     t0 = time.perf_counter()
     B, C, G = problem.padded()
     cb = problem.codebook_bits if problem.codebook is not None else np.zeros(0, dtype=np.int64)
-    charged = [g for g in range(cb.size) if cb[g] > 0 and np.any(G == g)]
+    charged = charged_grids(G, cb)
     best, tried = None, 0
 
     def attempt(allowed: set[int] | None) -> None:
@@ -113,10 +113,8 @@ def codebook_bound(B: np.ndarray, C: np.ndarray, G: np.ndarray, cb: np.ndarray, 
     from each item's best option, raise each v_k to its next breakpoint while the grids it already reaches have
     slack. Without tables to charge this is the plain Lagrangian bound."""
     A = C + lam * B.astype(np.float64)
-    gid = np.maximum(G, 0)
-    free = (G < 0) | (cb[gid] == 0 if cb.size else True)
-    a_free = np.where(free, A, np.inf).min(axis=1)
-    grids = [g for g in range(cb.size) if cb[g] > 0 and np.any(G == g)]
+    a_free = np.where(table_free(G, cb), A, np.inf).min(axis=1)
+    grids = charged_grids(G, cb)
     a = np.stack([np.where(G == g, A, np.inf).min(axis=1) for g in grids], axis=1)   # items × grids
     v = np.minimum(a_free, a.min(axis=1))
     slack = lam * cb[grids].astype(np.float64) - np.clip(v[:, None] - a, 0, None).sum(axis=0)
@@ -145,7 +143,7 @@ def _reserved(problem: Problem, B: np.ndarray, C: np.ndarray, G: np.ndarray, qua
               polish: bool, allowed: set[int] | None) -> tuple[np.ndarray, int, dict]:
     """The reserve loop over exact DPs, on options whose codebook is in `allowed` (None: all)."""
     if allowed is not None and problem.codebook is not None:
-        free = (G < 0) | (problem.codebook_bits[np.maximum(G, 0)] == 0)
+        free = table_free(G, problem.codebook_bits)
         C = np.where(free | np.isin(G, list(allowed)), C, np.inf)
         if not np.all(np.isfinite(C).any(axis=1)):
             raise BitplanError("without those grids an item has no option left")
@@ -170,7 +168,7 @@ def _reserved(problem: Problem, B: np.ndarray, C: np.ndarray, G: np.ndarray, qua
 
 def _lagrange_costs(B, C, G, cb, allowed: set[int], budget: int) -> tuple[float, np.ndarray]:
     """λ for the problem restricted to `allowed` grids (their tables reserved) and the priced costs c + λ·bits."""
-    ok = (G < 0) | np.isin(G, list(allowed)) | (cb[np.maximum(G, 0)] == 0 if cb.size else True)
+    ok = table_free(G, cb) | np.isin(G, list(allowed))
     Cm = np.where(ok, C, np.inf)
     low = B.min(axis=1, keepdims=True)
     slack = budget - (int(cb[list(allowed)].sum()) if allowed else 0) - int(low.sum())
@@ -183,7 +181,7 @@ def _lagrange_costs(B, C, G, cb, allowed: set[int], budget: int) -> tuple[float,
 def _toggles(B, C, G, cb, choice: np.ndarray, used: set[int], charged: set[int], budget: int) -> list[int]:
     """Grids to add or drop, most promising first by the Lagrangian estimate of the change in cost."""
     lam, M = _lagrange_costs(B, C, G, cb, used, budget)
-    free = (G < 0) | (cb[np.maximum(G, 0)] == 0)
+    free = table_free(G, cb)
     rows = np.arange(B.shape[0])
     current = M[rows, choice]
     gains = []
@@ -204,8 +202,7 @@ def _priced_grids(B: np.ndarray, C: np.ndarray, G: np.ndarray, cb: np.ndarray, a
     """Greedy facility-location drop at the budget's Lagrange multiplier λ: remove, one at a time, the grid whose
     table costs more (λ × its bits) than its layers lose by moving to their next best option (in c + λ·bits)."""
     lam, M = _lagrange_costs(B, C, G, cb, allowed, budget)
-    ok = (G < 0) | np.isin(G, list(allowed)) | (cb[np.maximum(G, 0)] == 0 if cb.size else True)
-    M = np.where(ok, M, np.inf)
+    M = np.where(table_free(G, cb) | np.isin(G, list(allowed)), M, np.inf)
     keep = set(allowed)
     while keep:
         current = M.min(axis=1).sum() + lam * cb[list(keep)].sum()

@@ -16,6 +16,18 @@ from ..errors import BitplanError
 _EXACT_GRIDS = 12   # `Problem.fewest_bits` tries every set of at most this many grids with tables
 
 
+def table_free(G: np.ndarray, cb: np.ndarray) -> np.ndarray:
+    """Which options of the padded codebook ids `G` pay no table: no grid, or a grid whose table is 0 bits."""
+    if cb.size == 0:
+        return np.ones(G.shape, dtype=bool)
+    return (G < 0) | (cb[np.maximum(G, 0)] == 0)
+
+
+def charged_grids(G: np.ndarray, cb: np.ndarray) -> list[int]:
+    """The grids whose table costs bits and that some option uses."""
+    return [g for g in range(cb.size) if cb[g] > 0 and np.any(G == g)]
+
+
 @dataclass
 class Problem:
     bits: list[np.ndarray]                 # per item: int64 exact storage bits of each option
@@ -99,8 +111,8 @@ class Problem:
             return self.extreme(False)
         B, C, G = self.padded()
         cb = self.codebook_bits
-        charged = [g for g in range(cb.size) if cb[g] > 0 and np.any(G == g)]
-        free = (G < 0) | (cb[np.maximum(G, 0)] == 0)
+        charged = charged_grids(G, cb)
+        free = table_free(G, cb)
         rows = np.arange(B.shape[0])
 
         def fewest(allowed: frozenset[int]) -> tuple[int, np.ndarray] | None:

@@ -26,6 +26,12 @@ def brute_force(problem: Problem) -> float | None:
     return float(cost[ok].min()) if ok.any() else None
 
 
+def brute_force_fewest_bits(problem: Problem) -> int:
+    """The fewest storage bits of any assignment, codebooks included, by enumerating every assignment."""
+    combos = itertools.product(*[range(b.size) for b in problem.bits])
+    return min(problem.evaluate(np.array(c))[1] for c in combos)
+
+
 def random_problem(rng: np.random.Generator, items: int, options: int, slack: float | None = None,
                    codebooks: bool = False, resource: bool = False, shapes: int | None = None) -> Problem:
     """Integer bits (so a DP with 1-bit cells is exact); costs falling with bits like real formats, with noise.

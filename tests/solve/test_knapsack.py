@@ -9,7 +9,7 @@ from bitplan.solve.dp import solve_dp
 from bitplan.solve.ilp import solve_ilp
 from bitplan.solve.mckp import Problem
 
-from .helpers import brute_force, random_problem
+from .helpers import brute_force, brute_force_fewest_bits, random_problem
 
 
 def _rel(a: float, b: float) -> float:
@@ -128,14 +128,11 @@ def test_codebook_bound_is_a_lower_bound_at_any_multiplier_and_tighter_than_igno
 def test_fewest_bits_counts_the_tables_it_saves():
     """A larger option on a grid already paid for can store less in all: the range's low end and the DP's
     fallback use the true fewest-bits assignment (brute force over every assignment)."""
-    import itertools
-
     rng = np.random.default_rng(23)
     beaten = 0
     for _ in range(150):
         p = random_problem(rng, int(rng.integers(2, 6)), int(rng.integers(2, 5)), codebooks=True)
-        combos = itertools.product(*[range(b.size) for b in p.bits])
-        fewest = min(p.evaluate(np.array(c))[1] for c in combos)
+        fewest = brute_force_fewest_bits(p)
         lo, hi = p.bit_range()
         assert lo == fewest and p.evaluate(p.fewest_bits())[1] == fewest
         beaten += p.evaluate(p.extreme(False))[1] > fewest
@@ -145,8 +142,6 @@ def test_fewest_bits_counts_the_tables_it_saves():
 
 
 def test_fewest_bits_local_search_never_does_worse_than_the_items_fewest(monkeypatch):
-    import itertools
-
     import bitplan.solve.mckp as mckp
 
     monkeypatch.setattr(mckp, "_EXACT_GRIDS", 0)   # as with more grids than are tried exhaustively
@@ -154,7 +149,7 @@ def test_fewest_bits_local_search_never_does_worse_than_the_items_fewest(monkeyp
     found = beaten = 0
     for _ in range(150):
         p = random_problem(rng, int(rng.integers(2, 6)), int(rng.integers(2, 5)), codebooks=True)
-        fewest = min(p.evaluate(np.array(c))[1] for c in itertools.product(*[range(b.size) for b in p.bits]))
+        fewest = brute_force_fewest_bits(p)
         naive = p.evaluate(p.extreme(False))[1]
         got = p.evaluate(p.fewest_bits())[1]
         assert fewest <= got <= naive
