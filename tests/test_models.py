@@ -115,3 +115,18 @@ def test_weights_hash_tracks_weights():
 def test_same_tokenizer():
     assert same_tokenizer(make_tokenizer(300), make_tokenizer(300))
     assert not same_tokenizer(make_tokenizer(300), make_tokenizer(340))
+
+
+def test_no_top_level_package_shadows_hf_kernels():
+    """transformers ≥ 5 imports Hugging Face's `kernels` package; a top-level `kernels` of ours (the repository root
+    is on sys.path under pytest and `python -c`) shadowed it and broke every model load. The name must resolve
+    outside this repository, or not at all."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.find_spec("kernels")
+    if spec is not None:
+        for place in [spec.origin, *(spec.submodule_search_locations or [])]:
+            assert place is None or root not in Path(place).resolve().parents, place
+    assert importlib.util.find_spec("bitplan.kernels") is not None

@@ -5,7 +5,7 @@ the input is rotated, multiplied with the dequantized rotated weight, and the ou
 PyTorch path, for every device. With `cache=False` it keeps only the packed bytes and dequantizes on every call;
 with `cache=True` (the default) it dequantizes once and keeps the weight in the original basis, R_mᵀ W_rot R_n,
 so a forward is one plain matmul (the rotations of every call cost more than the matmul itself on a CPU).
-On CUDA, int and grid formats go through the Triton kernels (kernels/linear.py) instead when triton is installed.
+On CUDA, int and grid formats go through the Triton kernels (bitplan/kernels/linear.py) instead when triton is installed.
 """
 from __future__ import annotations
 
@@ -27,11 +27,11 @@ def decode_seeds(t: torch.Tensor) -> tuple[int, int]:
 
 
 def _triton_matmul(layer: "QuantizedLinear", x: torch.Tensor) -> torch.Tensor | None:
-    """x Wᵀ through the Triton kernels (kernels/linear.py) where they cover the layer; None without triton."""
+    """x Wᵀ through the Triton kernels (bitplan/kernels/linear.py) where they cover the layer; None without triton."""
     try:
-        from kernels.linear import quantized_matmul, supports  # lazy: CPU users never need triton
+        from bitplan.kernels.linear import quantized_matmul, supports  # lazy: CPU users never need triton
     except ModuleNotFoundError as e:
-        if e.name not in ("triton", "kernels"):
+        if e.name != "triton":
             raise
         return None
     return quantized_matmul(x, layer) if supports(layer, x) else None

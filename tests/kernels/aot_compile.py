@@ -13,11 +13,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels.dequant import _dequantize_kernel
-from kernels.gemm import _TUNED_LARGE, _TUNED_SPLIT, _gemm_kernel
-from kernels.gemv import _TUNED as _TUNED_GEMV
-from kernels.gemv import _gemv_kernel
-from kernels.hadamard import _fwht_kernel, _mix_kernel
+from bitplan.kernels.dequant import _dequantize_kernel
+from bitplan.kernels.gemm import _TUNED_LARGE, _TUNED_SPLIT, _gemm_kernel
+from bitplan.kernels.gemv import _TUNED as _TUNED_GEMV
+from bitplan.kernels.gemv import _gemv_kernel
+from bitplan.kernels.hadamard import _fwht_kernel, _mix_kernel
 
 # (BITS, P, GROUP, IS_INT): word-aligned and straddling integer codes, a p = 2 grid with aligned and
 # straddling codes, p = 3 with 12-bit codes, and a g = 64 format (K tiles spanning groups)

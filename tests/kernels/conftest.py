@@ -19,7 +19,7 @@ if importlib.util.find_spec("triton") is None:  # triton is a dev dependency; wi
 
 @pytest.fixture(scope="session")
 def device() -> torch.device:
-    from kernels.dequant import INTERPRETED
+    from bitplan.kernels.dequant import INTERPRETED
 
     if INTERPRETED:
         return torch.device("cpu")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from bitplan.formats import Format, default_candidates, get_format
-from kernels.dequant import PackedWeight
+from bitplan.kernels.dequant import PackedWeight
 
 # Max relative error (max |y − ref| / max |ref|) against the float64 product with bitplan's dequantized weight:
 # issue 7's acceptance bounds for float32 and float16; bfloat16 has 8 significant bits, and the interpreter

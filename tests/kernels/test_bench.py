@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from bitplan.formats import get_format
-from kernels import bench
-from kernels.dequant import dequantize
+from bitplan.kernels import bench
+from bitplan.kernels.dequant import dequantize
 
 from .helpers import TOLERANCE, rel_err
 

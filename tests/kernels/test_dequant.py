@@ -6,7 +6,7 @@ import torch
 
 from bitplan.errors import BitplanError
 from bitplan.formats import get_format, pack_bits, unpack_bits
-from kernels.dequant import PackedWeight, dequantize
+from bitplan.kernels.dequant import PackedWeight, dequantize
 
 from .helpers import kernel_formats, quantized_layer, sampled_formats
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bitplan.formats import get_format
-from kernels.gemm import _config, gemm
+from bitplan.kernels.gemm import _config, gemm
 
 from .helpers import (TOLERANCE, activations, kernel_formats, quantized_layer, reference, rel_err,
                       sampled_formats)

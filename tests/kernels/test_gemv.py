@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bitplan.formats import get_format
-from kernels.gemv import _config, gemv
+from bitplan.kernels.gemv import _config, gemv
 
 from .helpers import (TOLERANCE, activations, kernel_formats, quantized_layer, reference, rel_err,
                       sampled_formats)

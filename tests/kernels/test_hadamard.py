@@ -7,7 +7,7 @@ import torch
 from bitplan.errors import BitplanError
 from bitplan.formats import RandomizedHadamard
 from bitplan.formats.hadamard import plan
-from kernels.hadamard import CHUNK, device_rotation, rotate
+from bitplan.kernels.hadamard import CHUNK, device_rotation, rotate
 
 from .helpers import rel_err
 

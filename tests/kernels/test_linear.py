@@ -7,7 +7,7 @@ import torch
 from bitplan.apply import quantize_layer
 from bitplan.apply.module import QuantizedLinear, _triton_matmul
 from bitplan.formats import get_format
-from kernels.linear import quantized_matmul, supports
+from bitplan.kernels.linear import quantized_matmul, supports
 
 from .helpers import TOLERANCE, rel_err
 

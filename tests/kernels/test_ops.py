@@ -6,10 +6,10 @@ import torch
 
 from bitplan.errors import BitplanError
 from bitplan.formats import RandomizedHadamard, get_format
-from kernels import gemm as gemm_module
-from kernels import gemv as gemv_module
-from kernels.hadamard import device_rotation
-from kernels.ops import hadamard, matmul, qmatmul
+from bitplan.kernels import gemm as gemm_module
+from bitplan.kernels import gemv as gemv_module
+from bitplan.kernels.hadamard import device_rotation
+from bitplan.kernels.ops import hadamard, matmul, qmatmul
 
 from .helpers import TOLERANCE, activations, quantized_layer, reference, rel_err
 
@@ -27,7 +27,7 @@ def test_dispatch_by_batch(lead, kernel, device, monkeypatch):
     calls = []
     for module, name in ((gemv_module, "gemv"), (gemm_module, "gemm")):
         real = getattr(module, name)
-        monkeypatch.setattr(f"kernels.ops.{name}", lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+        monkeypatch.setattr(f"bitplan.kernels.ops.{name}", lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
     w, W = quantized_layer(get_format("int4-g64"), M_OUT, N_IN, device)
     x = activations(int(torch.tensor(lead).prod()), N_IN, torch.float32, device).reshape(*lead, N_IN)
     y = matmul(x, w)

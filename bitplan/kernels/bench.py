@@ -1,6 +1,6 @@
 """Kernel benchmark for issue 7 (needs a CUDA GPU; elsewhere it says so and exits 0).
 
-    python -m kernels.bench [--batches 1,4,16,64] [--formats int4-g128,...] [--shapes 4096x4096,...]
+    python -m bitplan.kernels.bench [--batches 1,4,16,64] [--formats int4-g128,...] [--shapes 4096x4096,...]
                             [--model smollm2-135m | --no-model] [--tokens 128]
 
 Per layer shape (out × in), format and batch it prints the fused dequantize-matmul time, the bandwidth achieved
@@ -166,7 +166,7 @@ def _shape(text: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bitplan.kernels.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--shapes", default=",".join(f"{m}x{n}" for m, n in SHAPES), help="out×in, comma-separated")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
