@@ -1,6 +1,9 @@
 """Model loading and linear-layer discovery (tiny random models; no download)."""
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -121,9 +124,6 @@ def test_no_top_level_package_shadows_hf_kernels():
     """transformers ≥ 5 imports Hugging Face's `kernels` package; a top-level `kernels` of ours (the repository root
     is on sys.path under pytest and `python -c`) shadowed it and broke every model load. The name must resolve
     outside this repository, or not at all."""
-    import importlib.util
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.find_spec("kernels")
     if spec is not None:
