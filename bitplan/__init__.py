@@ -3,8 +3,8 @@
 The Python API mirrors the CLI (profile → solve → apply → eval):
 
     import bitplan
-    model = bitplan.load_model("smollm2-135m")
-    result = bitplan.eval(reference="smollm2-135m", candidate="out/", data="wikitext2-test.raw")
+    model = bitplan.open_model("smollm2-135m")        # a plain model, or a bitplan checkpoint folder
+    result = bitplan.eval(reference="smollm2-135m", candidate="out/", data="wikitext2")
 
 Submodules load lazily, so `import bitplan` stays fast and a notebook pays only for what it uses.
 """
@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 
 # public name -> (module, attribute)
 _API = {
+    "open_model": ("bitplan.loading", "open_model"),
     "load_model": ("bitplan.models", "load_model"),
     "find_linears": ("bitplan.models", "find_linears"),
     "token_windows": ("bitplan.data", "token_windows"),

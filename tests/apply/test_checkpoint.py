@@ -10,6 +10,7 @@ from bitplan.apply import apply_formats, load_quantized, quantize_layer, simulat
 from bitplan.apply.module import QuantizedLinear
 from bitplan.errors import BitplanError
 from bitplan.formats import get_format
+from bitplan.loading import open_model
 from bitplan.models import find_linears, load_model
 
 from tests.apply.test_ldlq import spd
@@ -70,9 +71,11 @@ def test_checkpoint_equals_simulated_model(tiny_model_dir, tmp_path):
             assert sum(isinstance(m, QuantizedLinear) for m in loaded.model.modules()) == len(formats)
             a = loaded.model(ids).logits
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item()), cache
-    # load_model dispatches on the checkpoint's quant_method.
-    again = load_model(str(out))
+    # open_model dispatches on the checkpoint's quant_method; load_model takes plain models only.
+    again = open_model(str(out))
     assert isinstance(again.model.get_submodule(next(iter(formats))), QuantizedLinear)
+    with pytest.raises(BitplanError, match="is a bitplan checkpoint"):
+        load_model(str(out))
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "bitplan" and qc["modules"] == formats
 
