@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from .errors import BitplanError
-from .profile.schema import ExtraTensor
 
 
 @dataclass(frozen=True)
@@ -67,6 +66,19 @@ class LinearInfo:
     @property
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
+
+
+@dataclass
+class ExtraTensor:
+    """Embeddings and the output head: listed separately, kept in fp16 by default."""
+    name: str
+    kind: str                      # "embedding" or "head"
+    shape: tuple[int, int]
+    tied_to: str | None = None     # the head shares the embedding's storage when tied
+
+    @property
+    def params(self) -> int:
+        return self.shape[0] * self.shape[1]
 
 
 def cache_dir() -> Path:

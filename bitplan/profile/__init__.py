@@ -1,29 +1,12 @@
 """Sensitivity profiles: Kronecker-factored Hessians, linearity coefficients, the sensitivity report.
 
     from bitplan.profile import profile_model, load_profile
-    profile = profile_model("smollm2-135m", "calib.jsonl", samples=128, seqlen=256, out_dir="profiles/x")
-
-Attributes load lazily: bitplan.models imports bitplan.profile.schema, and the runner imports bitplan.models.
+    profile = profile_model("smollm2-135m", "sotu", samples=128, seqlen=256, out_dir="profiles/x")
 """
-from __future__ import annotations
+from .hessians import LayerFactors, load_factors
+from .relerr import rotation_seeds
+from .run import default_out_dir, profile_model
+from .schema import LayerRecord, Profile, load_profile
 
-_LAZY = {
-    "profile_model": ".run",
-    "default_out_dir": ".run",
-    "Profile": ".schema",
-    "LayerRecord": ".schema",
-    "load_profile": ".schema",
-    "load_factors": ".hessians",
-    "LayerFactors": ".hessians",
-    "rotation_seeds": ".relerr",
-}
-
-__all__ = list(_LAZY)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["profile_model", "default_out_dir", "Profile", "LayerRecord", "load_profile", "load_factors",
+           "LayerFactors", "rotation_seeds"]

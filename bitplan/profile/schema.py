@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import BitplanError
 from ..io import read_json, write_json
+from ..models import ExtraTensor
 
 SCHEMA = "bitplan.profile"
 VERSION = 1
@@ -88,19 +89,6 @@ class LayerRecord:
         """The coefficient for `objective` (see `coefficient`)."""
         # a slightly negative fit is noise: no layer improves by quantizing
         return max(float(getattr(self, self.coefficient(objective))), 0.0)
-
-
-@dataclass
-class ExtraTensor:
-    """Embeddings and the output head: listed separately, kept in fp16 by default."""
-    name: str
-    kind: str                      # "embedding" or "head"
-    shape: tuple[int, int]
-    tied_to: str | None = None     # the head shares the embedding's storage when tied
-
-    @property
-    def params(self) -> int:
-        return self.shape[0] * self.shape[1]
 
 
 @dataclass

@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..formats import Format, default_candidates
-from ..profile.schema import ExtraTensor, LayerRecord, Profile
+from ..models import ExtraTensor
+from ..profile.schema import LayerRecord, Profile
 
 SMOLLM2_135M = {
     "blocks": 30,

@@ -1,11 +1,11 @@
-"""The benchmark script: exits cleanly without a GPU; its byte count and timed layer are right."""
+"""benchmarks/kernels_bench.py: exits cleanly without a GPU; its byte count and timed layer are right."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from benchmarks import kernels_bench as bench
 from bitplan.formats import get_format
-from bitplan.kernels import bench
 from bitplan.kernels.dequant import dequantize
 
 from .helpers import TOLERANCE, rel_err

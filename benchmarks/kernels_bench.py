@@ -1,7 +1,7 @@
-"""Kernel benchmark for issue 7 (needs a CUDA GPU; elsewhere it says so and exits 0).
+"""Speed of bitplan.kernels (needs a CUDA GPU; elsewhere it says so and exits 0).
 
-    python -m bitplan.kernels.bench [--batches 1,4,16,64] [--formats int4-g128,...] [--shapes 4096x4096,...]
-                            [--model smollm2-135m | --no-model] [--tokens 128]
+    python benchmarks/kernels_bench.py [--batches 1,4,16,64] [--formats int4-g128,...] [--shapes 4096x4096,...]
+                                        [--model smollm2-135m | --no-model] [--tokens 128]
 
 Per layer shape (out × in), format and batch it prints the fused dequantize-matmul time, the bandwidth achieved
 over the bytes the kernel must read (packed codes, scales, zeros, grid table, activations), that bandwidth as a
@@ -9,7 +9,7 @@ fraction of the device's copy bandwidth measured in the same run (a large device
 bytes over time), the speedup over a torch fp16 matmul of the same shape, and the layer time including both
 Hadamard rotations. Then the end-to-end batch-1 decode speed of the default model as an RTN checkpoint in each
 format against fp16. Codes are random words: the kernels' speed does not depend on the values.
-Targets (issue 7): batch-1, 4-bit-class formats on 4096×14336 at ≥ 70 % of copy bandwidth and ≥ 2.5× fp16.
+Targets: batch-1, 4-bit-class formats on 4096×14336 at ≥ 70 % of copy bandwidth and ≥ 2.5× fp16.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from bitplan.formats import Format, RandomizedHadamard, get_format
 from bitplan.formats.base import SEED_BITS
 
 if TYPE_CHECKING:  # the kernels import triton; without a GPU the script only prints a message
-    from .dequant import PackedWeight
+    from bitplan.kernels.dequant import PackedWeight
 
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))
 BATCHES = (1, 4, 16, 64)
@@ -60,9 +60,9 @@ def kernel_read_bytes(fmt: Format, m: int, n: int, batch: int, act_bytes: int = 
 
 
 def layer_case(fmt: Format, m: int, n: int, batch: int, device, dtype=torch.float16, seed: int = 0) -> LayerCase:
-    from .dequant import PackedWeight
-    from .hadamard import device_rotation, rotate
-    from .ops import matmul
+    from bitplan.kernels.dequant import PackedWeight
+    from bitplan.kernels.hadamard import device_rotation, rotate
+    from bitplan.kernels.ops import matmul
 
     g = torch.Generator(device=device).manual_seed(seed)
     words = fmt.code_words(n)
@@ -166,7 +166,7 @@ def _shape(text: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bitplan.kernels.bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python benchmarks/kernels_bench.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--shapes", default=",".join(f"{m}x{n}" for m, n in SHAPES), help="out×in, comma-separated")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     console = Console()
     if not torch.cuda.is_available():
-        console.print("[yellow]kernels.bench measures Triton kernels on a CUDA GPU; this machine has none, so there "
+        console.print("[yellow]kernels_bench measures Triton kernels on a CUDA GPU; this machine has none, so there "
                       "is nothing to measure.[/]")
         return 0
     formats = [get_format(name) for name in args.formats.split(",")]
