@@ -23,7 +23,7 @@ import torch
 
 from .errors import BitplanError
 from .formats import RandomizedHadamard
-from .linalg import damped_cholesky, normalize
+from .linalg import LDL, LDLSettings, damped_cholesky, normalize
 
 # λ = 0 is the raw sketch, λ = 1 the target alone. DESIGN.md's grid plus 0, so that large calibration can choose
 # the raw factor.
@@ -95,7 +95,7 @@ class Judge:
         return cls(chol=chol, trace=float(Hn.diagonal().sum()))
 
 
-def side_gain(H_fit: torch.Tensor | None, judge: "Judge | torch.Tensor", block: int = 16, sigma: float = 0.01,
+def side_gain(H_fit: torch.Tensor | None, judge: "Judge | torch.Tensor", ldl: LDLSettings = LDL,
               lam: float = 0.0, name: str = "a layer", target: torch.Tensor | None = None) -> float:
     """tr(L⁻¹ H L⁻ᵀ) / tr(H) for L from the block LDL of normalize(H_fit) shrunk by λ toward `target` (at
     H_fit's scale; None: I), judged under H. H_fit None, or λ = 1 toward I: L = I, round-to-nearest on this
@@ -110,7 +110,8 @@ def side_gain(H_fit: torch.Tensor | None, judge: "Judge | torch.Tensor", block: 
         judge = Judge.of(judge)
     n = judge.chol.shape[0]
     Hn, T = normalized_pair(H_fit, target)
-    C = damped_cholesky(shrink(Hn, lam, T), sigma=sigma, name=name).chol
+    C = damped_cholesky(shrink(Hn, lam, T), sigma=ldl.sigma, name=name).chol
+    block = ldl.block
     Y = torch.linalg.solve_triangular(C, judge.chol, upper=False).view(n // block, block, n)
     diag = torch.stack([C[i:i + block, i:i + block] for i in range(0, n, block)])
     return float((diag @ Y).pow(2).sum()) / judge.trace
@@ -148,7 +149,7 @@ def both_ways(fn, a, b) -> float:
     return 0.5 * (fn(a, b) + fn(b, a))
 
 
-def shrink_gains(h_a: torch.Tensor, h_b: torch.Tensor, block: int = 16, sigma: float = 0.01,
+def shrink_gains(h_a: torch.Tensor, h_b: torch.Tensor, ldl: LDLSettings = LDL,
                  grid: tuple[float, ...] = SHRINK_GRID, name: str = "a layer",
                  targets: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
                  judges: tuple[Judge, Judge] | None = None) -> dict[float, float]:
@@ -156,7 +157,7 @@ def shrink_gains(h_a: torch.Tensor, h_b: torch.Tensor, block: int = 16, sigma: f
     calibration halves (rotated), `judges` their prepared `Judge`s when the caller has them already."""
     j_a, j_b = judges or (Judge.of(h_a), Judge.of(h_b))
     a, b = (h_a, targets[0], j_a), (h_b, targets[1], j_b)
-    return {lam: both_ways(lambda f, j: side_gain(f[0], j[2], block, sigma, lam, name, f[1]), a, b) for lam in grid}
+    return {lam: both_ways(lambda f, j: side_gain(f[0], j[2], ldl, lam, name, f[1]), a, b) for lam in grid}
 
 
 def best_lambda(gains: dict[float, float], grid: tuple[float, ...] = SHRINK_GRID) -> float:
@@ -164,18 +165,18 @@ def best_lambda(gains: dict[float, float], grid: tuple[float, ...] = SHRINK_GRID
     return min(grid, key=lambda lam: (gains[lam], lam))
 
 
-def choose_shrink(h_a: torch.Tensor, h_b: torch.Tensor, block: int = 16, sigma: float = 0.01,
+def choose_shrink(h_a: torch.Tensor, h_b: torch.Tensor, ldl: LDLSettings = LDL,
                   grid: tuple[float, ...] = SHRINK_GRID, name: str = "a layer",
                   targets: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
                   ) -> tuple[float, dict[float, float]]:
     """The λ on `grid` whose factor, shrunk toward its target, has the smallest held-out gain on its side, and
     every λ's gain. (The other side multiplies every λ's two-sided gain by the same number, so it does not enter
     the choice.)"""
-    gains = shrink_gains(h_a, h_b, block, sigma, grid, name, targets)
+    gains = shrink_gains(h_a, h_b, ldl, grid, name, targets)
     return best_lambda(gains, grid), gains
 
 
-def crossfit(a: RotatedHalf, b: RotatedHalf, block_in: int = 16, block_out: int = 16, sigma: float = 0.01,
+def crossfit(a: RotatedHalf, b: RotatedHalf, ldl: LDLSettings = LDL,
              grid: tuple[float, ...] = SHRINK_GRID, grid_in: tuple[float, ...] = SHRINK_GRID,
              name: str = "a layer") -> CrossFit:
     """Held-out gains both ways (a → b, b → a, averaged) and the shrinkage λ of each factor that minimizes them."""
@@ -184,14 +185,14 @@ def crossfit(a: RotatedHalf, b: RotatedHalf, block_in: int = 16, block_out: int 
         return tuple(sorted({0.0, *g}))
 
     in_judges = (Judge.of(a.h_in), Judge.of(b.h_in))  # H_I judges both the sketch's and Σxxᵀ's LDL
-    out_gains = shrink_gains(a.h_out, b.h_out, block_out, sigma, with_raw(grid), f"{name} (H_out)",
+    out_gains = shrink_gains(a.h_out, b.h_out, ldl, with_raw(grid), f"{name} (H_out)",
                              (a.t_out, b.t_out))
-    in_gains = shrink_gains(a.h_in, b.h_in, block_in, sigma, with_raw(grid_in), f"{name} (H_in)",
+    in_gains = shrink_gains(a.h_in, b.h_in, ldl, with_raw(grid_in), f"{name} (H_in)",
                             (a.t_in, b.t_in), in_judges)
     lam_out, lam_in = best_lambda(out_gains, grid), best_lambda(in_gains, grid_in)
     ldlq = None
     if a.xtx is not None and b.xtx is not None:
-        ldlq = 0.5 * (side_gain(a.xtx, in_judges[1], block_in, sigma, 0.0, f"{name} (xxᵀ)")
-                      + side_gain(b.xtx, in_judges[0], block_in, sigma, 0.0, f"{name} (xxᵀ)"))
+        ldlq = 0.5 * (side_gain(a.xtx, in_judges[1], ldl, 0.0, f"{name} (xxᵀ)")
+                      + side_gain(b.xtx, in_judges[0], ldl, 0.0, f"{name} (xxᵀ)"))
     return CrossFit(shrink=lam_out, shrink_in=lam_in, out_gains=out_gains, in_gains=in_gains,
                     yaqa=out_gains[lam_out] * in_gains[lam_in], yaqa_raw=out_gains[0.0] * in_gains[0.0], ldlq=ldlq)

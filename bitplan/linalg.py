@@ -3,6 +3,7 @@
 All routines work in float64: the block LDL of a damped, nearly singular factor loses digits fast in float32.
 A factor is first normalized to mean diagonal 1, so that the damping σ·I is relative (σ = 0.01 is 1 % of the
 mean diagonal), then damped until Cholesky succeeds, then split into H = L D Lᵀ with L unit block-lower-triangular.
+The block size and the damping step are `LDLSettings`; `LDL` is the one set profile and apply both use.
 """
 from __future__ import annotations
 
@@ -11,6 +12,17 @@ from dataclasses import dataclass
 import torch
 
 from .errors import BitplanError
+
+
+@dataclass(frozen=True)
+class LDLSettings:
+    """Block size and damping step of the block LDL. The profile's predicted gains are made with the same
+    settings apply rounds with, and profile.json records them (`ldl_block`, `ldl_sigma`)."""
+    block: int = 16        # rows/columns per diagonal block of D: the tiles of YAQA and QTIP
+    sigma: float = 0.01    # damping step, a fraction of the normalized factor's mean diagonal
+
+
+LDL = LDLSettings()
 
 
 def normalize(H: torch.Tensor) -> torch.Tensor:
@@ -28,7 +40,7 @@ class DampedCholesky:
     sigma: float           # total damping added (a multiple of the step)
 
 
-def damped_cholesky(H: torch.Tensor, sigma: float = 0.01, max_tries: int = 40,
+def damped_cholesky(H: torch.Tensor, sigma: float = LDL.sigma, max_tries: int = 40,
                     name: str = "a layer") -> DampedCholesky:
     """Cholesky of H + k·σ·I for the smallest k = 1, 2, … that succeeds (YAQA's adaptive damping).
 
@@ -60,7 +72,7 @@ class BlockLDL:
         return torch.block_diag(*self.D)
 
 
-def block_ldl(H: torch.Tensor, block: int = 16, *, sigma: float = 0.01, max_tries: int = 40,
+def block_ldl(H: torch.Tensor, block: int = LDL.block, *, sigma: float = LDL.sigma, max_tries: int = 40,
               name: str = "a layer", damp: bool = True) -> BlockLDL:
     """H (+ damping) = L D Lᵀ with L unit block-lower-triangular and D block-diagonal (blocks of `block`).
 
@@ -93,8 +105,8 @@ def block_ldl(H: torch.Tensor, block: int = 16, *, sigma: float = 0.01, max_trie
     return BlockLDL(L=L, D=D, sigma=total)
 
 
-def ldl_gain(H: torch.Tensor, block: int = 16, sigma: float = 0.01, name: str = "a layer") -> float:
+def ldl_gain(H: torch.Tensor, ldl: LDLSettings = LDL, name: str = "a layer") -> float:
     """tr(D) / tr(H) for the normalized factor: the expected error of block LDLQ relative to round-to-nearest,
     on one side, judged in-sample (on the same factor the LDL was computed from)."""
     Hn = normalize(H.to(torch.float64))
-    return block_ldl(Hn, block, sigma=sigma, name=name).trace_d / float(Hn.diagonal().sum())
+    return block_ldl(Hn, ldl.block, sigma=ldl.sigma, name=name).trace_d / float(Hn.diagonal().sum())

@@ -8,28 +8,30 @@ from bitplan.apply.layer import quantize_layer
 from bitplan.formats import get_format
 from bitplan.heldout import (SHRINK_GRID, Judge, RotatedHalf, choose_shrink, crossfit, normalized_pair, rotate_factor,
                              rotated_target, shrink, side_gain)
-from bitplan.linalg import block_ldl, normalize
+from bitplan.linalg import LDL, LDLSettings, block_ldl, normalize
 from bitplan.profile.relerr import rotation_seeds
 
 from tests.test_linalg import spd
 
 
-def test_side_gain_equals_the_dense_trace_formula_also_for_a_singular_judge():
-    """tr(L⁻¹ H L⁻ᵀ)/tr H with L⁻¹ by a dense inverse; the judge of rank 10 < 48 has no plain Cholesky."""
+@pytest.mark.parametrize("ldl", [LDL, LDLSettings(block=8, sigma=0.05)])
+def test_side_gain_equals_the_dense_trace_formula_also_for_a_singular_judge(ldl):
+    """tr(L⁻¹ H L⁻ᵀ)/tr H with L⁻¹ by a dense inverse; the judge of rank 10 < 48 has no plain Cholesky. Other
+    LDL settings reach the LDL (its block and damping change the gain)."""
     fit, judge = spd(48, seed=1), normalize(spd(48, seed=2, rank=10))
     for lam in (0.0, 0.3, 0.8):
         Hf = normalize(fit)
         Hf = (1 - lam) * Hf + lam * torch.eye(48, dtype=torch.float64)
-        Linv = torch.linalg.inv(block_ldl(Hf, 16).L)
+        Linv = torch.linalg.inv(block_ldl(Hf, ldl.block, sigma=ldl.sigma).L)
         expected = float(torch.trace(Linv @ judge @ Linv.T) / torch.trace(judge))
-        assert side_gain(fit, judge, 16, lam=lam) == pytest.approx(expected, rel=1e-7)
-    assert side_gain(fit, judge, 16, lam=1.0) == 1.0 and side_gain(None, judge, 16) == 1.0
+        assert side_gain(fit, judge, ldl, lam=lam) == pytest.approx(expected, rel=1e-7)
+    assert side_gain(fit, judge, ldl, lam=1.0) == 1.0 and side_gain(None, judge, ldl) == 1.0
     target = torch.diag(fit.diagonal())
     for lam in (0.3, 1.0):  # toward the diagonal, λ = 1 is the diagonal itself, not round-to-nearest
         Hf = normalize((1 - lam) * fit + lam * target)
-        Linv = torch.linalg.inv(block_ldl(Hf, 16).L)
+        Linv = torch.linalg.inv(block_ldl(Hf, ldl.block, sigma=ldl.sigma).L)
         expected = float(torch.trace(Linv @ judge @ Linv.T) / torch.trace(judge))
-        assert side_gain(fit, judge, 16, lam=lam, target=target) == pytest.approx(expected, rel=1e-7)
+        assert side_gain(fit, judge, ldl, lam=lam, target=target) == pytest.approx(expected, rel=1e-7)
 
 
 def test_diagonal_target_is_the_original_basis_diagonal_rotated_and_scaled_with_the_factor():
@@ -49,11 +51,11 @@ def test_side_gain_on_own_factor_removes_only_the_damping():
     ldl = block_ldl(H, 16)
     Linv = torch.linalg.inv(ldl.L)
     expected = (ldl.trace_d - ldl.sigma * float((Linv ** 2).sum())) / 32
-    assert side_gain(H, H, 16) == pytest.approx(expected, rel=1e-8)
+    assert side_gain(H, H) == pytest.approx(expected, rel=1e-8)
 
 
 def test_side_gain_under_identity_is_never_better_than_rtn():
-    assert side_gain(spd(32, seed=6), torch.eye(32, dtype=torch.float64), 16) >= 1.0
+    assert side_gain(spd(32, seed=6), torch.eye(32, dtype=torch.float64)) >= 1.0
 
 
 def test_two_sided_gain_predicts_monte_carlo_proxy():
@@ -68,7 +70,7 @@ def test_two_sided_gain_predicts_monte_carlo_proxy():
     E = torch.linalg.solve_triangular(Li.T, E, upper=True, left=False)  # · L_I⁻¹
     proxy = torch.einsum("ab,kbc,cd,kad->k", judge_o, E, judge_i, E).mean()
     rtn = float(torch.trace(judge_o) * torch.trace(judge_i))
-    predicted = side_gain(fit_o, Judge.of(judge_o), 16) * side_gain(fit_i, judge_i, 16)
+    predicted = side_gain(fit_o, Judge.of(judge_o)) * side_gain(fit_i, judge_i)
     assert float(proxy) / rtn == pytest.approx(predicted, rel=0.03)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bitplan.errors import BitplanError
-from bitplan.linalg import block_ldl, damped_cholesky, ldl_gain, normalize
+from bitplan.linalg import LDL, LDLSettings, block_ldl, damped_cholesky, ldl_gain, normalize
 
 
 def spd(n: int, seed: int = 0, rank: int | None = None) -> torch.Tensor:
@@ -77,8 +77,21 @@ def test_block_ldl_rejects_dimension_not_multiple_of_block():
 def test_ldl_gain_extremes():
     # a diagonal factor gives no feedback: LDLQ = round-to-nearest (up to the damping)
     D = torch.diag(torch.linspace(0.5, 2.0, 32, dtype=torch.float64))
-    assert ldl_gain(D, 16) == pytest.approx(1.01, rel=1e-12)
+    assert ldl_gain(D) == pytest.approx(1.01, rel=1e-12)
     # rank 4: once the first block of 4 is known the rest is predicted (up to the damping) and D is ≈ σ there
     H = normalize(spd(32, rank=4))
     first = float(torch.trace(H[:4, :4]))
-    assert (first + 32 * 0.01) / 32 <= ldl_gain(H, 4) <= (first + 32 * 0.03) / 32
+    assert (first + 32 * 0.01) / 32 <= ldl_gain(H, LDLSettings(block=4)) <= (first + 32 * 0.03) / 32
+
+
+def test_the_ldl_settings_are_those_the_shipped_profile_records():
+    """A profile is reused only while its recorded LDL settings match (its fingerprint): the one set of settings
+    must stay the values the shipped profile was made with."""
+    import json
+    from pathlib import Path
+
+    recorded = json.loads((Path(__file__).parents[1] / "profiles/smollm2-135m/profile.json").read_text())["settings"]
+    assert (LDL.block, LDL.sigma) == (recorded["ldl_block"], recorded["ldl_sigma"])
+    assert recorded["fingerprint"]["ldl_block"] == LDL.block and recorded["fingerprint"]["ldl_sigma"] == LDL.sigma
+    with pytest.raises(AttributeError):
+        LDL.sigma = 0.02  # frozen: no caller can change them for everyone

@@ -17,13 +17,13 @@ import torch
 from ..errors import BitplanError
 from ..formats import Format, QuantizedWeight, rotate_weight, unrotate_weight
 from ..heldout import DEFAULT_SHRINK_TARGET, normalized_pair, rotate_factor, rotated_target, shrink
-from ..linalg import block_ldl
+from ..linalg import LDL, block_ldl
 from .ldlq import ldlq_round, proxy
 from .module import encode_seeds
 from ..profile.relerr import rotation_seeds
 
 ROUNDINGS = ("yaqa", "ldlq", "rtn")
-TILE = 16  # rows/columns per LDL block, as in YAQA and QTIP
+TILE = LDL.block  # rows per tile (columns: `tile_width`), the block the profile predicts the gains with
 
 
 @dataclass
@@ -45,7 +45,7 @@ def prepare_factor(H: torch.Tensor, seed: int, block: int, lam: float, name: str
     """Rotate, normalize, shrink toward `target` by λ, and block-LDL a factor; returns (normalized H, LDL)."""
     Hn, T = normalized_pair(rotate_factor(H, seed), rotated_target(H, seed, target) if lam else None)
     Hn = shrink(Hn, lam, T)
-    return Hn, block_ldl(Hn, block, name=name)
+    return Hn, block_ldl(Hn, block, sigma=LDL.sigma, name=name)
 
 
 def quantize_layer(name: str, W: torch.Tensor, fmt: Format, rounding: str = "yaqa",

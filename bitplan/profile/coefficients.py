@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..heldout import DEFAULT_SHRINK_TARGET, RotatedHalf, crossfit, rotate_factor, rotated_target
-from ..linalg import block_ldl, normalize
+from ..linalg import LDL, LDLSettings, block_ldl, normalize
 from .hessians import LayerFactors
 from .relerr import rotation_seeds
 
@@ -72,7 +72,7 @@ def rotated_halves(f: LayerFactors, target: str = DEFAULT_SHRINK_TARGET,
     return rotated("a"), rotated("b")
 
 
-def layer_coefficients(f: LayerFactors, weight_sq_norm: float, *, block: int = 16, sigma: float = 0.01,
+def layer_coefficients(f: LayerFactors, weight_sq_norm: float, *, ldl: LDLSettings = LDL,
                        target: str = DEFAULT_SHRINK_TARGET) -> Coefficients:
     """Coefficients of one layer; LDL-based gains are computed in the layer's rotated basis, as apply rounds."""
     m, n = f.h_out_a.shape[0], f.h_in_a.shape[0]
@@ -85,11 +85,14 @@ def layer_coefficients(f: LayerFactors, weight_sq_norm: float, *, block: int = 1
     shaped = alpha * f.grad_sq / window_sq
 
     seed_out, seed_in = rotation_seeds(f.name)
-    ldl_out = block_ldl(normalize(rotate_factor(h_out, seed_out)), block, sigma=sigma, name=f"{f.name} (H_out)")
-    ldl_in = block_ldl(normalize(rotate_factor(h_in, seed_in)), block, sigma=sigma, name=f"{f.name} (H_in)")
+
+    def ldl_of(H: torch.Tensor, seed: int, side: str):
+        return block_ldl(normalize(rotate_factor(H, seed)), ldl.block, sigma=ldl.sigma, name=f"{f.name} ({side})")
+
+    ldl_out, ldl_in = ldl_of(h_out, seed_out, "H_out"), ldl_of(h_in, seed_in, "H_in")
     gain = (ldl_out.trace_d / m) * (ldl_in.trace_d / n)  # a normalized factor has trace = dimension
 
-    cf = crossfit(*rotated_halves(f, target), block, block, sigma, name=f.name) \
+    cf = crossfit(*rotated_halves(f, target), ldl, name=f.name) \
         if f.samples_a > 0 and f.samples_b > 0 else None
     return Coefficients(
         trace_h_in=tr_in, trace_h_out=tr_out, grad_sq_per_token=per_token,

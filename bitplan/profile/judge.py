@@ -25,6 +25,7 @@ from torch import nn
 
 from ..errors import BitplanError
 from ..heldout import DEFAULT_SHRINK_TARGET, Judge, rotate_factor, rotated_target, side_gain
+from ..linalg import LDL, LDLSettings
 from .factors import FactorSums
 from .hessians import LayerFactors
 from .relerr import rotation_seeds
@@ -95,7 +96,7 @@ class JudgedGains:
 
 
 def judged_gains(fit: LayerFactors, judge: FactorSums, weight_sq_norm: float, shrink_out: float, shrink_in: float,
-                 *, block: int = 16, sigma: float = 0.01, target: str = DEFAULT_SHRINK_TARGET) -> JudgedGains:
+                 *, ldl: LDLSettings = LDL, target: str = DEFAULT_SHRINK_TARGET) -> JudgedGains:
     """Fit layer `fit` as apply does (both halves), judge it under `judge`'s factors, in the rotated basis."""
     if judge.samples == 0 or judge.tokens == 0:
         raise BitplanError(f"{fit.name}: the judge's factors were accumulated from no samples")
@@ -107,11 +108,11 @@ def judged_gains(fit: LayerFactors, judge: FactorSums, weight_sq_norm: float, sh
     j_out, j_in = Judge.of(rotate_factor(judge.h_out, so)), Judge.of(rotate_factor(judge.h_in, si))
 
     def two_sided(lam_out: float, lam_in: float) -> float:
-        return (side_gain(f_out, j_out, block, sigma, lam_out, f"{fit.name} (H_out)", t_out)
-                * side_gain(f_in, j_in, block, sigma, lam_in, f"{fit.name} (H_in)", t_in))
+        return (side_gain(f_out, j_out, ldl, lam_out, f"{fit.name} (H_out)", t_out)
+                * side_gain(f_in, j_in, ldl, lam_in, f"{fit.name} (H_in)", t_in))
 
     xtx = fit.xtx
-    ldlq = None if xtx is None else side_gain(rotate_factor(xtx, si), j_in, block, sigma, 0.0, f"{fit.name} (xxᵀ)")
+    ldlq = None if xtx is None else side_gain(rotate_factor(xtx, si), j_in, ldl, 0.0, f"{fit.name} (xxᵀ)")
     # α_shaped = ½ (‖W‖²/mn) · Σ_c‖G_c‖²/tokens (coefficients.py), on the samples' statistics
     alpha = 0.5 * weight_sq_norm / (m * n) * judge.grad_sq / judge.tokens
     return JudgedGains(ldlq=ldlq, yaqa_raw=two_sided(0.0, 0.0), yaqa=two_sided(shrink_out, shrink_in),

@@ -37,6 +37,7 @@ from ..errors import BitplanError
 from ..formats import Format, default_candidates, get_format
 from ..heldout import DEFAULT_SHRINK_TARGET
 from ..io import atomic_path, read_json, write_json
+from ..linalg import LDL
 from ..models import LoadedModel, find_extras, find_linears, get_module, load_model, weights_sha256
 from .coefficients import layer_coefficients
 from .defaults import (DEFAULT_CHUNK, DEFAULT_HALVES, DEFAULT_JUDGE_SAMPLES, DEFAULT_NOISE_SAMPLES, DEFAULT_SAMPLES,
@@ -52,9 +53,6 @@ from .schema import LayerRecord, Profile, load_profile
 from .seeds import generator
 from .sketch import SketchTimes, accumulate_batch
 
-
-LDL_BLOCK = 16
-LDL_SIGMA = 0.01
 
 Events = Callable[[str, int], None]
 
@@ -208,7 +206,7 @@ def profile_model(model: str | Path | LoadedModel | nn.Module, calib: str | Path
     identity = {"weights_sha256": sha, "model_id": loaded.model_id}
     fingerprint = {"weights_sha256": sha, "calibration_sha256": cal.description["sha256"], "samples": n_windows,
                    "seqlen": T, "seed": seed, "sketch_chunk": sketch_chunk, "halves": halves, "noise_samples": noise_samples,
-                   "noise_levels": list(levels), "ldl_block": LDL_BLOCK, "ldl_sigma": LDL_SIGMA}
+                   "noise_levels": list(levels), "ldl_block": LDL.block, "ldl_sigma": LDL.sigma}
     out = Path(out_dir) if out_dir is not None else default_out_dir(loaded.model_id)
     layer_groups(infos, factor_groups)  # a bad count fails before any work
     options = {"batch_size": batch_size, "checkpoint_every": checkpoint_every, "factor_groups": factor_groups}
@@ -271,8 +269,8 @@ def profile_model(model: str | Path | LoadedModel | nn.Module, calib: str | Path
                   "halves": (f"{halves} split of the calibration windows"
                              + (" (by where they start in the source)" if halves == "contiguous" else " (seeded)")
                              + "; factors kept per half"),
-                  "noise_levels": list(levels), "noise_samples": noise_samples, "ldl_block": LDL_BLOCK,
-                  "ldl_sigma": LDL_SIGMA, "dkl_unit": "mean per-token KL(original ‖ quantized), nats",
+                  "noise_levels": list(levels), "noise_samples": noise_samples, "ldl_block": LDL.block,
+                  "ldl_sigma": LDL.sigma, "dkl_unit": "mean per-token KL(original ‖ quantized), nats",
                   "fingerprint": fingerprint, **job.options},
         extra={"versions": _versions(), "timing_s": {k: round(v, 2) for k, v in timing.items()},
                "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
@@ -371,7 +369,7 @@ def judge_layer(out: Path, rec: LayerRecord) -> JudgedGains:
     the judge's factors in OUT/hessians/judge/."""
     sums, _ = read_half_factors(factors_path(out, rec.name, JUDGE))
     return judged_gains(load_factors(out, rec.name), sums, rec.weight_sq_norm, rec.extra.get("shrink_out") or 0.0,
-                        rec.extra.get("shrink_in") or 0.0, block=LDL_BLOCK, sigma=LDL_SIGMA,
+                        rec.extra.get("shrink_in") or 0.0, ldl=LDL,
                         target=rec.extra.get("shrink_target") or DEFAULT_SHRINK_TARGET)
 
 
@@ -522,7 +520,7 @@ def _layer_phase(job: Job, net: nn.Module, infos, bars, emit: Events, ranks: Ran
         f = load_factors(job.out, info.name)
         W = get_module(net, info.name).weight.detach()
         wsq = float(W.double().pow(2).sum())
-        coef = layer_coefficients(f, wsq, block=LDL_BLOCK, sigma=LDL_SIGMA)
+        coef = layer_coefficients(f, wsq, ldl=LDL)
         job.save_result("layers", info.name, {"weight_sq_norm": wsq, "samples": f.samples, "tokens": f.tokens,
                                               **asdict(coef)})
         bar.advance()
