@@ -10,6 +10,9 @@ import sys
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
+from rich.segment import Segments
+from rich.table import Table
 
 from ..errors import BitplanError
 
@@ -22,6 +25,41 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+
+
+def add_name_column(table: Table, header: str, **kwargs) -> None:
+    """A column of names that users type back (formats into --formats and --pin, layers into --pin regexes)."""
+    table.add_column(header, no_wrap=True, **kwargs)
+
+
+def print_table(table: Table, out: Console | None = None) -> None:
+    """Print `table` with no word cut short. Rich fits a table to the console by cutting cells (`higgs-p2-…` at
+    80 columns, although users type format names back into --formats and --pin); here every column keeps at least
+    its longest word, the room left goes to the columns in proportion to what wrapping them would save, and a
+    table whose words alone are wider than the console is printed wider than it."""
+    out = out or console
+    wide = out.options.update_width(1 << 16)
+    lo, hi = [], []
+    for column in table.columns:
+        sizes = [Measurement.get(out, wide, cell) for cell in (column.header, *column.cells)]
+        lo.append(max(max(m.minimum for m in sizes), column.min_width or 0))
+        hi.append(max(max(m.maximum for m in sizes), lo[-1]))
+    frame = Measurement.get(out, wide, table).maximum - sum(hi)  # borders and padding
+    room = out.width - frame
+    if sum(hi) <= room:
+        out.print(table)
+        return
+    widths = list(lo)
+    slack = [h - w for h, w in zip(hi, lo)]
+    if room > sum(lo):
+        share = [(room - sum(lo)) * s // sum(slack) for s in slack]
+        widths = [w + s for w, s in zip(widths, share)]
+        for i in sorted(range(len(widths)), key=lambda i: -slack[i])[:room - sum(widths)]:
+            widths[i] += 1
+    for column, width in zip(table.columns, widths):
+        column.width = width
+    total = sum(widths) + frame
+    out.print(Segments(list(out.render(table, out.options.update_width(total)))), crop=False, end="")
 
 
 @app.callback()

@@ -6,7 +6,7 @@ import json
 import typer
 from rich.table import Table
 
-from . import app, console
+from . import add_name_column, app, console, print_table
 
 
 @app.command("formats")
@@ -30,11 +30,18 @@ def formats_command(
     if json_out:
         console.print_json(json.dumps(rows))
         return
-    table = Table(title=f"bitplan formats (bits per weight at a {m}×{n} layer; mse_q on i.i.d. N(0,1))")
-    for col, just in [("name", "left"), ("kind", "left"), ("nominal bits", "right"), ("storage bpw", "right"),
-                      ("mse_q", "right"), ("÷ 4^-bits", "right"), ("default", "center")]:
+    print_table(formats_table(rows, m, n), console)
+
+
+def formats_table(rows: list[dict], m: int, n: int) -> Table:
+    table = Table(title=f"bitplan formats (bits per weight at a {m}×{n} layer; mse_q on i.i.d. N(0,1))",
+                  caption="bits: nominal bits per weight (what --min-bits and --max-bits bound); storage bpw: "
+                          "with scales, zeros and rotation seeds")
+    add_name_column(table, "name")
+    for col, just in [("kind", "left"), ("bits", "right"), ("storage bpw", "right"), ("mse_q", "right"),
+                      ("÷ 4^-bits", "right"), ("default", "center")]:
         table.add_column(col, justify=just)
     for r in rows:
-        table.add_row(r["name"], r["kind"], f"{r['nominal_bits']:.3f}", f"{r['bits_per_weight']:.4f}",
+        table.add_row(r["name"], r["kind"], f"{r['nominal_bits']:.4g}", f"{r['bits_per_weight']:.4f}",
                       f"{r['mse_q']:.4g}", f"{r['shannon_ratio']:.3f}", "✓" if r["default_candidate"] else "")
-    console.print(table)
+    return table

@@ -6,15 +6,18 @@ from typing import Optional
 
 import typer
 
+from ..data import BUILTIN_TEXTS, DEFAULT_CALIBRATION
 from ..profile.defaults import (DEFAULT_CHUNK, DEFAULT_HALVES, DEFAULT_JUDGE_SAMPLES, DEFAULT_NOISE_SAMPLES,
                                 DEFAULT_SAMPLES, DEFAULT_SEQLEN, HALF_SPLITS)
-from . import app, console
+from . import app, console, print_table
 
 
 @app.command("profile")
 def profile_command(
     model: str = typer.Argument("smollm2-135m", help="folder, .gguf file, cached hub id or built-in name"),
-    calib: str = typer.Option(..., "--calib", "-c", help="calibration text: .txt, .jsonl (field \"text\") or hf:NAME[:CONFIG[:SPLIT]]"),
+    calib: str = typer.Option(DEFAULT_CALIBRATION, "--calib", "-c", help="calibration text: a built-in name "
+                              f"({', '.join(BUILTIN_TEXTS)}), .txt, .jsonl (field \"text\"), either as .xz or .gz, "
+                              "or hf:NAME[:CONFIG[:SPLIT]]"),
     samples: int = typer.Option(DEFAULT_SAMPLES, "--samples", "-n", help="calibration windows (split into two halves, see --halves)"),
     seqlen: int = typer.Option(DEFAULT_SEQLEN, "--seqlen", "-t", help="tokens per window"),
     seed: int = typer.Option(0, "--seed", help="seeds the windows, the halves, the sampled labels and the noise"),
@@ -60,7 +63,7 @@ def profile_command(
 
     if not Ranks.current().main:  # under torchrun, rank 0 reports
         return
-    console.print(sensitivity_table(profile))
+    print_table(sensitivity_table(profile), console)
     where = out if out is not None else default_out_dir(profile.model["id"])
     console.print(f"[bold]{profile.model['id']}[/]: {summary_line(profile)}")
     timing = profile.extra.get("timing_s", {})

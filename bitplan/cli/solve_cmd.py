@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from . import app, console
+from . import add_name_column, app, console, print_table
 
 _BPW_STYLE = [(2.5, "red"), (3.5, "yellow"), (5.0, "green"), (99.0, "cyan")]
 
@@ -63,7 +63,7 @@ def solve_command(
         csv_path, png_path = sweep_paths(out)
         write_sweep_csv(rows, csv_path)
         plot_sweep(rows, png_path, title=f"{Path(profile).name}: predicted ΔKL ({used_objective}) vs size")
-        console.print(sweep_table(rows, used_objective))
+        print_table(sweep_table(rows, used_objective), console)
         console.print(f"[dim]wrote {csv_path} and {png_path}[/]")
     if budget is not None:
         plan = solve(profile, budget, **kwargs)
@@ -90,16 +90,17 @@ def print_plan(plan, defaulted: bool, top: int) -> None:
                   f"budget {plan.budget['given']} = {plan.budget['resolved']}")
 
     kinds = Table(title="formats by projection kind")
-    for col, just in (("kind", "left"), ("layers", "right"), ("bpw", "right"), ("formats (count)", "left"),
-                      ("predicted ΔKL", "right")):
+    for col, just in (("kind", "left"), ("layers", "right"), ("bpw", "right")):
         kinds.add_column(col, justify=just)
+    add_name_column(kinds, "formats (count)")
+    kinds.add_column("predicted ΔKL", justify="right")
     for row in report.by_kind(plan):
-        fmts = ", ".join(f"{name} ×{n}" for name, n in row.formats[:4])
+        fmts = [f"{name} ×{n}" for name, n in row.formats[:4]]
         if len(row.formats) > 4:
-            fmts += f", … {len(row.formats) - 4} more"
-        kinds.add_row(row.kind, str(row.layers), f"[{_style(row.bpw)}]{row.bpw:.3f}[/]", fmts,
+            fmts.append(f"… {len(row.formats) - 4} more")
+        kinds.add_row(row.kind, str(row.layers), f"[{_style(row.bpw)}]{row.bpw:.3f}[/]", "\n".join(fmts),
                       "–" if row.predicted_dkl is None else f"{row.predicted_dkl:.4g}")
-    console.print(kinds)
+    print_table(kinds, console)
 
     labels, kind_names, grid = report.by_depth(plan)
     depth = Table(title="storage bits per weight by depth (blocks) and kind")
@@ -108,17 +109,18 @@ def print_plan(plan, defaulted: bool, top: int) -> None:
         depth.add_column(k, justify="right")
     for label, row in zip(labels, grid):
         depth.add_row(label, *("" if v is None else f"[{_style(v)}]{v:.2f}[/]" for v in row))
-    console.print(depth)
+    print_table(depth, console)
 
     total = t["predicted_dkl"] or 0.0
-    worst = Table(title=f"largest predicted ΔKL (top {top})")
-    for col, just in (("layer", "left"), ("format", "left"), ("bpw", "right"), ("predicted ΔKL", "right"),
-                      ("share", "right")):
-        worst.add_column(col, justify=just)
+    worst = Table(title=f"largest predicted ΔKL (top {top}; %: share of the plan's)")
+    add_name_column(worst, "layer")
+    add_name_column(worst, "format")
+    for col in ("bpw", "predicted ΔKL", "%"):
+        worst.add_column(col, justify="right")
     for lp in report.top_layers(plan, top):
-        share = f"{100 * lp.predicted_dkl / total:.1f} %" if total else "–"
-        worst.add_row(lp.name, lp.format, f"{lp.bpw:.3f}", f"{lp.predicted_dkl:.4g}", share)
-    console.print(worst)
+        share = f"{100 * lp.predicted_dkl / total:.1f}" if total else "–"
+        worst.add_row(lp.name, lp.format, f"{lp.bpw:.2f}", f"{lp.predicted_dkl:.4g}", share)
+    print_table(worst, console)
 
     console.print(f"totals: nominal {t['nominal_bpw']:.4f} bpw, storage {t['storage_bpw']:.4f} bpw "
                   f"(codebooks {t['codebook_bits']:,} bits), file {t['total_bytes']:,} bytes "
@@ -127,9 +129,12 @@ def print_plan(plan, defaulted: bool, top: int) -> None:
 
 
 def sweep_table(rows, objective: str) -> Table:
-    table = Table(title=f"Pareto sweep (predicted ΔKL, objective {objective})")
-    for col in ("budget bpw", "storage bpw", "predicted ΔKL", "best uniform", "uniform bpw", "uniform ΔKL", "ratio"):
-        table.add_column(col, justify="left" if col == "best uniform" else "right")
+    table = Table(title=f"Pareto sweep (predicted ΔKL, objective {objective}; bpw: storage)")
+    for col in ("budget bpw", "plan bpw", "plan ΔKL"):
+        table.add_column(col, justify="right")
+    add_name_column(table, "best uniform")
+    for col in ("uniform bpw", "uniform ΔKL", "ratio"):
+        table.add_column(col, justify="right")
     for r in rows:
         if r.predicted_dkl is None:
             table.add_row(f"{r.budget_bpw:g}", "–", "–", "[dim]infeasible[/]", "", "", "")

@@ -1,6 +1,7 @@
 """`bitplan formats`: the table, the JSON, and a bad option ending in one line and exit code 2."""
 from __future__ import annotations
 
+import io
 import json
 import sys
 
@@ -42,3 +43,23 @@ def test_table_of_candidates(monkeypatch, capsys):
 def test_bad_kind(monkeypatch, capsys):
     code, _, err = run(monkeypatch, capsys, "--kind", "nf4")
     assert code == 2 and "unknown kind" in err and "Traceback" not in err
+
+
+def table_cells(text: str, column: int) -> list[str]:
+    """The stripped cells of one column of a rich table's body rows (rows drawn between │ borders)."""
+    return [line.split("│")[column + 1].strip() for line in text.splitlines() if line.startswith("│")]
+
+
+def test_format_names_are_never_cut_at_80_columns(monkeypatch, capsys):
+    """Users type these names into --formats and --pin: at 80 columns rich cut 100 of them to `higgs-pN-…`."""
+    from rich.console import Console
+
+    import bitplan.cli.formats_cmd as formats_cmd
+
+    narrow = Console(width=80, record=True, file=io.StringIO())
+    monkeypatch.setattr(formats_cmd, "console", narrow)
+    code, _, _ = run(monkeypatch, capsys)
+    assert code == 0
+    text = narrow.export_text()
+    assert table_cells(text, 0) == [f.name for f in all_formats()]
+    assert max(len(line) for line in text.splitlines()) <= 80  # and the table still fits the console

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import subprocess
 import sys
@@ -131,3 +132,54 @@ def test_a_real_process_exits_2_without_a_traceback(tmp_path):
     assert proc.returncode == 2
     assert "not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def body_cells(text: str, title: str) -> list[list[str]]:
+    """The body rows (stripped cells) of the rich table printed under `title`."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if title in line)
+    rows = []
+    for line in lines[start + 1:]:
+        if line.startswith("└"):
+            break
+        if line.startswith("│"):
+            rows.append([c.strip() for c in line.split("│")[1:-1]])
+    return rows
+
+
+def test_layer_and_format_names_are_never_cut_at_80_columns(monkeypatch, capsys, tmp_path):
+    """The names users type back into --formats and --pin appear whole in every table at 80 columns."""
+    from rich.console import Console
+
+    import bitplan.cli.solve_cmd as solve_cmd
+    from bitplan.formats import get_format
+    from bitplan.solve import load_plan
+
+    long = ["higgs-p2-n1024-g128", "higgs-p3-n2048-g128", "higgs-p4-n4096-g128", "higgs-p2-n256-g128", "fp16"]
+    prof = synthetic_profile(blocks=4, formats=[get_format(f) for f in long], seed=5)
+    prof.save(tmp_path / "prof" / "profile.json")
+    narrow = Console(width=80, record=True, file=io.StringIO())
+    monkeypatch.setattr(solve_cmd, "console", narrow)
+    out = tmp_path / "plan.json"
+    code, _, err = run(monkeypatch, capsys, tmp_path / "prof", "--budget", "3.3bpw", "--top", "28", "-o", out,
+                       "--sweep", "3.5:4.5:0.25")
+    assert code == 0, err
+    text = narrow.export_text()
+    plan = load_plan(out)
+    top = body_cells(text, "largest predicted ΔKL")
+    assert len(top) == len(plan.layers)
+    assert {(row[0], row[1]) for row in top} == {(lp.name, lp.format) for lp in plan.layers}
+    listed: dict[str, set] = {}
+    kind = None
+    for row in body_cells(text, "formats by projection kind"):
+        kind = row[0] or kind
+        if not row[3].startswith("…"):
+            listed.setdefault(kind, set()).add(row[3].rsplit(" ×", 1)[0])
+    used: dict[str, set] = {}
+    for lp in plan.layers:
+        used.setdefault(lp.kind.removesuffix("_proj"), set()).add(lp.format)
+    assert listed.keys() == used.keys()
+    for k, names in listed.items():  # up to four formats a kind, the rest counted
+        assert names <= used[k] and len(names) == min(4, len(used[k]))
+    uniform = [row[3] for row in body_cells(text, "Pareto sweep")]
+    assert len(uniform) == 5 and set(uniform) <= set(long)
