@@ -1,5 +1,5 @@
-"""Text for calibration and evaluation: plain text, JSONL with a `text` field, or a named Hugging Face dataset,
-cut into seeded, fixed-length token windows.
+"""Text for calibration and evaluation: plain text, JSONL with a `text` field, either of them compressed (.xz, .gz),
+a built-in text shipped with bitplan, or a named Hugging Face dataset, cut into seeded, fixed-length token windows.
 
 Documents are joined with the tokenizer's EOS token between them into one stream; windows are distinct
 non-overlapping slices of that stream, chosen by a seeded permutation, so a window never depends on how many
@@ -7,8 +7,11 @@ others were asked for (the first k windows of a run with n > k are the same k wi
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import json
+import lzma
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +21,30 @@ import torch
 from .errors import BitplanError
 
 HF_PREFIX = "hf:"
+TEXTS_DIR = Path(__file__).resolve().parent / "texts"   # package data; texts/README.md gives sources and licences
+
+
+@dataclass(frozen=True)
+class BuiltinText:
+    file: str                  # in bitplan/texts/
+    about: str
+
+
+# Built-in names resolve to the texts shipped with bitplan, as `smollm2-135m` does among models. The recorded
+# sha256 of a compressed file is of its decompressed bytes, so a text keeps its fingerprint however it is stored.
+BUILTIN_TEXTS = {
+    "sotu": BuiltinText("sotu.jsonl.xz", "233 State of the Union addresses, 1790-2021 (public domain)"),
+    "wikitext2": BuiltinText("wikitext2-test.raw.xz", "WikiText-2 raw test split (CC BY-SA 3.0)"),
+}
+DEFAULT_CALIBRATION = "sotu"
+DEFAULT_EVALUATION = "wikitext2"
+COMPRESSED = {".xz": lzma.open, ".gz": gzip.open}
 
 
 @dataclass(frozen=True)
 class TextSource:
     spec: str                  # what the user passed
-    sha256: str                # of the file bytes, or of the dataset spec
+    sha256: str                # of the file's (decompressed) bytes, or of the dataset spec
     documents: int
 
     def describe(self) -> dict:
@@ -31,44 +52,81 @@ class TextSource:
 
 
 def load_texts(source: str) -> list[str]:
-    """Documents from `source`: a .txt file (one document), a .jsonl file (one per line, field "text"),
-    or `hf:NAME[:CONFIG[:SPLIT]]` (a Hugging Face dataset, where `datasets` and a network are available)."""
-    texts = _read(source)
+    """Documents from `source`: a .txt file (one document), a .jsonl file (one per line, field "text"), either
+    compressed as .xz or .gz, a built-in name (see BUILTIN_TEXTS), or `hf:NAME[:CONFIG[:SPLIT]]` (a Hugging Face
+    dataset, where `datasets` and a network are available)."""
+    if source.startswith(HF_PREFIX):
+        return _nonempty(source, _read_hf(source[len(HF_PREFIX):]))
+    path = text_path(source)
+    return _nonempty(source, _parse(source, path, _read_bytes(source, path)))
+
+
+def describe_source(source: str) -> TextSource:
+    if source.startswith(HF_PREFIX):
+        return TextSource(spec=source, sha256=hashlib.sha256(source.encode()).hexdigest(),
+                          documents=len(load_texts(source)))
+    path = text_path(source)
+    raw = _read_bytes(source, path)
+    return TextSource(spec=source, sha256=hashlib.sha256(raw).hexdigest(),
+                      documents=len(_nonempty(source, _parse(source, path, raw))))
+
+
+def text_path(source: str) -> Path:
+    """The file a text spec names: a built-in text's packaged file, else the path itself (checked to exist)."""
+    if source in BUILTIN_TEXTS:
+        path = TEXTS_DIR / BUILTIN_TEXTS[source].file
+        if not path.is_file():
+            raise BitplanError(f"the built-in text {source} is missing from this installation ({path}); "
+                               "reinstall bitplan")
+        return path
+    p = Path(source).expanduser()
+    if not p.exists():
+        raise BitplanError(f"text file not found: {source} (built-in texts: {', '.join(BUILTIN_TEXTS)}; "
+                           f"for a Hugging Face dataset write hf:NAME[:CONFIG[:SPLIT]])")
+    if p.is_dir():
+        raise BitplanError(f"{source} is a folder; pass a .txt or .jsonl file (optionally .xz or .gz)")
+    return p
+
+
+def _read_bytes(source: str, path: Path) -> bytes:
+    """The file's bytes, decompressed when its name ends in .xz or .gz."""
+    opener = COMPRESSED.get(path.suffix.lower())
+    if opener is None:
+        return path.read_bytes()
+    try:
+        with opener(path, "rb") as f:
+            return f.read()
+    except (lzma.LZMAError, gzip.BadGzipFile, EOFError, OSError) as e:
+        raise BitplanError(f"{source}: not a readable {path.suffix} file ({type(e).__name__}: {e})") from None
+
+
+def _parse(source: str, path: Path, raw: bytes) -> list[str]:
+    """Documents in the file's bytes: per line of a .jsonl/.ndjson (before any compression suffix), else one."""
+    name = path.name.lower()
+    for suffix in COMPRESSED:
+        name = name.removesuffix(suffix)
+    text = io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8", errors="replace").read()  # universal newlines
+    if not name.endswith((".jsonl", ".ndjson")):
+        return [text]
+    texts = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BitplanError(f"{source}, line {i}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise BitplanError(f"{source}, line {i}: expected an object with a string field \"text\"")
+        texts.append(record["text"])
+    return texts
+
+
+def _nonempty(source: str, texts: list[str]) -> list[str]:
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise BitplanError(f"{source} holds no text")
     return texts
-
-
-def describe_source(source: str) -> TextSource:
-    p = Path(source)
-    digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else hashlib.sha256(source.encode()).hexdigest()
-    return TextSource(spec=source, sha256=digest, documents=len(load_texts(source)))
-
-
-def _read(source: str) -> list[str]:
-    if source.startswith(HF_PREFIX):
-        return _read_hf(source[len(HF_PREFIX):])
-    p = Path(source).expanduser()
-    if not p.exists():
-        raise BitplanError(f"text file not found: {source} (for a Hugging Face dataset write hf:NAME[:CONFIG[:SPLIT]])")
-    if p.is_dir():
-        raise BitplanError(f"{source} is a folder; pass a .txt or .jsonl file")
-    raw = p.read_text(encoding="utf-8", errors="replace")
-    if p.suffix.lower() in (".jsonl", ".ndjson"):
-        texts = []
-        for i, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BitplanError(f"{source}, line {i}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise BitplanError(f"{source}, line {i}: expected an object with a string field \"text\"")
-            texts.append(record["text"])
-        return texts
-    return [raw]
 
 
 def _read_hf(spec: str) -> list[str]:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +11,9 @@ import torch
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-SOTU = SHARED_DATA / "sotu.jsonl"
-WIKITEXT = SHARED_DATA / "wikitext2-test.raw"
+# The built-in texts that ship in bitplan/texts (bitplan.data.BUILTIN_TEXTS): calibration and evaluation.
+SOTU = "sotu"
+WIKITEXT = "wikitext2"
 
 TINY_TEXT = (
     "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. "

@@ -1,13 +1,17 @@
 """Text loading and token windows."""
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
+import lzma
+from pathlib import Path
 
 import pytest
 import torch
 
-from bitplan.data import (calibration_spans, describe_source, load_texts, needs_bos, placed_token_windows,
-                          token_stream, token_windows, warn_if_same_source)
+from bitplan.data import (BUILTIN_TEXTS, TEXTS_DIR, calibration_spans, describe_source, load_texts, needs_bos,
+                          placed_token_windows, text_path, token_stream, token_windows, warn_if_same_source)
 from bitplan.errors import BitplanError
 
 from tests.conftest import TINY_TEXT, make_tokenizer
@@ -46,6 +50,69 @@ def test_malformed_jsonl(tmp_path):
 def test_missing_file():
     with pytest.raises(BitplanError, match="not found"):
         load_texts("/no/such/file.txt")
+
+
+# sha256 of the decompressed texts, computed with `xz -dc FILE | sha256sum` when they were added (bitplan/texts/README.md)
+SHIPPED = {
+    "sotu": ("sotu.jsonl.xz", "a0280bf651899bd87b99d89071419b56ca478e32d324fd5e8d6e7c819bcd301e", 233),
+    "wikitext2": ("wikitext2-test.raw.xz", "bbf94c53a05abe9ee670d3b6343608095822c85e26de37c70b24fc571964574a", 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_builtin_texts_resolve_to_the_shipped_files(name):
+    file, sha256, documents = SHIPPED[name]
+    assert set(BUILTIN_TEXTS) == set(SHIPPED)
+    assert text_path(name) == TEXTS_DIR / file and TEXTS_DIR == Path(__file__).resolve().parents[1] / "bitplan" / "texts"
+    source = describe_source(name)
+    assert (source.spec, source.sha256, source.documents) == (name, sha256, documents)
+    assert hashlib.sha256(lzma.decompress((TEXTS_DIR / file).read_bytes())).hexdigest() == sha256
+
+
+def test_builtin_texts_content():
+    sotu = load_texts("sotu")
+    assert sotu[0].startswith("Fellow-Citizens of the Senate and House of Representatives")
+    wiki = load_texts("wikitext2")
+    assert wiki[0].startswith(" = Robert Boulter = ") and "\n\n" not in wiki[0]   # blank lines removed
+
+
+def test_shipped_profile_calibration_is_the_builtin_text():
+    """The shipped profile records its calibration as `sotu` with the decompressed text's sha256, so `eval
+    --exclude-calibration --data sotu` finds the text its windows came from (calibration_spans compares sha256s)."""
+    profile = Path(__file__).resolve().parents[1] / "profiles" / "smollm2-135m" / "profile.json"
+    calibration = json.loads(profile.read_text())["calibration"]
+    assert calibration["source"] == "sotu"
+    assert describe_source(calibration["source"]).sha256 == calibration["sha256"]
+    tok = make_tokenizer()
+    assert calibration_spans(tok, calibration, "wikitext2") == []   # another text: nothing to exclude
+
+
+@pytest.mark.parametrize("name", ["docs.jsonl", "doc.txt"])
+def test_compressed_copies_read_like_the_plain_file(tmp_path, name):
+    """A .gz and an .xz copy give the same documents and the same sha256 as the uncompressed file."""
+    lines = [json.dumps({"id": i, "text": f"document {i}: caf\u00e9 \u2014 {'word ' * i}"}) for i in range(5)]
+    raw = ("\n".join(lines) + "\n").encode() if name.endswith(".jsonl") else "one document\r\nover two lines\n".encode()
+    plain = tmp_path / name
+    plain.write_bytes(raw)
+    (tmp_path / f"{name}.gz").write_bytes(gzip.compress(raw))
+    (tmp_path / f"{name}.xz").write_bytes(lzma.compress(raw))
+    want = load_texts(str(plain))
+    assert len(want) == (5 if name.endswith(".jsonl") else 1)
+    for copy in (f"{name}.gz", f"{name}.xz"):
+        path = str(tmp_path / copy)
+        assert load_texts(path) == want
+        assert describe_source(path).sha256 == hashlib.sha256(raw).hexdigest() == describe_source(str(plain)).sha256
+        assert describe_source(path).documents == len(want)
+
+
+def test_damaged_compressed_file(tmp_path):
+    bad = tmp_path / "docs.jsonl.xz"
+    bad.write_bytes(lzma.compress(b'{"text": "a"}\n' * 100)[:40])
+    with pytest.raises(BitplanError, match="not a readable .xz file"):
+        load_texts(str(bad))
+    (tmp_path / "docs.txt.gz").write_bytes(b"plain bytes, no gzip header")
+    with pytest.raises(BitplanError, match="not a readable .gz file"):
+        load_texts(str(tmp_path / "docs.txt.gz"))
 
 
 def test_windows_are_seeded_distinct_and_prefix_stable(tiny_text, tiny_tokenizer):

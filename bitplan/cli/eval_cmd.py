@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from ..data import BUILTIN_TEXTS, DEFAULT_EVALUATION
 from . import app, console, err_console
 
 
@@ -14,7 +15,9 @@ from . import app, console, err_console
 def eval_command(
     reference: str = typer.Option(..., "--reference", "-r", help="the original model: folder, .gguf, hub id or built-in name"),
     candidate: str = typer.Option(..., "--candidate", "-c", help="the model to judge (e.g. a bitplan checkpoint folder)"),
-    data: str = typer.Option(..., "--data", "-d", help="held-out text: .txt, .jsonl (field \"text\") or hf:NAME[:CONFIG[:SPLIT]]"),
+    data: str = typer.Option(DEFAULT_EVALUATION, "--data", "-d", help="held-out text: a built-in name "
+                             f"({', '.join(BUILTIN_TEXTS)}), .txt, .jsonl (field \"text\"), either as .xz or .gz, "
+                             "or hf:NAME[:CONFIG[:SPLIT]]"),
     windows: int = typer.Option(32, "--windows", "-n", help="number of token windows"),
     seqlen: int = typer.Option(512, "--seqlen", "-t", help="tokens per window"),
     seed: int = typer.Option(0, "--seed", help="which windows are drawn"),

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bitplan.apply import apply_formats, load_quantized, quantize_layer, simulate
+from bitplan.data import load_texts
 from bitplan.formats import get_format
 from bitplan.models import find_linears, load_model
 from bitplan.profile import profile_model
@@ -44,7 +45,7 @@ def test_default_model_roundings_and_loaded_logits(smollm2, tmp_path):
                                   f.h_in, f.h_out, shrink_out=qc["layers"][n]["shrink_out"],
                                   shrink_in=qc["layers"][n]["shrink_in"], target=qc["layers"][n]["shrink_target"]).W_hat
     simulate(reference.model, W_hat)
-    ids = torch.tensor([smollm2.tokenizer(WIKITEXT.read_text()[:2000]).input_ids[:96]])
+    ids = torch.tensor([smollm2.tokenizer(load_texts(WIKITEXT)[0][:2000]).input_ids[:96]])
     with torch.inference_mode():
         a, b = loaded.model(ids).logits, reference.model(ids).logits
     assert float((a - b).abs().max() / b.abs().max()) < 1e-4

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 
 import pandas as pd
 import pytest
 import torch
 from torch import nn
 
+from bitplan.data import text_path
 from bitplan.formats import get_format
 from bitplan.models import decoder_layers, find_linears
 from bitplan.profile import load_factors, load_profile, profile_model
@@ -37,7 +39,7 @@ def test_profile_real_weights_end_to_end(smollm2, tmp_path):
     infos = find_linears(model)
     assert len(loaded.layers) == 28 == len(infos)
     assert loaded.model["weights_sha256"] == profile.model["weights_sha256"]
-    assert loaded.calibration["sha256"] == hashlib.sha256(SOTU.read_bytes()).hexdigest()
+    assert loaded.calibration["sha256"] == hashlib.sha256(lzma.decompress(text_path(SOTU).read_bytes())).hexdigest()
     assert loaded.calibration["tokens"] == 256
     for r in loaded.layers:
         assert r.alpha_hessian > 0 and r.alpha_noise is not None
