@@ -23,8 +23,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# No emoji codes: rich would print `--sweep A:B:STEP` as `--sweep A🅱STEP`.
+console = Console(emoji=False)
+err_console = Console(stderr=True, emoji=False)
 
 
 def add_name_column(table: Table, header: str, **kwargs) -> None:

@@ -108,7 +108,7 @@ def _bad_profile(tmp_path, what):
     (["--budget", "3bpw", "--objective", "yaqa", "PROFILE=nocoef"], "alpha_yaqa"),
     (["--budget", "3bpw", "PROFILE=torn"], "not valid JSON"),
     (["--budget", "3bpw", "--resource", "missing.json", "--solver", "ilp"], "not found"),
-    (["-o", "x.json"], "give a --budget"),
+    (["-o", "x.json"], "give a --budget (e.g. 3.25bpw or 2.1GB) or a --sweep A:B:STEP"),  # not A🅱STEP
 ])
 def test_bad_input_is_one_line_and_exit_2(monkeypatch, capsys, profile_dir, tmp_path, args, message):
     prof = profile_dir
