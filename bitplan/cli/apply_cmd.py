@@ -15,7 +15,9 @@ def apply_command(
     plan: Path = typer.Argument(..., help="plan.json from `bitplan solve`"),
     out: Path = typer.Option(..., "--out", "-o", help="checkpoint folder to write"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="the model (default: the one the plan names)"),
-    rounding: str = typer.Option("yaqa", "--rounding", help="yaqa (two-sided LDLQ), ldlq (one-sided, GPTQ) or rtn"),
+    rounding: Optional[str] = typer.Option(None, "--rounding", show_default=False,
+                                           help="yaqa (two-sided LDLQ), ldlq (one-sided, GPTQ) or rtn (default: the "
+                                                "rounding the plan was solved for)"),
     profile: Optional[Path] = typer.Option(None, "--profile", help="profile folder with hessians/ (default: the plan's)"),
     shrink: str = typer.Option("auto", "--shrink", help="auto (λ of H_O and of H_I per layer, chosen on the profile's "
                                "held-out half) or one λ in [0, 1] for H_O: H_O ← (1−λ)·H_O + λ·T after "
@@ -43,6 +45,7 @@ def apply_command(
         errs = [s.get("rel_err", float("nan")) for s in stats]
         lams = {side: sum(float(s.get(side, 0.0)) for s in stats) / len(stats) for side in ("shrink_out", "shrink_in")}
         table.add_row(fmt, str(len(stats)), f"{sum(errs) / len(errs):.5f}",
-                      *(f"{lams[side]:.2f}" if rounding == "yaqa" else "–" for side in ("shrink_out", "shrink_in")))
+                      *(f"{lams[side]:.2f}" if all(s.get("rounding") == "yaqa" for s in stats) else "–"
+                        for side in ("shrink_out", "shrink_in")))
     console.print(table)
     console.print(f"evaluate it: bitplan eval --reference {model or 'MODEL'} --candidate {result.out_dir} --data TEXT")

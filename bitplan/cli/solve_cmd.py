@@ -5,10 +5,12 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from . import add_name_column, app, console, print_table
 
+_ROUNDING_WORDS = {"yaqa": "YAQA (two-sided LDLQ)", "ldlq": "one-sided LDLQ (GPTQ)", "rtn": "round-to-nearest"}
 _BPW_STYLE = [(2.5, "red"), (3.5, "yellow"), (5.0, "green"), (99.0, "cyan")]
 
 
@@ -48,7 +50,7 @@ def solve_command(
 ) -> None:
     """Allocate bits: minimize predicted ΔKL within a budget; writes plan.json."""
     from ..errors import BitplanError
-    from ..solve import parse_sweep, solve
+    from ..solve import parse_sweep, rounding_note, solve
     from ..solve import sweep as run_sweep
     from ..solve.sweep import plot_sweep, sweep_paths, write_sweep_csv
 
@@ -70,6 +72,9 @@ def solve_command(
         plan.save(out)
         print_plan(plan, objective is None, top)
         console.print(f"[dim]wrote {out}[/]")
+        note = rounding_note(plan)
+        if note:
+            console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
 
 
 def _style(bpw: float) -> str:
@@ -88,6 +93,8 @@ def print_plan(plan, defaulted: bool, top: int) -> None:
     console.print(f"objective [bold]{plan.objective}[/]{coefficient} ({how}); solver {s['name']}{proof} in "
                   f"{s.get('seconds', 0):.2f} s; "
                   f"budget {plan.budget['given']} = {plan.budget['resolved']}")
+    console.print(f"rounding [bold]{plan.rounding}[/]: the plan's predicted ΔKL is for {_ROUNDING_WORDS[plan.rounding]}; "
+                  "`bitplan apply` rounds with it unless given --rounding")
 
     kinds = Table(title="formats by projection kind")
     for col, just in (("kind", "left"), ("layers", "right"), ("bpw", "right")):

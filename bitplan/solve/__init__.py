@@ -6,9 +6,9 @@
 """
 from .api import best_uniform, solve
 from .budget import Budget, parse_budget, parse_sweep
-from .plan import LayerPlan, Plan, load_plan
+from .plan import LayerPlan, Plan, load_plan, rounding_for, rounding_note
 from .problem import Resource, load_resource
 from .sweep import SweepRow, sweep
 
 __all__ = ["Budget", "LayerPlan", "Plan", "Resource", "SweepRow", "best_uniform", "load_plan", "load_resource",
-           "parse_budget", "parse_sweep", "solve", "sweep"]
+           "parse_budget", "parse_sweep", "rounding_for", "rounding_note", "solve", "sweep"]

@@ -17,12 +17,25 @@ from .. import __version__
 from ..errors import BitplanError
 from ..formats import Format, get_format
 from ..io import read_json, write_json
+from ..profile.hessians import HESSIAN_DIR
 from ..profile.schema import Profile, load_profile, profile_path
 from .accounting import codebook_key, extras_account
 from .problem import coefficient_name, layer_cost
 
 SCHEMA = "bitplan.plan"
 VERSION = 1
+
+# The rounding each objective's predicted ΔKL is for: what `apply` rounds a plan with unless told otherwise.
+ROUNDING_OF = {"yaqa": "yaqa", "yaqa-halves": "yaqa", "ldlq": "ldlq", "hessian": "rtn", "noise": "rtn"}
+ROUNDINGS = ("yaqa", "ldlq", "rtn")
+
+
+def rounding_for(objective: str) -> str:
+    """The rounding a plan solved with `objective` is for: yaqa and yaqa-halves → yaqa (two-sided LDLQ), ldlq →
+    ldlq (one-sided), hessian and noise → rtn (their α is round-to-nearest's)."""
+    if objective not in ROUNDING_OF:
+        raise BitplanError(f"unknown objective {objective!r}; choose one of {', '.join(ROUNDING_OF)}")
+    return ROUNDING_OF[objective]
 
 
 @dataclass
@@ -63,8 +76,11 @@ class Plan:
     uniform: dict | None = None      # the best single format at the same budget
     coefficient: str | None = None   # what the objective took in the profile, e.g. alpha_yaqa_judged
     created_by: str = f"bitplan {__version__}"
+    rounding: str | None = None      # yaqa, ldlq or rtn; None: the objective's (`rounding_for`)
 
     def __post_init__(self) -> None:
+        if self.rounding is None:
+            self.rounding = rounding_for(self.objective)
         if not self.totals:
             self.refresh_totals()
 
@@ -89,13 +105,33 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "version": VERSION, "created_by": self.created_by, "profile": self.profile,
                 "budget": self.budget, "solver": self.solver, "objective": self.objective,
-                "coefficient": self.coefficient,
+                "rounding": self.rounding, "coefficient": self.coefficient,
                 "constraints": self.constraints, "totals": self.totals, "uniform": self.uniform,
                 "extras": self.extras, "codebooks": self.codebooks,
                 "layers": [lp.to_json() for lp in self.layers]}
 
     def save(self, path: str | Path) -> None:
         write_json(path, _finite(self.to_json()))
+
+
+def profile_folder(plan: Plan) -> Path | None:
+    """The folder of the profile the plan was solved from, if it is recorded and still there."""
+    recorded = (plan.profile or {}).get("path")
+    if not recorded or not profile_path(recorded).is_file():
+        return None
+    return profile_path(recorded).parent
+
+
+def rounding_note(plan: Plan) -> str | None:
+    """One line when the plan's rounding needs what its profile folder lacks: YAQA and LDLQ round with the
+    profile's Hessian factors (hessians/), which a shipped profile leaves out; None when it has them, when the plan
+    rounds to nearest, or when the profile is not on disk."""
+    folder = profile_folder(plan)
+    if plan.rounding == "rtn" or folder is None or (folder / HESSIAN_DIR).is_dir():
+        return None
+    return (f"this plan is for {plan.rounding} rounding, which needs the Hessian factors ({HESSIAN_DIR}/) that "
+            f"{folder} lacks: profile the model yourself (`bitplan profile`) and solve from that folder, or solve "
+            "with --objective hessian for `bitplan apply --rounding rtn`")
 
 
 def plan_totals(layers: list[LayerPlan], fmts: dict[str, Format], codebook_bits: int, extras_bits: int,
@@ -161,6 +197,13 @@ def load_plan(path: str | Path, profile: Profile | str | Path | None = None) -> 
     if not isinstance(data["layers"], list) or not data["layers"]:
         raise BitplanError(f"{path} is malformed: \"layers\" must be a non-empty list")
     objective = str(data["objective"])
+    if objective not in ROUNDING_OF:
+        raise BitplanError(f"{path}: unknown objective {objective!r}; choose one of {', '.join(ROUNDING_OF)}")
+    rounding = data.get("rounding")
+    if rounding is None:  # plans written before the field: the objective decides
+        rounding = rounding_for(objective)
+    elif rounding not in ROUNDINGS:
+        raise BitplanError(f"{path}: unknown rounding {rounding!r}; choose one of {', '.join(ROUNDINGS)}")
 
     if profile is None:
         recorded = (data.get("profile") or {}).get("path")
@@ -219,4 +262,5 @@ def load_plan(path: str | Path, profile: Profile | str | Path | None = None) -> 
     return Plan(profile=dict(data["profile"]), budget=budget, solver=dict(data.get("solver") or {}),
                 objective=objective, constraints=dict(data.get("constraints") or {}), layers=layers,
                 extras=extras, uniform=data.get("uniform"), created_by=str(data.get("created_by", "")),
+                rounding=rounding,
                 coefficient=coefficient_name(prof, objective) if prof is not None else data.get("coefficient"))

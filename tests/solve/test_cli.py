@@ -183,3 +183,39 @@ def test_layer_and_format_names_are_never_cut_at_80_columns(monkeypatch, capsys,
         assert names <= used[k] and len(names) == min(4, len(used[k]))
     uniform = [row[3] for row in body_cells(text, "Pareto sweep")]
     assert len(uniform) == 5 and set(uniform) <= set(long)
+
+
+def test_solve_says_which_rounding_the_plan_is_for_and_whether_its_profile_can_serve_it(
+        monkeypatch, capsys, profile_dir, tmp_path):
+    out = tmp_path / "plan.json"
+    note = "needs the Hessian factors (hessians/)"
+    code, stdout, _ = run(monkeypatch, capsys, profile_dir, "--budget", "4bpw", "-o", out)
+    assert code == 0 and "rounding yaqa" in stdout and json.loads(out.read_text())["rounding"] == "yaqa"
+    assert note in stdout and "--objective hessian" in stdout  # a profile folder without hessians/
+    code, stdout, _ = run(monkeypatch, capsys, profile_dir, "--budget", "4bpw", "-o", out, "--objective", "hessian")
+    assert code == 0 and "rounding rtn" in stdout and note not in stdout  # round-to-nearest needs no factors
+    (profile_dir / "hessians").mkdir()
+    code, stdout, _ = run(monkeypatch, capsys, profile_dir, "--budget", "4bpw", "-o", out)
+    assert code == 0 and "rounding yaqa" in stdout and note not in stdout
+
+
+def test_apply_rounds_with_the_plans_rounding_unless_told(monkeypatch, tmp_path):
+    """`--rounding` defaults to None, which apply_plan reads as the plan's rounding."""
+    from typer.testing import CliRunner
+
+    import bitplan.apply
+    from bitplan.apply.run import ApplyResult
+    from bitplan.cli import app
+
+    seen = []
+
+    def fake_apply_plan(plan, out, **kwargs):
+        seen.append(kwargs["rounding"])
+        return ApplyResult(out_dir=Path(out), formats={}, stats={})
+
+    monkeypatch.setattr(bitplan.apply, "apply_plan", fake_apply_plan)
+    runner = CliRunner()
+    for args, expected in (([], None), (["--rounding", "ldlq"], "ldlq")):
+        result = runner.invoke(app, ["apply", str(tmp_path / "plan.json"), "-o", str(tmp_path / "q"), *args])
+        assert result.exit_code == 0, result.output
+        assert seen[-1] == expected

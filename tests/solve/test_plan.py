@@ -179,3 +179,49 @@ def test_plans_without_their_profile_keep_what_they_can(smollm2_plan, tmp_path):
     assert plan.layers[1].predicted_dkl == smollm2_plan.layers[1].predicted_dkl
     assert plan.layers[0].storage_bits == get_format("int8-g128").storage_bits(*plan.layers[0].shape)
     assert plan.totals["predicted_dkl"] is None
+
+
+# Written out here, not imported: what each objective's α predicts ΔKL for.
+EXPECTED_ROUNDING = {"yaqa": "yaqa", "yaqa-halves": "yaqa", "ldlq": "ldlq", "hessian": "rtn", "noise": "rtn"}
+
+
+def test_every_objective_names_its_rounding():
+    from bitplan.profile.schema import OBJECTIVES
+    from bitplan.solve import rounding_for
+
+    assert set(EXPECTED_ROUNDING) == set(OBJECTIVES)
+    for objective, rounding in EXPECTED_ROUNDING.items():
+        assert rounding_for(objective) == rounding
+
+
+@pytest.mark.parametrize("objective", sorted(EXPECTED_ROUNDING))
+def test_the_plan_records_the_rounding_it_was_solved_for(objective, tmp_path):
+    from bitplan.solve.synthetic import synthetic_profile
+
+    prof = synthetic_profile(blocks=2, seed=3)
+    for r in prof.layers:  # what --objective ldlq needs: α_shaped and one-sided LDLQ's held-out gain
+        r.extra.update(alpha_shaped=r.alpha_hessian, ldlq_gain_heldout=0.6)
+    prof.save(tmp_path / "prof" / "profile.json")
+    plan = solve(tmp_path / "prof", "4bpw", objective=objective)
+    assert plan.rounding == EXPECTED_ROUNDING[objective]
+    out = tmp_path / "plan.json"
+    plan.save(out)
+    assert json.loads(out.read_text())["rounding"] == EXPECTED_ROUNDING[objective]
+    assert load_plan(out).rounding == EXPECTED_ROUNDING[objective]
+    data = json.loads(out.read_text())
+    del data["rounding"]  # a plan written before the field: its objective decides
+    out.write_text(json.dumps(data))
+    assert load_plan(out).rounding == EXPECTED_ROUNDING[objective]
+
+
+def test_a_hand_set_rounding_is_kept_and_checked(smollm2_plan, tmp_path):
+    out = tmp_path / "plan.json"
+    smollm2_plan.save(out)
+    data = json.loads(out.read_text())
+    data["rounding"] = "rtn"  # a person decides to round a YAQA plan to nearest
+    out.write_text(json.dumps(data))
+    assert smollm2_plan.rounding == "yaqa" and load_plan(out).rounding == "rtn"
+    data["rounding"] = "gptq"
+    out.write_text(json.dumps(data))
+    with pytest.raises(BitplanError, match="unknown rounding 'gptq'"):
+        load_plan(out)
