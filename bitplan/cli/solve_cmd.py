@@ -42,7 +42,8 @@ def solve_command(
     resource_limit: Optional[float] = typer.Option(None, "--resource-limit",
                                                    help="limit on the resource's mean per weight"),
     sweep: Optional[str] = typer.Option(None, "--sweep", help="e.g. 2.5:4.5:0.25 (start, stop, step in bpw): Pareto "
-                                                              "table (CSV) and plot (PNG) next to -o"),
+                                                              "table (CSV), plot (PNG) and a plan per budget "
+                                                              "(plan-3.25bpw.json) next to -o"),
     resolution: float = typer.Option(1e-6, "--resolution", help="DP cell size in bits per weight"),
     time_limit: Optional[float] = typer.Option(None, "--time-limit", help="ILP time limit in seconds "
                                                                           "(default 60)"),
@@ -52,7 +53,7 @@ def solve_command(
     from ..errors import BitplanError
     from ..solve import parse_sweep, rounding_note, solve
     from ..solve import sweep as run_sweep
-    from ..solve.sweep import plot_sweep, sweep_paths, write_sweep_csv
+    from ..solve.sweep import plot_sweep, sweep_paths, write_sweep_csv, write_sweep_plans
 
     if budget is None and sweep is None:
         raise BitplanError("give a --budget (e.g. 3.25bpw or 2.1GB) or a --sweep A:B:STEP")
@@ -63,10 +64,17 @@ def solve_command(
         budgets = parse_sweep(sweep)
         rows, used_objective = run_sweep(profile, budgets, **kwargs)
         csv_path, png_path = sweep_paths(out)
+        plans = write_sweep_plans(rows, out)
         write_sweep_csv(rows, csv_path)
         plot_sweep(rows, png_path, title=f"{Path(profile).name}: predicted ΔKL ({used_objective}) vs size")
         print_table(sweep_table(rows, used_objective), console)
-        console.print(f"[dim]wrote {csv_path} and {png_path}[/]")
+        console.print(f"[dim]wrote {csv_path}, {png_path} and {len(plans)} plans"
+                      + (f": {plans[0]} … {plans[-1].name}" if len(plans) > 1 else
+                         f": {plans[0]}" if plans else "") + "[/]")
+        first = next((r.plan for r in rows if r.plan is not None), None)
+        note = rounding_note(first) if first is not None and budget is None else None
+        if note:
+            console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     if budget is not None:
         plan = solve(profile, budget, **kwargs)
         plan.save(out)

@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
 
 from ..errors import BitplanError
 from ..io import atomic_path, write_text
 from ..profile.schema import Profile
-from .api import DEFAULT_RESOLUTION, SOLVERS, _load, _resource, best_uniform, resolve_budget, run_solver
+from .api import DEFAULT_RESOLUTION, SOLVERS, _load, _resource, best_uniform, make_plan, resolve_budget, run_solver
 from .budget import Budget
+from .plan import Plan
 from .problem import build_instance
 
 
@@ -24,6 +25,11 @@ class SweepRow:
     uniform_bpw: float | None
     uniform_dkl: float | None
     note: str = ""
+    plan_file: str = ""                                    # where `write_sweep_plans` saved the plan
+    plan: Plan | None = field(default=None, repr=False)     # None for an infeasible budget; not a CSV column
+
+    def csv_row(self) -> dict:
+        return {f: ("" if getattr(self, f) is None else getattr(self, f)) for f in CSV_FIELDS}
 
 
 def sweep(profile: Profile | str | Path, budgets, solver: str = "dp", objective: str | None = None, formats=None,
@@ -35,7 +41,7 @@ def sweep(profile: Profile | str | Path, budgets, solver: str = "dp", objective:
     Returns the rows and the objective used."""
     if solver not in SOLVERS:
         raise BitplanError(f"unknown solver {solver!r}; choose dp or ilp")
-    prof, _ = _load(profile)
+    prof, identity = _load(profile)
     inst = build_instance(prof, objective, formats, pins, min_bits, max_bits, tie, _resource(resource, resource_limit))
     rows = []
     for value in budgets:
@@ -50,8 +56,12 @@ def sweep(profile: Profile | str | Path, budgets, solver: str = "dp", objective:
         uni = best_uniform(inst, target.layer_bits)
         rows.append(SweepRow(float(value), sol.bits / inst.block_weights, sol.cost,
                              uni["format"] if uni else None, uni["storage_bpw"] if uni else None,
-                             uni["predicted_dkl"] if uni else None))
+                             uni["predicted_dkl"] if uni else None,
+                             plan=make_plan(inst, sol, target, solver, identity)))
     return rows, inst.objective
+
+
+CSV_FIELDS = [f.name for f in fields(SweepRow) if f.name != "plan"]
 
 
 def sweep_paths(out: str | Path) -> tuple[Path, Path]:
@@ -61,12 +71,31 @@ def sweep_paths(out: str | Path) -> tuple[Path, Path]:
     return stem.with_name(stem.name + "-sweep.csv"), stem.with_name(stem.name + "-sweep.png")
 
 
+def sweep_plan_path(out: str | Path, budget_bpw: float) -> Path:
+    """`plan.json` at 3.25 bpw → `plan-3.25bpw.json` next to it."""
+    out = Path(out)
+    stem = out.with_suffix("") if out.suffix else out
+    return stem.with_name(f"{stem.name}-{budget_bpw:g}bpw.json")
+
+
+def write_sweep_plans(rows: list[SweepRow], out: str | Path) -> list[Path]:
+    """Save the plan of every feasible budget next to `out` (`sweep_plan_path`); records each row's plan_file."""
+    written = []
+    for r in rows:
+        if r.plan is not None:
+            path = sweep_plan_path(out, r.budget_bpw)
+            r.plan.save(path)
+            r.plan_file = path.name
+            written.append(path)
+    return written
+
+
 def write_sweep_csv(rows: list[SweepRow], path: str | Path) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=[f.name for f in fields(SweepRow)], lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: ("" if v is None else v) for k, v in asdict(r).items()})
+        writer.writerow(r.csv_row())
     write_text(path, buf.getvalue())
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bitplan.solve import load_plan, solve
 from bitplan.solve.synthetic import synthetic_profile
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,6 +77,16 @@ def test_sweep_writes_a_pareto_table_and_a_plot(monkeypatch, capsys, profile_dir
     dkl = [float(r["predicted_dkl"]) for r in feasible]
     assert dkl == sorted(dkl, reverse=True)  # more bits never predict more ΔKL
     assert out.with_name("plan-sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a plan per feasible budget beside the table, the same as solving at that budget alone
+    assert sorted(p.name for p in out.parent.glob("plan-*bpw.json")) == sorted(r["plan_file"] for r in feasible)
+    assert all(r["plan_file"] == "" for r in rows if not r["predicted_dkl"])
+    assert f"{len(feasible)} plans" in stdout and feasible[-1]["plan_file"] in stdout
+    for r in feasible:
+        assert r["plan_file"] == f"plan-{float(r['budget_bpw']):g}bpw.json"
+        alone = solve(profile_dir, f"{float(r['budget_bpw']):g}bpw")
+        saved = load_plan(out.with_name(r["plan_file"]))
+        assert saved.formats == alone.formats and saved.budget["given"] == alone.budget["given"]
+        assert saved.totals["predicted_dkl"] == pytest.approx(float(r["predicted_dkl"]), rel=1e-12)
     code, _, _ = run(monkeypatch, capsys, profile_dir, "--sweep", "3:4:0.5", "--budget", "3.5bpw", "-o", out)
     assert code == 0 and out.exists()
 
