@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bitplan.models import find_linears, get_module, load_model  # noqa: E402
 from bitplan.profile.factors import FactorSums  # noqa: E402
 from bitplan.profile.judge import JUDGE_WINDOW_OFFSET, sample_windows, start_token  # noqa: E402
-from bitplan.profile.run import judge_layer  # noqa: E402
+from bitplan.profile.judge_phase import judge_layer  # noqa: E402
 from bitplan.profile.schema import load_profile  # noqa: E402
 from bitplan.profile.sketch import SketchTimes, accumulate_batch  # noqa: E402
 

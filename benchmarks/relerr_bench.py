@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bitplan.models import find_linears, get_module, load_model  # noqa: E402
 from bitplan.profile import relerr  # noqa: E402
-from bitplan.profile.run import _formats  # noqa: E402
+from bitplan.profile.inputs import candidate_formats  # noqa: E402
 
 
 class _OneAtATime:
@@ -52,7 +52,7 @@ def main() -> None:
     lm = load_model(args.model)
     infos = find_linears(lm.model)
     blocks = {int(b) for b in args.blocks.split(",")}
-    fmts = _formats(None)
+    fmts = candidate_formats(None)
     ways = {"exact ties, one format at a time": [_OneAtATime(f, False) for f in fmts],
             "for_measuring, one format at a time": [_OneAtATime(f, True) for f in fmts],
             "for_measuring, shared normalization (profile)": fmts}

@@ -15,7 +15,7 @@ from bitplan.profile import load_factors, load_profile, profile_model
 from bitplan.profile.coefficients import layer_coefficients
 from bitplan.profile.hessians import HALVES, factors_path, read_half_factors, save_half_factors
 from bitplan.profile.report import COLUMNS, sensitivity_table
-from bitplan.profile.run import split_halves
+from bitplan.profile.inputs import split_halves
 
 from tests.profile.helpers import Interrupt, stop_at, tiny_llama, token_ids
 

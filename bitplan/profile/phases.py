@@ -1,0 +1,217 @@
+"""The four phases of a profile job, each resumable on its own from the job folder (job.py):
+
+  noise    α_noise per layer by noise injection on the first calibration windows;
+  factors  Kronecker factors of every block linear on the two calibration halves, one half after the other (only
+           one half's float64 sums are in memory), checkpointed every few batches; each half's
+           hessians/<half>/<layer>.safetensors as soon as the half is complete;
+  layers   per layer: predicted coefficients from the factors (block LDL, held-out gains);
+  formats  per layer: the relative error of every candidate format (the candidate list is not part of the job's
+           fingerprint: a finished profile asked for other formats measures only those, `update_formats`).
+
+Under torchrun the processes split the work (bitplan.distributed): noise, layers and formats by layer, factors by
+batch. Each phase lists the work left before its first barrier (see `deal_unfinished`) and ends with a barrier,
+after which every process reads every layer's result from the job folder.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..distributed import Ranks
+from ..errors import BitplanError
+from ..formats import Format
+from ..linalg import LDL
+from ..models import LinearInfo, get_module
+from ..progress import Progress
+from .coefficients import layer_coefficients
+from .factors import ChunkStats, FactorSums
+from .hessians import HALVES, factors_path, load_factors, save_half_factors
+from .job import Job
+from .noise import NoiseMeter, build_cache
+from .output import format_table, write_profile
+from .relerr import relative_errors
+from .schema import Profile
+from .sketch import SketchTimes, accumulate_batch
+
+Events = Callable[[str, int], None]   # (phase, count) after each checkpoint or per-layer result
+
+
+@dataclass
+class Work:
+    """What every phase works with: the job folder, the model and its block linears, this process's place among
+    the ranks, where progress goes, and whom to tell of each result (tests interrupt through `emit`)."""
+    job: Job
+    net: nn.Module
+    infos: list[LinearInfo]
+    ranks: Ranks
+    progress: Progress
+    emit: Events
+
+
+def deal_unfinished(work: Work, kind: str) -> tuple[list[LinearInfo], int]:
+    """(this rank's share of the layers without a `kind` result, how many have one). Every rank lists them before
+    the barrier: one listing after it could see another rank's new results and deal the rest differently."""
+    left = [i for i in work.infos if work.job.result(kind, i.name) is None]
+    work.ranks.barrier()
+    return work.ranks.share(left), len(work.infos) - len(left)
+
+
+def noise_phase(work: Work, windows: torch.Tensor, levels: tuple[float, ...], seed: int) -> dict[str, dict]:
+    """α_noise of every layer on `windows` (none: {}). Each rank measures its share of the layers on all of them."""
+    if not windows.shape[0]:
+        return {}
+    job = work.job
+    todo, done = deal_unfinished(work, "noise")
+    if todo:
+        task = work.progress.task("noise injection", len(todo))
+        meter = NoiseMeter(work.net, build_cache(work.net, windows, job.options["batch_size"]), levels, seed)
+        for k, info in enumerate(todo):
+            job.save_result("noise", info.name, asdict(meter.measure(info.name, info.block)))
+            task.advance()
+            work.emit("noise", done + k + 1)
+    work.ranks.barrier()
+    return {i.name: job.result("noise", i.name) for i in work.infos}
+
+
+def layer_groups(infos: list, groups: int) -> list[list]:
+    """`groups` contiguous runs of the layers, as equal in size as possible."""
+    if not 1 <= groups <= len(infos):
+        raise BitplanError(f"--factor-groups must be between 1 and the number of layers ({len(infos)}), got {groups}")
+    bounds = [round(k * len(infos) / groups) for k in range(groups + 1)]
+    return [infos[bounds[k]:bounds[k + 1]] for k in range(groups)]
+
+
+def factor_phase(work: Work, windows: torch.Tensor, split: tuple[list[int], list[int]], seed: int, chunk: int,
+                 times: SketchTimes) -> None:
+    """One half after the other: only one half's float64 sums are ever in memory, and with `factor_groups` = G
+    only one group's (the calibration is then run G times per half, each time for 1/G of the layers).
+
+    Across ranks the batches (the same ones a single process makes) are dealt round-robin, and after every batch
+    each layer's statistics are reduced onto the rank that owns the layer, which alone keeps its float64 sums:
+    memory per rank is the model plus 1/(world·G) of the factors. Every rank takes part in every step's
+    reductions; one that has run out of windows re-runs a batch and sends zeros."""
+    job, ranks, net = work.job, work.ranks, work.net
+    owner = {i.name: ranks.owner(k) for k, i in enumerate(work.infos)}
+    bs = job.options["batch_size"]
+    every = max(1, job.options["checkpoint_every"] // (bs * ranks.world))  # in steps
+    groups = layer_groups(work.infos, job.options.get("factor_groups", 1))
+    for half, idx in zip(HALVES, split):
+        if job.half_done(half):
+            continue
+        batches = [idx[s:s + bs] for s in range(0, len(idx), bs)]
+        mine = ranks.share(batches)
+        steps = -(-len(batches) // ranks.world)
+        for g, group in enumerate(groups):
+            part = f".g{g}of{len(groups)}" if len(groups) > 1 else ""
+            if part and job.half_done(half, part):
+                continue
+            tag = part + (f".rank{ranks.rank}of{ranks.world}" if ranks.distributed else "")
+            owned = {i.name: (i.out_features, i.in_features) for i in group if owner[i.name] == ranks.rank}
+            modules = {i.name: get_module(net, i.name) for i in group}
+            state = job.load_half(half, owned, tag)
+            label = f"factors, half {half}" + (f", layers {g + 1}/{len(groups)}" if part else "")
+            task = work.progress.task(label, sum(len(b) for b in mine), sum(len(b) for b in mine[:state.next_batch]))
+            for k in range(state.next_batch, steps):
+                real = k < len(mine)
+                batch = mine[k] if real else batches[0]
+                sink = reduce_to_owner(ranks, owner, state.layers, real) if ranks.distributed else None
+                accumulate_batch(net, modules, windows[batch], batch, seed, chunk, state.layers, times, sink=sink)
+                state.next_batch = k + 1
+                task.advance(len(batch) if real else 0)
+                if state.next_batch % every == 0 and state.next_batch < steps:
+                    job.save_half(state, tag)
+                    work.emit(f"factors-{half}", state.next_batch)
+            for info in group:
+                if info.name in owned:
+                    save_half_factors(factors_path(job.out, info.name, half), info.name, half,
+                                      state.layers[info.name], chunk)
+            del state
+            ranks.barrier()
+            if ranks.main and part:
+                job.mark_half_done(half, part)
+            ranks.barrier()
+        if ranks.main:
+            job.mark_half_done(half)
+        ranks.barrier()
+        work.emit(f"factors-{half}-done", steps)
+
+
+def reduce_to_owner(ranks: Ranks, owner: dict[str, int], sums: dict[str, FactorSums], real: bool):
+    """A sketch sink that sums one batch's statistics over the ranks onto the layer's owner (zeros from a rank
+    whose batch is only a stand-in). Hooks fire in the same order on every rank, so the collectives match."""
+    def sink(name: str, stats: ChunkStats, tokens: int, xtx: torch.Tensor) -> None:
+        counts = torch.tensor([stats.grad_sq, stats.samples, tokens, stats.window_grad_sq], dtype=torch.float64)
+        # float64, as the sums are kept: a float32 sum of the ranks' parts would differ from one process by ~1e-7
+        parts = [stats.h_out.double(), stats.h_in.double(), xtx.to(torch.float64, copy=True), counts]
+        for t in parts:
+            if not real:
+                t.zero_()
+            ranks.reduce_sum(t, owner[name])
+        if owner[name] == ranks.rank:
+            h_out, h_in, xtx_sum, counts = parts
+            sums[name].add(ChunkStats(h_out, h_in, float(counts[0]), int(counts[1]), float(counts[3])),
+                           tokens=int(counts[2]), xtx=xtx_sum)
+    return sink
+
+
+def coefficient_phase(work: Work) -> dict[str, dict]:
+    """Each layer's coefficients from the factor files the factor phase wrote (layer-parallel across ranks)."""
+    job = work.job
+    todo, done = deal_unfinished(work, "layers")
+    task = work.progress.task("coefficients (block LDL)", len(todo))
+    for k, info in enumerate(todo):
+        f = load_factors(job.out, info.name)
+        W = get_module(work.net, info.name).weight.detach()
+        wsq = float(W.double().pow(2).sum())
+        coef = layer_coefficients(f, wsq, ldl=LDL)
+        job.save_result("layers", info.name, {"weight_sq_norm": wsq, "samples": f.samples, "tokens": f.tokens,
+                                              **asdict(coef)})
+        task.advance()
+        work.emit("layers", done + k + 1)
+    work.ranks.barrier()
+    return {i.name: job.result("layers", i.name) for i in work.infos}
+
+
+def format_phase(work: Work, fmts: list[Format]) -> dict[str, dict[str, float]]:
+    """Relative error of every layer in every candidate format, layer-parallel across ranks. Results are kept
+    per layer for all formats ever asked for in this job, so a resumed job with another --formats list measures
+    only what it lacks."""
+    job = work.job
+    mine = work.ranks.share(list(enumerate(work.infos)))
+    task = work.progress.task("format errors", len(mine))
+    for k, info in mine:
+        known = job.result("formats", info.name) or {}
+        missing = [f for f in fmts if f.name not in known]
+        if missing:
+            W = get_module(work.net, info.name).weight.detach()
+            known.update(relative_errors(W, info.name, missing))
+            job.save_result("formats", info.name, known)
+            work.emit("formats", k + 1)
+        task.advance()
+    work.ranks.barrier()
+    return {i.name: {f.name: job.result("formats", i.name)[f.name] for f in fmts} for i in work.infos}
+
+
+def update_formats(profile: Profile, out: Path, net: nn.Module, fmts: list[Format], progress: Progress,
+                   emit: Events) -> Profile:
+    """A finished profile asked for with another candidate list: measure the formats it lacks, keep the rest."""
+    t0 = time.perf_counter()
+    task = progress.task("format errors", len(profile.layers))
+    for k, rec in enumerate(profile.layers):
+        missing = [f for f in fmts if f.name not in rec.rel_err]
+        if missing:
+            W = get_module(net, rec.name).weight.detach()
+            rec.rel_err.update(relative_errors(W, rec.name, missing))
+        rec.rel_err = {f.name: rec.rel_err[f.name] for f in fmts}
+        task.advance()
+        emit("formats", k + 1)
+    profile.formats = [f.name for f in fmts]
+    profile.extra["format_table"] = format_table(fmts)
+    timing = profile.extra.setdefault("timing_s", {})
+    timing["formats"] = round(timing.get("formats", 0.0) + time.perf_counter() - t0, 2)
+    return write_profile(profile, out)
