@@ -13,7 +13,7 @@ from .budget import Budget, parse_budget
 from .dp import solve_dp
 from .ilp import solve_ilp
 from .mckp import Solution
-from .plan import LayerPlan, Plan, profile_identity
+from .plan import LayerPlan, Plan, profile_identity, with_optimality
 from .problem import Instance, Resource, build_instance, coefficient_name, load_resource
 
 SOLVERS = ("dp", "ilp")
@@ -120,6 +120,7 @@ def make_plan(inst: Instance, solution: Solution, target: Target, solver: str, p
     solver_info = {"name": solver, "optimal": solution.optimal, **stats}
     if "lower_bound" in stats and solution.cost > 0:  # a certificate: no plan can beat the bound
         solver_info["gap_to_lower_bound"] = (solution.cost - stats["lower_bound"]) / solution.cost
+    solver_info = with_optimality(solver_info)
     if inst.resource is not None:
         solver_info["resource_used_per_weight"] = (
             float(sum(float(r[int(j)]) for r, j in zip(inst.resource_use, solution.choice))) / inst.block_weights)

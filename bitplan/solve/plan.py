@@ -16,7 +16,7 @@ from typing import Any
 from .. import __version__
 from ..errors import BitplanError
 from ..formats import Format, get_format
-from ..io import read_json, write_json
+from ..io import read_json, write_text
 from ..profile.hessians import HESSIAN_DIR
 from ..profile.schema import Profile, load_profile, profile_path
 from .accounting import codebook_key, extras_account
@@ -111,7 +111,53 @@ class Plan:
                 "layers": [lp.to_json() for lp in self.layers]}
 
     def save(self, path: str | Path) -> None:
-        write_json(path, _finite(self.to_json()))
+        write_text(path, plan_text(_finite(self.to_json())))
+
+
+def plan_text(obj: Any, indent: int = 2, width: int = 100) -> str:
+    """JSON for people: a list of records (the layers, the codebooks) one record a line, a list of numbers or
+    names on one line, any other container that fits `width` on one line; json.loads reads back the same values."""
+    def encode(o: Any, level: int) -> str:
+        flat = json.dumps(o, ensure_ascii=False)
+        if not isinstance(o, (dict, list)) or not o or len(flat) + indent * level <= width or \
+                (isinstance(o, list) and not any(isinstance(x, (dict, list)) for x in o)):
+            return flat
+        pad, end = " " * (indent * (level + 1)), " " * (indent * level)
+        if isinstance(o, list):
+            records = all(isinstance(x, dict) for x in o)
+            items = [json.dumps(x, ensure_ascii=False) if records else encode(x, level + 1) for x in o]
+            return "[\n" + ",\n".join(pad + item for item in items) + "\n" + end + "]"
+        items = [f"{json.dumps(str(k), ensure_ascii=False)}: {encode(v, level + 1)}" for k, v in o.items()]
+        return "{\n" + ",\n".join(pad + item for item in items) + "\n" + end + "}"
+
+    return encode(obj, 0) + "\n"
+
+
+def optimality(solver: dict) -> dict:
+    """What the solver proved, in words beside its numbers: `optimal` is true only for a proven optimum, and
+    false says only that the proof is missing; the Lagrangian lower bound (the DP's) caps how far off it can be."""
+    gap = solver.get("gap_to_lower_bound")
+    if solver.get("optimal"):
+        return {"proven_gap": 0.0, "meaning": "proven optimal: no plan within the budget and constraints predicts "
+                                              "a lower ΔKL"}
+    if gap is not None:
+        return {"proven_gap": gap,
+                "meaning": "not proven optimal, but proven close: no plan within the budget and constraints "
+                           "predicts less ΔKL than lower_bound = (1 − proven_gap) × this plan's (the DP solves on "
+                           "cells of `quantum` bits with codebook bits reserved, and proves this bound on the exact "
+                           "problem)"}
+    return {"proven_gap": None, "meaning": f"not proven optimal ({solver.get('status', 'no bound recorded')})"}
+
+
+def with_optimality(solver: dict) -> dict:
+    """`solver` with "optimality" right after "optimal"."""
+    out = {}
+    for key, value in solver.items():
+        if key != "optimality":
+            out[key] = value
+        if key == "optimal":
+            out["optimality"] = optimality(solver)
+    return out
 
 
 def profile_folder(plan: Plan) -> Path | None:
@@ -259,7 +305,10 @@ def load_plan(path: str | Path, profile: Profile | str | Path | None = None) -> 
     elif not isinstance(extras, dict) or not isinstance(extras.get("bits"), int):
         raise BitplanError(f"{path} is malformed: \"extras\" needs integer \"bits\"")
     budget = data["budget"] if isinstance(data["budget"], dict) else {}
-    return Plan(profile=dict(data["profile"]), budget=budget, solver=dict(data.get("solver") or {}),
+    solver = dict(data.get("solver") or {})
+    if "optimality" not in solver and "optimal" in solver:  # plans written before the field
+        solver = with_optimality(solver)
+    return Plan(profile=dict(data["profile"]), budget=budget, solver=solver,
                 objective=objective, constraints=dict(data.get("constraints") or {}), layers=layers,
                 extras=extras, uniform=data.get("uniform"), created_by=str(data.get("created_by", "")),
                 rounding=rounding,

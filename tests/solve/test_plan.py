@@ -225,3 +225,44 @@ def test_a_hand_set_rounding_is_kept_and_checked(smollm2_plan, tmp_path):
     out.write_text(json.dumps(data))
     with pytest.raises(BitplanError, match="unknown rounding 'gptq'"):
         load_plan(out)
+
+
+def test_plan_json_is_one_line_a_layer_and_reads_back_identically(smollm2_plan, tmp_path):
+    out = tmp_path / "plan.json"
+    smollm2_plan.save(out)
+    text = out.read_text()
+    data = json.loads(text)
+    assert data == json.loads(json.dumps(smollm2_plan.to_json()))  # the same values as plain json writes
+    lines = text.splitlines()
+    start = lines.index('  "layers": [')
+    layer_lines = lines[start + 1:start + 1 + len(smollm2_plan.layers)]
+    assert [json.loads(line.strip().rstrip(",")) for line in layer_lines] == data["layers"]
+    assert len(lines) < len(smollm2_plan.layers) + 200
+    back = load_plan(out)
+    assert back.to_json() == smollm2_plan.to_json()
+    back.save(tmp_path / "again.json")
+    assert (tmp_path / "again.json").read_text() == text
+
+
+def test_optimality_explains_the_flag_next_to_it(smollm2_dir, smollm2_plan):
+    s = smollm2_plan.solver
+    assert list(s)[list(s).index("optimal") + 1] == "optimality"
+    cost = smollm2_plan.totals["predicted_dkl"]
+    if s["optimal"]:
+        assert s["optimality"]["proven_gap"] == 0.0 and "proven optimal" in s["optimality"]["meaning"]
+    else:
+        assert s["optimality"]["proven_gap"] == pytest.approx((cost - s["lower_bound"]) / cost, rel=1e-9)
+        assert s["optimality"]["proven_gap"] == s["gap_to_lower_bound"]  # the older key stays for its readers
+        assert "lower_bound" in s["optimality"]["meaning"]
+    ilp = solve(smollm2_dir, "3.25bpw", formats="int", solver="ilp")
+    assert ilp.solver["optimal"] and ilp.solver["optimality"]["proven_gap"] == 0.0
+
+
+def test_plans_written_before_optimality_and_rounding_still_load(smollm2_plan, tmp_path):
+    data = json.loads(json.dumps(smollm2_plan.to_json()))
+    del data["rounding"], data["solver"]["optimality"]
+    out = tmp_path / "old.json"
+    out.write_text(json.dumps(data, indent=2))  # the old writer: indent 2, a line per value
+    old = load_plan(out)
+    assert old.formats == smollm2_plan.formats and old.rounding == "yaqa"
+    assert old.solver == smollm2_plan.solver  # optimality derived from the recorded gap
