@@ -17,7 +17,7 @@ per candidate λ instead of a rounding. All factors are taken in the rotated bas
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -129,6 +129,24 @@ class RotatedHalf:
 
 
 @dataclass
+class Shrinkage:
+    """λ of each factor of one layer (H_O, H_I), what both are shrunk toward, and, when the held-out gain chose
+    them, every λ's gain on each side."""
+    out: float
+    inp: float
+    target: str = DEFAULT_SHRINK_TARGET
+    out_gains: dict[float, float] = field(default_factory=dict)
+    in_gains: dict[float, float] = field(default_factory=dict)
+    samples: int | None = None    # the factor samples (both halves) they were chosen on; None: not from factors
+
+    def stats(self) -> dict:
+        """What a checkpoint records of the shrinkage a layer was rounded with."""
+        return {"shrink_out": self.out, "shrink_in": self.inp, "shrink_target": self.target,
+                **({"shrink_gains": {str(k): v for k, v in self.out_gains.items()},
+                    "shrink_in_gains": {str(k): v for k, v in self.in_gains.items()}} if self.out_gains else {})}
+
+
+@dataclass
 class CrossFit:
     """Held-out gains of a layer (expected proxy ÷ round-to-nearest's, judged under the Fisher factors)."""
     shrink: float                     # λ of H_O with the smallest held-out H_O-side gain
@@ -142,6 +160,9 @@ class CrossFit:
     @property
     def in_gain(self) -> float:
         return self.in_gains[self.shrink_in]
+
+    def shrinkage(self, target: str, samples: int | None = None) -> Shrinkage:
+        return Shrinkage(self.shrink, self.shrink_in, target, self.out_gains, self.in_gains, samples)
 
 
 def both_ways(fn, a, b) -> float:

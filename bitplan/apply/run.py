@@ -21,9 +21,10 @@ from safetensors.torch import save_file
 from ..distributed import Ranks
 from ..errors import BitplanError
 from ..formats import get_format
-from ..heldout import DEFAULT_SHRINK_TARGET, check_target
+from ..heldout import DEFAULT_SHRINK_TARGET, Shrinkage, check_target
 from ..io import atomic_path
 from ..models import LoadedModel, find_linears, load_model, weights_sha256
+from ..profile.directory import ProfileDir
 from .checkpoint import write_checkpoint
 from .layer import ROUNDINGS, LayerResult, quantize_layer
 
@@ -56,42 +57,12 @@ def _read_part(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict] | N
         return None
 
 
-def load_layer_factors(profile_dir: Path | None, name: str, rounding: str):
-    """(LayerFactors, identity) of a layer from the profile; the identity changes when the files do."""
-    if profile_dir is None:
+def layer_factors(profile: ProfileDir | None, name: str, rounding: str):
+    """A layer's factors from the profile, or the error that says what to pass instead."""
+    if profile is None:
         raise BitplanError(f"{rounding} rounding needs a profile with Hessian factors (hessians/); "
                            "pass the profile, or use --rounding rtn")
-    from ..profile.hessians import load_factors
-
-    f = load_factors(profile_dir, name)
-    if rounding == "ldlq" and f.xtx is None:
-        raise BitplanError(f"the profile's factors for {name} lack Σxxᵀ (needed by --rounding ldlq): the profile "
-                           "was made by an older bitplan; re-run `bitplan profile`")
-    return f, factors_ident(profile_dir, name)
-
-
-def factors_ident(profile_dir: Path, name: str) -> str:
-    """Changes when a layer's factor files do (size and modification time), without reading them."""
-    from ..profile.hessians import HALVES, factors_path
-
-    paths = [factors_path(profile_dir, name, half) for half in HALVES]
-    stamps = [f"{st.st_size}-{st.st_mtime_ns}" for st in (p.stat() for p in paths if p.is_file())]
-    return f"{profile_dir}:{name}:" + ":".join(stamps)  # a missing file is reported by load_factors
-
-
-@dataclass
-class Shrinkage:
-    """λ of each factor for one layer, what they are shrunk toward, and (for `auto`) the held-out gains per λ."""
-    out: float
-    inp: float
-    target: str
-    out_gains: dict[float, float] = field(default_factory=dict)
-    in_gains: dict[float, float] = field(default_factory=dict)
-
-    def stats(self) -> dict:
-        return {"shrink_out": self.out, "shrink_in": self.inp, "shrink_target": self.target,
-                **({"shrink_gains": {str(k): v for k, v in self.out_gains.items()},
-                    "shrink_in_gains": {str(k): v for k, v in self.in_gains.items()}} if self.out_gains else {})}
+    return profile.factors(name, rounding)
 
 
 def auto_shrink(f, name: str, target: str = DEFAULT_SHRINK_TARGET) -> Shrinkage:
@@ -99,25 +70,7 @@ def auto_shrink(f, name: str, target: str = DEFAULT_SHRINK_TARGET) -> Shrinkage:
     from ..heldout import crossfit
     from ..profile.coefficients import rotated_halves
 
-    cf = crossfit(*rotated_halves(f, target, with_xtx=False), name=name)
-    return Shrinkage(cf.shrink, cf.shrink_in, target, cf.out_gains, cf.in_gains)
-
-
-def profile_shrinks(profile_dir: Path | None) -> dict[str, tuple[int, Shrinkage]]:
-    """λs per layer that the profile's layer phase already chose with `auto_shrink` (and the factor samples it
-    saw), so that apply need not redo the held-out LDLs; {} without a profile.json."""
-    if profile_dir is None or not (profile_dir / "profile.json").is_file():
-        return {}
-    from ..profile.schema import load_profile
-
-    out = {}
-    for r in load_profile(profile_dir).layers:
-        x = r.extra
-        if x.get("shrink_out") is not None and x.get("shrink_in") is not None and x.get("shrink_target"):
-            gains = [{float(k): v for k, v in x.get(key, {}).items()} for key in ("shrink_gains", "shrink_in_gains")]
-            out[r.name] = (x.get("n_samples"), Shrinkage(float(x["shrink_out"]), float(x["shrink_in"]),
-                                                         x["shrink_target"], *gains))
-    return out
+    return crossfit(*rotated_halves(f, target, with_xtx=False), name=name).shrinkage(target, f.samples)
 
 
 def parse_shrink(value: str | float | dict) -> str | float | dict:
@@ -137,7 +90,7 @@ def parse_shrink(value: str | float | dict) -> str | float | dict:
 
 
 def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: str | Path, rounding: str = "yaqa",
-                  profile_dir: str | Path | None = None, shrink: str | float | dict[str, float] = "auto",
+                  profile_dir: str | Path | ProfileDir | None = None, shrink: str | float | dict[str, float] = "auto",
                   shrink_target: str = DEFAULT_SHRINK_TARGET, workers: int | None = None,
                   metadata: dict[str, Any] | None = None, progress: bool = True,
                   ranks: Ranks | None = None) -> ApplyResult:
@@ -164,9 +117,8 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
     fmts = {name: get_format(f) for name, f in formats.items()}  # unknown format names fail before any work
     shrink = parse_shrink(shrink)
     check_target(shrink_target)
-    profile_dir = Path(profile_dir) if profile_dir else None
+    profile = ProfileDir.of(profile_dir)
     weights_hash = weights_sha256(lm.model)
-    chosen = profile_shrinks(profile_dir) if rounding == "yaqa" else {}
     jobs = job_dir(out_dir)
     jobs.mkdir(parents=True, exist_ok=True)
 
@@ -175,8 +127,8 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
         fmt = fmts[name]
         lam = shrink.get(name, "auto") if isinstance(shrink, dict) else shrink
         method = rounding if fmt.kind != "fp16" else "rtn"
-        # without a profile there is no key to match; `one` then fails with load_layer_factors's clear error
-        ident = factors_ident(profile_dir, name) if method != "rtn" and profile_dir is not None else "none"
+        # without a profile there is no key to match; `one` then fails with layer_factors's clear error
+        ident = profile.factors_id(name) if method != "rtn" and profile is not None else "none"
         key = _part_key(weights_hash, name, fmt.name, method, f"{lam}:{shrink_target}" if method == "yaqa" else 0.0,
                         ident)
         return method, lam, jobs / f"{name}.safetensors", key
@@ -187,12 +139,12 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
         cached = _read_part(part, key)
         if cached is not None:
             return name, *cached
-        f = load_layer_factors(profile_dir, name, method)[0] if method != "rtn" else None
+        f = layer_factors(profile, name, method) if method != "rtn" else None
         if method == "yaqa" and lam == "auto":
-            known = chosen.get(name)
+            known = profile.shrinkage(name)
             # the profile's choice when it was made from these factors (same samples and target), else recomputed
-            fits = known and known[0] == f.samples and known[1].target == shrink_target
-            lams = known[1] if fits else auto_shrink(f, name, shrink_target)
+            fits = known is not None and known.samples == f.samples and known.target == shrink_target
+            lams = known if fits else auto_shrink(f, name, shrink_target)
         else:
             lams = Shrinkage(lam if method == "yaqa" else 0.0, 0.0, shrink_target)
         H_in, H_out = (None, None) if f is None else ((f.xtx, None) if method == "ldlq" else (f.h_in, f.h_out))
@@ -260,18 +212,6 @@ def simulate(model: torch.nn.Module, W_hat: dict[str, torch.Tensor]) -> torch.nn
     return model
 
 
-def _profile_dir_of(plan, plan_path: Path) -> Path | None:
-    """The folder of the profile a plan was solved from (relative paths: from the cwd, then the plan's folder)."""
-    recorded = (plan.profile or {}).get("path")
-    if not recorded:
-        return None
-    p = Path(recorded)
-    for candidate in (p, plan_path.parent / p):
-        if candidate.exists():
-            return candidate if candidate.is_dir() else candidate.parent
-    return None
-
-
 # Mean KL on WikiText of the plans solved by each objective at 3.25 bpw on the default model, rounded each way
 # (README, "Which objective for which rounding"): what `rounding_mismatch` quotes. α_noise plans like α_hessian.
 MEASURED_KL = {
@@ -308,7 +248,6 @@ def apply_plan(plan_path: str | Path, out_dir: str | Path, model: str | LoadedMo
                workers: int | None = None, progress: bool = True) -> ApplyResult:
     """Quantize the model a plan names (or `model`) to the plan's formats; factors from the plan's profile
     (or `profile_dir`, e.g. a profile run with Hessians when the plan came from a shipped profile)."""
-    from ..profile.schema import load_profile
     from ..solve import load_plan
 
     plan_path = Path(plan_path)
@@ -327,19 +266,16 @@ def apply_plan(plan_path: str | Path, out_dir: str | Path, model: str | LoadedMo
         from rich.console import Console
 
         Console(stderr=True).print(f"[yellow]{mismatch}[/]")
-    source_profile = _profile_dir_of(plan, plan_path)
-    factors_dir = Path(profile_dir) if profile_dir else source_profile
-    if rounding != "rtn" and (factors_dir is None or not (factors_dir / "hessians").is_dir()):
-        raise BitplanError(f"{rounding} rounding needs Hessian factors, and {factors_dir or 'the plan’s profile'} has "
+    profile = ProfileDir.of(profile_dir) or ProfileDir.recorded_in(plan.profile, plan_path)
+    if rounding != "rtn" and (profile is None or not profile.has_hessians):
+        where = profile.path if profile else "the plan’s profile"
+        raise BitplanError(f"{rounding} rounding needs Hessian factors, and {where} has "
                            "no hessians/ (shipped profiles leave them out): run `bitplan profile` and pass its folder "
                            "with --profile, or use --rounding rtn with a plan solved by `bitplan solve --objective "
                            "hessian` (a plan for YAQA rounds to nearest badly)")
-    calibration = {}
-    if factors_dir is not None and (factors_dir / "profile.json").is_file():
-        calibration = load_profile(factors_dir).calibration
     metadata = {"plan": {"path": str(plan_path), "budget": plan.budget.get("given"), "totals": plan.totals,
                          "objective": plan.objective},
-                "calibration": calibration, "shrink": shrink, "shrink_target": shrink_target}
-    return apply_formats(lm, plan.formats, out_dir, rounding=rounding, profile_dir=factors_dir, shrink=shrink,
+                "calibration": profile.calibration if profile else {}, "shrink": shrink, "shrink_target": shrink_target}
+    return apply_formats(lm, plan.formats, out_dir, rounding=rounding, profile_dir=profile, shrink=shrink,
                          shrink_target=shrink_target,
                          workers=workers, metadata=metadata, progress=progress)

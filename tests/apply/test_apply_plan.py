@@ -85,6 +85,25 @@ def test_auto_shrink_records_the_lambda_chosen_per_layer(tiny_plan, tmp_path):
         assert min(stats["shrink_in_gains"].values()) == pytest.approx(expected.in_gains[expected.inp])
 
 
+def test_apply_takes_the_profile_s_lambdas_only_when_chosen_on_the_same_factors(tiny_plan, tmp_path):
+    from bitplan.apply.run import auto_shrink
+    from bitplan.profile.hessians import load_factors
+
+    lm, plan, plan_path = tiny_plan
+    path = tmp_path / "prof" / "profile.json"
+    data = json.loads(path.read_text())
+    same, other = [r for r in data["layers"] if plan.formats[r["name"]] != "fp16"][:2]
+    for r in (same, other):
+        r["extra"]["shrink_out"] = 0.1234   # off the grid: no held-out choice gives it
+    other["extra"]["n_samples"] += 1        # chosen on other factors: apply chooses again
+    path.write_text(json.dumps(data))
+    apply_plan(plan_path, tmp_path / "q", model=lm, rounding="yaqa", shrink="auto", progress=False)
+    layers = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["layers"]
+    assert layers[same["name"]]["shrink_out"] == 0.1234
+    expected = auto_shrink(load_factors(tmp_path / "prof", other["name"]), other["name"])
+    assert layers[other["name"]]["shrink_out"] == expected.out != 0.1234
+
+
 def test_fixed_shrink_and_bad_values(tiny_plan, tmp_path):
     lm, plan, plan_path = tiny_plan
     apply_plan(plan_path, tmp_path / "q", model=lm, rounding="yaqa", shrink="0.6", progress=False)
