@@ -14,9 +14,31 @@ from rich.measure import Measurement
 from rich.segment import Segments
 from rich.table import Table
 
+from .. import __version__
 from ..errors import BitplanError
 
+
+class _PlainFlags:
+    """typer's help shows every option's type, `<bool>` beside a flag as if it took a value: flags show none."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class _Command(_PlainFlags, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_PlainFlags, typer.core.TyperGroup):
+    pass
+
+
 app = typer.Typer(
+    cls=_Group,
     name="bitplan",
     help="Plan and produce non-uniform low-bit quantizations of LLMs.",
     no_args_is_help=True,
@@ -63,12 +85,23 @@ def print_table(table: Table, out: Console | None = None) -> None:
     out.print(Segments(list(out.render(table, out.options.update_width(total)))), crop=False, end="")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"bitplan {__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                       help="print bitplan's version and exit")) -> None:
     """Plan and produce non-uniform low-bit quantizations of LLMs: profile → solve → apply → eval."""
 
-# Command modules register themselves on `app` when imported.
+# Command modules register themselves on `app` when imported; each gets the plain-flag help.
 from . import commands  # noqa: E402,F401
+
+for _info in app.registered_commands:
+    if _info.cls in (None, typer.core.TyperCommand):
+        _info.cls = _Command
 
 
 def main() -> None:

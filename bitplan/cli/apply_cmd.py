@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from . import app, console
+from . import add_name_column, app, console, print_table
 
 
 @app.command("apply")
@@ -26,7 +26,7 @@ def apply_command(
                                       "own diagonal in the original basis)"),
     workers: Optional[int] = typer.Option(None, "--workers", help="layers rounded in parallel (default: one per core)"),
 ) -> None:
-    """Quantize a model per its plan (YAQA rounding by default) into a packed checkpoint."""
+    """Quantize a model per its plan (with the rounding it was solved for, by default) into a packed checkpoint."""
     from ..apply import apply_plan
 
     from ..distributed import Ranks
@@ -36,8 +36,9 @@ def apply_command(
     if not Ranks.current().main:  # under torchrun, rank 0 assembles the checkpoint and reports
         return
     table = Table(title=f"{len(result.formats)} layers → {result.out_dir}")
-    for column in ("format", "layers", "mean t²", "mean λ of H_O", "mean λ of H_I"):
-        table.add_column(column, justify="right" if column != "format" else "left")
+    add_name_column(table, "format")
+    for column in ("layers", "mean t²", "mean λ of H_O", "mean λ of H_I"):
+        table.add_column(column, justify="right")
     by_format: dict[str, list[dict]] = {}
     for name, fmt in result.formats.items():
         by_format.setdefault(fmt, []).append(result.stats[name])
@@ -47,5 +48,5 @@ def apply_command(
         table.add_row(fmt, str(len(stats)), f"{sum(errs) / len(errs):.5f}",
                       *(f"{lams[side]:.2f}" if all(s.get("rounding") == "yaqa" for s in stats) else "–"
                         for side in ("shrink_out", "shrink_in")))
-    console.print(table)
+    print_table(table, console)
     console.print(f"evaluate it: bitplan eval --reference {model or 'MODEL'} --candidate {result.out_dir} --data TEXT")

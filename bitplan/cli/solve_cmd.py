@@ -101,7 +101,8 @@ def print_plan(plan, defaulted: bool, top: int) -> None:
     console.print(f"objective [bold]{plan.objective}[/]{coefficient} ({how}); solver {s['name']}{proof} in "
                   f"{s.get('seconds', 0):.2f} s; "
                   f"budget {plan.budget['given']} = {plan.budget['resolved']}")
-    console.print(f"rounding [bold]{plan.rounding}[/]: the plan's predicted ΔKL is for {_ROUNDING_WORDS[plan.rounding]}; "
+    console.print(f"rounding [bold]{plan.rounding}[/]: the plan's predicted ΔKL is for "
+                  f"{_ROUNDING_WORDS[plan.rounding]}; "
                   "`bitplan apply` rounds with it unless given --rounding")
 
     kinds = Table(title="formats by projection kind")

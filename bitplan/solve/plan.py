@@ -175,7 +175,8 @@ def rounding_note(plan: Plan) -> str | None:
     folder = profile_folder(plan)
     if plan.rounding == "rtn" or folder is None or (folder / HESSIAN_DIR).is_dir():
         return None
-    return (f"a plan solved with --objective {plan.objective} is for {plan.rounding} rounding, which needs the Hessian factors ({HESSIAN_DIR}/) that "
+    return (f"a plan solved with --objective {plan.objective} is for {plan.rounding} rounding, which needs the "
+            f"Hessian factors ({HESSIAN_DIR}/) that "
             f"{folder} lacks: profile the model yourself (`bitplan profile`) and solve from that folder, or solve "
             "with --objective hessian for `bitplan apply --rounding rtn`")
 

@@ -196,17 +196,24 @@ def test_layer_and_format_names_are_never_cut_at_80_columns(monkeypatch, capsys,
     assert len(uniform) == 5 and set(uniform) <= set(long)
 
 
+def words(result):
+    """(code, stdout, stderr) with runs of whitespace as one space: rich wraps long lines at the console's width."""
+    code, out, err = result
+    return code, " ".join(out.split()), " ".join(err.split())
+
+
 def test_solve_says_which_rounding_the_plan_is_for_and_whether_its_profile_can_serve_it(
         monkeypatch, capsys, profile_dir, tmp_path):
     out = tmp_path / "plan.json"
     note = "needs the Hessian factors (hessians/)"
-    code, stdout, _ = run(monkeypatch, capsys, profile_dir, "--budget", "4bpw", "-o", out)
+    code, stdout, _ = words(run(monkeypatch, capsys, profile_dir, "--budget", "4bpw", "-o", out))
     assert code == 0 and "rounding yaqa" in stdout and json.loads(out.read_text())["rounding"] == "yaqa"
     assert note in stdout and "--objective hessian" in stdout  # a profile folder without hessians/
-    code, stdout, _ = run(monkeypatch, capsys, profile_dir, "--budget", "4bpw", "-o", out, "--objective", "hessian")
+    code, stdout, _ = words(run(monkeypatch, capsys, profile_dir, "--budget", "4bpw", "-o", out,
+                                "--objective", "hessian"))
     assert code == 0 and "rounding rtn" in stdout and note not in stdout  # round-to-nearest needs no factors
     (profile_dir / "hessians").mkdir()
-    code, stdout, _ = run(monkeypatch, capsys, profile_dir, "--budget", "4bpw", "-o", out)
+    code, stdout, _ = words(run(monkeypatch, capsys, profile_dir, "--budget", "4bpw", "-o", out))
     assert code == 0 and "rounding yaqa" in stdout and note not in stdout
 
 
