@@ -6,11 +6,13 @@ parts already written; a part is reused only if it was made from the same weight
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -212,34 +214,50 @@ def simulate(model: torch.nn.Module, W_hat: dict[str, torch.Tensor]) -> torch.nn
     return model
 
 
-# Mean KL on WikiText of the plans solved by each objective at 3.25 bpw on the default model, rounded each way
-# (README, "Which objective for which rounding"): what `rounding_mismatch` quotes. α_noise plans like α_hessian.
-MEASURED_KL = {
-    "yaqa": {"yaqa": 0.2152, "ldlq": 0.3254, "rtn": 1.4074},
-    "yaqa-halves": {"yaqa": 0.2328, "ldlq": 0.3345, "rtn": 1.3498},
-    "hessian": {"yaqa": 0.2498, "ldlq": 0.3216, "rtn": 0.5307},
-    "ldlq": {"yaqa": 0.2162, "ldlq": 0.2727, "rtn": 0.7700},
-}
-_LIKE = {"noise": "hessian"}
+_LIKE = {"noise": "hessian"}   # α_noise plans like α_hessian (not measured on its own)
 _WARN_RATIO = 1.1   # within this of the best objective's KL a plan is not worth re-solving (noise of one run: ~3 %)
+
+
+@dataclass(frozen=True)
+class MeasuredKL:
+    """measured_kl.json: the mean KL of each objective's plan rounded each way (docs/results.md, "Which objective
+    for which rounding"), with what was measured and the command that measures it again."""
+    model: str
+    budget: str
+    evaluation: str
+    command: str
+    date: str
+    table: dict[str, dict[str, tuple[float, float]]]   # objective → rounding → (KL, standard error)
+
+    def kl(self, objective: str, rounding: str) -> float | None:
+        return self.table.get(objective, {}).get(rounding, (None,))[0]
+
+
+@functools.cache
+def measured_kl() -> MeasuredKL:
+    data = json.loads(resources.files(__package__).joinpath("measured_kl.json").read_text(encoding="utf-8"))
+    table = {o: {r: tuple(v) for r, v in row.items()} for o, row in data["table"].items()}
+    return MeasuredKL(data["model"], data["budget"], data["evaluation"], data["command"], data["date"], table)
 
 
 def rounding_mismatch(objective: str, rounding: str) -> str | None:
     """A warning when plans of `objective` measured ≥ 1.1 × the KL of another objective's plan with `rounding`,
     else None. A YAQA plan, say, gives its fewest bits to layers whose error YAQA removes (attention queries at
     1.6 bpw), which round to nearest far worse than one format everywhere."""
-    measured = MEASURED_KL.get(_LIKE.get(objective, objective))
-    if measured is None or rounding not in measured:
+    measured = measured_kl()
+    ours = measured.kl(_LIKE.get(objective, objective), rounding)
+    if ours is None:
         return None
-    best = min(MEASURED_KL, key=lambda o: MEASURED_KL[o][rounding])
-    ours, theirs = measured[rounding], MEASURED_KL[best][rounding]
+    best = min((o for o in measured.table if measured.kl(o, rounding) is not None),
+               key=lambda o: measured.kl(o, rounding))
+    theirs = measured.kl(best, rounding)
     if ours < _WARN_RATIO * theirs:
         return None
     measured_by = (f"--objective {_LIKE[objective]}'s plan (α_noise plans like α_hessian)" if objective in _LIKE
                    else "such a plan")
     return (f"this plan was solved with --objective {objective}. Rounded with {rounding}, {measured_by} measured "
-            f"{ours / theirs:.2f} × the KL of --objective {best}'s ({ours:.3f} against {theirs:.3f} at 3.25 bpw on "
-            f"the default model). For {rounding} rounding, solve with --objective {best}")
+            f"{ours / theirs:.2f} × the KL of --objective {best}'s ({ours:.3f} against {theirs:.3f} at "
+            f"{measured.budget} on {measured.model}). For {rounding} rounding, solve with --objective {best}")
 
 
 def apply_plan(plan_path: str | Path, out_dir: str | Path, model: str | LoadedModel | None = None,
