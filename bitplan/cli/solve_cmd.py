@@ -20,7 +20,8 @@ def solve_command(
     budget: Optional[str] = typer.Option(None, "--budget", "-b",
                                          help="3.25bpw (storage bits per weight over block linears), or a whole-file "
                                               "size: 2.1GB, 1.8GiB, 500MB, 700MiB"),
-    out: Path = typer.Option(Path("plan.json"), "--out", "-o", help="where to write the plan (and sweep files)"),
+    out: str = typer.Option("plan.json", "--out", "-o", help="where to write the plan (and sweep files); a folder "
+                                                               "(existing, or ending in /) gets plan.json"),
     solver: str = typer.Option("dp", "--solver", help="dp (exact dynamic program) or ilp (CBC; exact codebooks, "
                                                       "needed for --resource)"),
     objective: Optional[str] = typer.Option(None, "--objective",
@@ -53,10 +54,11 @@ def solve_command(
     from ..errors import BitplanError
     from ..solve import parse_sweep, rounding_note, solve
     from ..solve import sweep as run_sweep
-    from ..solve.sweep import plot_sweep, sweep_paths, write_sweep_csv, write_sweep_plans
+    from ..solve.sweep import plan_out, plot_sweep, sweep_paths, write_sweep_csv, write_sweep_plans
 
     if budget is None and sweep is None:
         raise BitplanError("give a --budget (e.g. 3.25bpw or 2.1GB) or a --sweep A:B:STEP")
+    out = plan_out(out)
     kwargs = dict(solver=solver, objective=objective, formats=formats, pins=pin, min_bits=min_bits,
                   max_bits=max_bits, tie=tie, resource=resource, resource_limit=resource_limit,
                   resolution=resolution, time_limit=time_limit)

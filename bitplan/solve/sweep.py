@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
@@ -62,6 +63,15 @@ def sweep(profile: Profile | str | Path, budgets, solver: str = "dp", objective:
 
 
 CSV_FIELDS = [f.name for f in fields(SweepRow) if f.name != "plan"]
+
+
+def plan_out(out: str | Path) -> Path:
+    """Where `solve -o OUT` writes its plan: OUT, or OUT/plan.json when OUT is a folder (existing, or written
+    with a trailing slash), so that `--sweep … -o sweep/` fills that folder."""
+    text = str(out)
+    if text.endswith(("/", os.sep)) or Path(text).is_dir():
+        return Path(text) / "plan.json"
+    return Path(text)
 
 
 def sweep_paths(out: str | Path) -> tuple[Path, Path]:

@@ -89,6 +89,11 @@ def test_sweep_writes_a_pareto_table_and_a_plot(monkeypatch, capsys, profile_dir
         assert saved.totals["predicted_dkl"] == pytest.approx(float(r["predicted_dkl"]), rel=1e-12)
     code, _, _ = run(monkeypatch, capsys, profile_dir, "--sweep", "3:4:0.5", "--budget", "3.5bpw", "-o", out)
     assert code == 0 and out.exists()
+    folder = tmp_path / "into"  # -o DIR/ (not there yet): the files go inside it
+    code, _, _ = run(monkeypatch, capsys, profile_dir, "--sweep", "3:4:0.5", "--budget", "3.5bpw", "-o", f"{folder}/")
+    assert code == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["plan-3.5bpw.json", "plan-3bpw.json", "plan-4bpw.json",
+                                                        "plan-sweep.csv", "plan-sweep.png", "plan.json"]
 
 
 def _bad_profile(tmp_path, what):
