@@ -261,15 +261,18 @@ def rounding_mismatch(objective: str, rounding: str) -> str | None:
 
 
 def apply_plan(plan_path: str | Path, out_dir: str | Path, model: str | LoadedModel | None = None,
-               rounding: str = "yaqa", profile_dir: str | Path | None = None, shrink: str | float = "auto",
+               rounding: str | None = None, profile_dir: str | Path | None = None, shrink: str | float = "auto",
                shrink_target: str = DEFAULT_SHRINK_TARGET,
                workers: int | None = None, progress: bool = True) -> ApplyResult:
     """Quantize the model a plan names (or `model`) to the plan's formats; factors from the plan's profile
-    (or `profile_dir`, e.g. a profile run with Hessians when the plan came from a shipped profile)."""
+    (or `profile_dir`, e.g. a profile run with Hessians when the plan came from a shipped profile).
+    `rounding` None rounds as the plan was solved for (`plan.rounding`); another one overrides it, with a
+    warning when plans of the plan's objective measured worse that way than another objective's."""
     from ..solve import load_plan
 
     plan_path = Path(plan_path)
     plan = load_plan(plan_path)
+    rounding = plan.rounding if rounding is None else rounding
     recorded = (plan.profile or {}).get("model") or {}
     spec = model if model is not None else recorded.get("spec") or recorded.get("id")
     if spec is None:

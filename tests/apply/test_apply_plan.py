@@ -104,6 +104,39 @@ def test_apply_takes_the_profile_s_lambdas_only_when_chosen_on_the_same_factors(
     assert layers[other["name"]]["shrink_out"] == expected.out != 0.1234
 
 
+def test_apply_rounds_as_the_plan_was_solved_for_unless_told_otherwise(tiny_plan, tmp_path, capsys):
+    """The common path needs no choice: a hessian plan from a profile without factors rounds to nearest, a yaqa
+    plan with YAQA, a plan file from before plans recorded their rounding by its objective's."""
+    import shutil
+
+    lm, plan, plan_path = tiny_plan
+
+    def rounding_of(ckpt) -> tuple[str, set[str]]:
+        qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+        return qc["rounding"], {s["rounding"] for n, s in qc["layers"].items() if plan.formats[n] != "fp16"}
+
+    assert plan.rounding == "yaqa"
+    apply_plan(plan_path, tmp_path / "q", model=lm, progress=False)
+    assert rounding_of(tmp_path / "q") == ("yaqa", {"yaqa"})
+
+    hessian = solve(tmp_path / "prof", "3.5bpw", objective="hessian")
+    hessian.save(tmp_path / "hessian.json")
+    shutil.rmtree(tmp_path / "prof" / "hessians")     # as a shipped profile
+    apply_plan(tmp_path / "hessian.json", tmp_path / "q2", model=lm, progress=False)
+    assert rounding_of(tmp_path / "q2") == ("rtn", {"rtn"})
+    assert "--objective" not in capsys.readouterr().err   # the plan's own rounding: no warning
+    with pytest.raises(BitplanError, match="no hessians/"):   # an explicit rounding still overrides
+        apply_plan(tmp_path / "hessian.json", tmp_path / "q3", model=lm, rounding="ldlq", progress=False)
+    assert "solve with --objective ldlq" in " ".join(capsys.readouterr().err.split())
+
+    old = json.loads((tmp_path / "hessian.json").read_text())
+    del old["rounding"]
+    old["objective"] = "yaqa"      # a plan file without the field: its objective decides
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(BitplanError, match="yaqa rounding needs Hessian factors"):
+        apply_plan(tmp_path / "old.json", tmp_path / "q4", model=lm, progress=False)
+
+
 def test_fixed_shrink_and_bad_values(tiny_plan, tmp_path):
     lm, plan, plan_path = tiny_plan
     apply_plan(plan_path, tmp_path / "q", model=lm, rounding="yaqa", shrink="0.6", progress=False)
