@@ -20,9 +20,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from bitplan.data import DEFAULT_CALIBRATION
 from bitplan.profile import load_profile
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PHASES = ("noise", "factors", "layers", "formats")
 
 
@@ -55,7 +55,7 @@ def largest_difference(a, b) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--calib", default=str(DATA / "sotu.jsonl"))
+    parser.add_argument("--calib", default=DEFAULT_CALIBRATION)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--noise-samples", type=int, default=1)

@@ -27,13 +27,12 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bitplan.data import token_windows  # noqa: E402
+from bitplan.data import DEFAULT_CALIBRATION, token_windows  # noqa: E402
 from bitplan.models import load_model  # noqa: E402
 from bitplan.profile import profile_model  # noqa: E402
 from bitplan.profile.hooks import frozen_weights  # noqa: E402
 from bitplan.profile.sketch import sample_labels  # noqa: E402
 
-SOTU = Path(__file__).resolve().parents[2] / "shared" / "data" / "sotu.jsonl"
 
 
 def peak_gb() -> float:
@@ -67,7 +66,7 @@ def plain_passes(model, windows: torch.Tensor, batch: int, seed: int) -> tuple[f
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--calib", default=str(SOTU))
+    ap.add_argument("--calib", default=DEFAULT_CALIBRATION)
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--noise-samples", type=int, default=2)

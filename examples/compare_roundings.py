@@ -2,7 +2,7 @@
 
     python examples/compare_roundings.py [--profile DIR] [--budget 3.25bpw] [--windows 32] [--out runs/compare]
 
-Without --profile it first runs `bitplan profile` with its defaults on sotu.jsonl (about half an hour on two
+Without --profile it first runs `bitplan profile` with its defaults on the built-in text sotu (about half an hour on two
 cores); pass a finished profile folder with hessians/ to skip that. Then it solves the budget and writes and
 evaluates six checkpoints on WikiText-2 (text the profile never saw), against the original model:
 
@@ -25,14 +25,13 @@ from rich.console import Console
 from rich.table import Table
 
 from bitplan.apply import apply_formats
+from bitplan.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION
 from bitplan.evaluate import evaluate
 from bitplan.formats import get_format
 from bitplan.io import read_json, write_json
 from bitplan.models import find_linears, load_model
 from bitplan.profile import profile_model
 from bitplan.solve import solve
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def storage_bpw(infos, formats: dict[str, str]) -> float:
@@ -46,8 +45,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--profile", type=Path, help="a finished profile folder with hessians/")
     parser.add_argument("--budget", default="3.25bpw")
-    parser.add_argument("--calib", default=str(DATA / "sotu.jsonl"))
-    parser.add_argument("--data", default=str(DATA / "wikitext2-test.raw"))
+    parser.add_argument("--calib", default=DEFAULT_CALIBRATION)
+    parser.add_argument("--data", default=DEFAULT_EVALUATION)
     parser.add_argument("--windows", type=int, default=32, help="evaluation windows of 512 tokens")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"))
     parser.add_argument("--keep", action="store_true", help="keep every checkpoint, not only the plan + YAQA one")

@@ -1,6 +1,6 @@
 """How adaptive rounding improves with calibration: one format on every layer, four roundings, several profiles.
 
-    python benchmarks/calibration_bench.py PROFILE_DIR [PROFILE_DIR ...] [--formats int3-g128,int4-g128]
+    python experiments/calibration_bench.py PROFILE_DIR [PROFILE_DIR ...] [--formats int3-g128,int4-g128]
            [--windows 32] [--out runs/calibration-bench.json]
 
 Each PROFILE_DIR is a `bitplan profile` output with hessians/ (make them with different --samples). For every
@@ -33,14 +33,13 @@ from rich.console import Console
 from rich.table import Table
 
 from bitplan.apply import apply_formats
-from bitplan.data import calibration_spans
+from bitplan.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, calibration_spans
 from bitplan.evaluate import evaluate
 from bitplan.io import read_json, write_json
 from bitplan.models import find_linears, load_model
 from bitplan.profile.report import forecast_kl
 from bitplan.profile.schema import load_profile
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 VARIANTS = {"rtn": ("rtn", 0.0), "ldlq": ("ldlq", 0.0), "yaqa raw": ("yaqa", 0.0), "yaqa auto": ("yaqa", "auto")}
 
 
@@ -67,13 +66,13 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--formats", default="int3-g128,int4-g128")
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--data", default=str(DATA / "wikitext2-test.raw"))
+    parser.add_argument("--data", default=DEFAULT_EVALUATION)
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--fwd-bwd-windows", type=int, default=8, help="windows timed for the plain pass (0 skips it)")
     parser.add_argument("--heldout-calib", type=int, default=0, metavar="N",
                         help="also evaluate on N windows of the calibration text outside every profile's windows")
-    parser.add_argument("--calib-data", default=str(DATA / "sotu.jsonl"), help="the profiles' calibration text")
+    parser.add_argument("--calib-data", default=DEFAULT_CALIBRATION, help="the profiles' calibration text")
     parser.add_argument("--out", type=Path, default=Path("runs/calibration-bench.json"))
     parser.add_argument("--work", type=Path, default=Path("runs/calibration-bench-ckpt"))
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 """Text sampled from the model itself (temperature 1, no truncation), written as JSON lines for `--calib`.
 
-    python benchmarks/sample_text.py --out samples.jsonl --n 64 --tokens 300
+    python experiments/sample_text.py --out samples.jsonl --n 64 --tokens 300
 
 The model's own distribution is the text its KL to a quantized copy is an expectation over when no other text
 is at hand: a judge (or calibration) that belongs to no particular corpus. Sampling starts from the BOS token

@@ -1,6 +1,6 @@
 """Quantization formats on Gaussian data and on every block linear layer of the default model.
 
-    python benchmarks/formats_bench.py [--formats higgs-p2-n256-g128,int4-g128] [--rows N] [--json out.json]
+    python experiments/formats_bench.py [--formats higgs-p2-n256-g128,int4-g128] [--rows N] [--json out.json]
 
 For each format (default: `default_candidates()`), in one process:
   - bpw: storage-inclusive bits per weight over all 210 block linears (codes with padding, fp16 scales/zeros,

@@ -1,6 +1,6 @@
 """Which Fisher scale predicts a rounded layer's KL? Each checked layer alone, measured against both.
 
-    python benchmarks/fisher_scale_check.py PROFILE_DIR [--format int4-g128] [--every 15] [--windows 16]
+    python experiments/fisher_scale_check.py PROFILE_DIR [--format int4-g128] [--every 15] [--windows 16]
 
 The profile keeps two scales of a layer's Fisher (profile/coefficients.py): the whole windows' gradients
 (α_hessian, cross-token terms included) and the per-chunk factors' own (α_shaped). For every `--every`-th layer
@@ -22,7 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from bitplan.apply.layer import quantize_layer
-from bitplan.data import calibration_spans, placed_token_windows, token_windows
+from bitplan.data import (DEFAULT_CALIBRATION, DEFAULT_EVALUATION, calibration_spans, placed_token_windows,
+                          token_windows)
 from bitplan.formats import get_format
 from bitplan.models import find_linears, get_module, load_model
 from bitplan.profile.hessians import load_factors
@@ -30,7 +31,6 @@ from bitplan.profile.noise import NoiseMeter, build_cache
 from bitplan.profile.report import alpha_shaped
 from bitplan.profile.schema import load_profile
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ROUNDINGS = ("rtn", "ldlq", "auto")
 GAINS = {"rtn": None, "ldlq": "ldlq_gain_heldout", "auto": "yaqa_gain_heldout"}
 
@@ -50,8 +50,8 @@ def main() -> None:
     parser.add_argument("--format", default="int4-g128")
     parser.add_argument("--every", type=int, default=15, help="check every k-th layer")
     parser.add_argument("--windows", type=int, default=16, help="windows of 256 tokens per text")
-    parser.add_argument("--calib-data", default=str(DATA / "sotu.jsonl"), help="the profile's calibration text")
-    parser.add_argument("--other-data", default=str(DATA / "wikitext2-test.raw"))
+    parser.add_argument("--calib-data", default=DEFAULT_CALIBRATION, help="the profile's calibration text")
+    parser.add_argument("--other-data", default=DEFAULT_EVALUATION)
     args = parser.parse_args()
     console = Console(width=None if sys.stdout.isatty() else 200)   # a wide table, whole in a log file
     fmt = get_format(args.format)

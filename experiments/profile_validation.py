@@ -1,6 +1,6 @@
 """Does a profile predict? Two rank correlations on the default model.
 
-    python benchmarks/profile_validation.py --profile profiles/smollm2-135m
+    python experiments/profile_validation.py --profile profiles/smollm2-135m
 
 1. Spearman(α_hessian, α_noise) across all layers of the profile (two independent estimates of the same
    coefficient: Kronecker-factor traces vs noise injection).
@@ -26,7 +26,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bitplan.data import token_windows  # noqa: E402
+from bitplan.data import DEFAULT_EVALUATION, token_windows  # noqa: E402
 from bitplan.formats import get_format, rotate_weight, unrotate_weight  # noqa: E402
 from bitplan.models import find_linears, get_module, load_model  # noqa: E402
 from bitplan.profile import load_profile, rotation_seeds  # noqa: E402
@@ -34,7 +34,6 @@ from bitplan.profile.noise import NoiseMeter, build_cache  # noqa: E402
 from bitplan.profile.report import short_name, spearman  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext2-test.raw"
 
 
 def quantize_rtn(W: torch.Tensor, name: str, fmt) -> tuple[torch.Tensor, float]:
@@ -54,7 +53,7 @@ def main() -> None:
     ap.add_argument("--format", default="int3-g128", help="3-bit-class format each chosen layer is quantized to")
     ap.add_argument("--layers", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data", default=str(WIKITEXT))
+    ap.add_argument("--data", default=DEFAULT_EVALUATION)
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=2)

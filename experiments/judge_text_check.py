@@ -1,6 +1,6 @@
 """Would a judge from other text forecast the gain there? The forecast's formula with another profile's factors.
 
-    python benchmarks/judge_text_check.py FIT_PROFILE JUDGE_PROFILE [JUDGE_PROFILE ...] [--format int4-g128]
+    python experiments/judge_text_check.py FIT_PROFILE JUDGE_PROFILE [JUDGE_PROFILE ...] [--format int4-g128]
 
 The profile forecasts YAQA ÷ LDLQ by fitting on one calibration half and judging under the other. Here each
 layer is fitted as `apply` fits it (both halves summed: Σxxᵀ for LDLQ, the raw factors, the factors shrunk by

@@ -1,6 +1,6 @@
 """Does the held-out gain formula hold for real roundings? A check of the profile's forecast on its own terms.
 
-    python benchmarks/heldout_check.py PROFILE_DIR [--format int4-g128] [--every 15]
+    python experiments/heldout_check.py PROFILE_DIR [--format int4-g128] [--every 15]
 
 The profile forecasts each layer's gain (rounding error ÷ round-to-nearest's) from a formula: block LDLQ with one
 calibration half's factors leaves a white innovation, judged under the other half's factors

@@ -1,6 +1,6 @@
 """Which coefficient should the solver spend the bits by? One budget, one plan per objective, each rounded one way.
 
-    python benchmarks/objective_check.py --profile p256 --budget 3.25bpw --windows 32 [--rounding yaqa|ldlq|rtn]
+    python experiments/objective_check.py --profile p256 --budget 3.25bpw --windows 32 [--rounding yaqa|ldlq|rtn]
 
 The profile (a finished one with hessians/ and its judge) is solved at the budget with each objective:
 
@@ -28,12 +28,12 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bitplan.apply import apply_formats  # noqa: E402
+from bitplan.data import DEFAULT_EVALUATION  # noqa: E402
 from bitplan.evaluate import evaluate  # noqa: E402
 from bitplan.io import read_json, write_json  # noqa: E402
 from bitplan.models import load_model  # noqa: E402
 from bitplan.solve import solve  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def row_key(label: str, args) -> str:
@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--profile", type=Path, required=True, help="a finished profile with hessians/ and a judge")
     parser.add_argument("--budget", default="3.25bpw")
-    parser.add_argument("--data", default=str(DATA / "wikitext2-test.raw"))
+    parser.add_argument("--data", default=DEFAULT_EVALUATION)
     parser.add_argument("--windows", type=int, default=32, help="evaluation windows of 512 tokens")
     parser.add_argument("--out", type=Path, default=Path("runs/objectives"))
     parser.add_argument("--rounding", default="yaqa", choices=["yaqa", "ldlq", "rtn"],
