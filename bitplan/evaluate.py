@@ -29,6 +29,7 @@ from .io import write_json
 from .logit_cache import LogitCache
 from .loading import open_model
 from .models import LoadedModel, cache_dir, same_tokenizer, weights_sha256
+from .progress import Progress
 
 TOKEN_CHUNK = 128  # positions per float64 softmax: bounds memory at 128 × vocab × 8 bytes per model
 
@@ -165,10 +166,8 @@ def evaluate(reference: str | LoadedModel, candidate: str | LoadedModel, data: s
     logit_cache = LogitCache(cache_dir() / "logits", int(cache_gb * 2**30)) if cache else None
     ref_hash = weights_sha256(ref.model) if logit_cache else ""
     stats: list[TokenStats] = []
-    from rich.progress import Progress
-
-    with Progress(transient=True, disable=not progress) as bar:
-        task = bar.add_task(f"eval {cand.model_id} vs {ref.model_id}", total=windows)
+    with Progress(progress) as bars:
+        task = bars.task(f"eval {cand.model_id} vs {ref.model_id}", windows)
         for window in tokens:
             key = logit_cache.key(ref_hash, window) if logit_cache else None
             ref_logits = logit_cache.get(key) if logit_cache else None
@@ -178,7 +177,7 @@ def evaluate(reference: str | LoadedModel, candidate: str | LoadedModel, data: s
                     logit_cache.put(key, ref_logits)
             cand_logits = ref_logits if cand is ref else _logits(cand.model, window)
             stats.append(token_stats(ref_logits[:-1], cand_logits[:-1], window))
-            bar.advance(task)
+            task.advance()
 
     result = EvalResult(reference=ref.spec, candidate=cand.spec, data=data, windows=windows, seqlen=seqlen,
                         seed=seed, warnings=notes, excluded_spans=len(spans), **summarize(stats))

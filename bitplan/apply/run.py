@@ -27,6 +27,7 @@ from ..heldout import DEFAULT_SHRINK_TARGET, Shrinkage, check_target
 from ..io import atomic_path
 from ..models import LoadedModel, find_linears, load_model, weights_sha256
 from ..profile.directory import ProfileDir
+from ..progress import Progress
 from .checkpoint import write_checkpoint
 from .layer import ROUNDINGS, LayerResult, quantize_layer
 
@@ -159,21 +160,18 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
                       metadata={"bitplan": json.dumps({"key": key, "stats": stats})})
         return name, res.tensors, stats
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     layers: dict[str, dict[str, torch.Tensor]] = {}
     stats: dict[str, dict] = {}
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with Progress(*columns, transient=True, disable=not progress) as bar:
+        with Progress(progress) as bars:
             mine = ranks.share(list(formats))
-            task = bar.add_task(f"{rounding} rounding", total=len(mine))
+            task = bars.task(f"{rounding} rounding", len(mine))
             with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
                 for name, tensors, st in pool.map(one, mine):
                     layers[name], stats[name] = tensors, st
-                    bar.advance(task)
+                    task.advance()
     finally:
         torch.set_num_threads(threads)
     ranks.barrier()

@@ -271,3 +271,16 @@ def test_factor_groups_give_the_same_factors(tmp_path):
         assert torch.equal(a.h_out_a, b.h_out_a) and torch.equal(a.h_in_b, b.h_in_b) and torch.equal(a.xtx_a, b.xtx_a)
     with pytest.raises(BitplanError, match="--factor-groups"):
         run(tmp_path / "bad", factor_groups=0)
+
+
+def test_a_log_sees_every_phase_end(tmp_path, capsys):
+    """stderr not a terminal (pytest captures it): each phase writes plain progress lines that end at N/N."""
+    model = tiny_llama()
+    model.config.bos_token_id = 1
+    run(tmp_path / "prof", model, progress=True, judge_samples=2)
+    err = capsys.readouterr().err
+    n = len(find_linears(model))
+    for line in (f"noise injection: {n}/{n}", "factors, half a: 4/4", "factors, half b: 4/4",
+                 f"coefficients (block LDL): {n}/{n}", f"format errors: {n}/{n}", "judge: sampling from the model: 2/2",
+                 "judge: factors: 2/2", f"judge: judging each layer's fit: {n}/{n}"):
+        assert f"\n{line}, " in "\n" + err, line
