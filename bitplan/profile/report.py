@@ -5,21 +5,26 @@ import math
 import re
 from pathlib import Path
 
-import pandas as pd
 from rich.table import Table
 
 from ..errors import BitplanError
 from ..io import atomic_path
-from .schema import Profile
+from .schema import OBJECTIVES, LayerRecord, Profile
 
 # Formats whose predicted round-to-nearest ΔKL gets a column when they are among the candidates.
 REFERENCE_FORMATS = ("int4-g128", "int3-g128", "higgs-p2-n256-g128", "higgs-p2-n64-g128", "higgs-p2-n16-g128")
 
-COLUMNS = ["name", "block", "kind", "out_features", "in_features", "params", "weight_sq_norm", "trace_h_in",
-           "trace_h_out", "alpha_noise", "alpha_noise_r2", "alpha_hessian", "alpha_shaped", "alpha_yaqa", "yaqa_gain",
-           "alpha_yaqa_heldout", "yaqa_gain_heldout", "shrink_out", "shrink_in", "yaqa_gain_heldout_raw",
-           "ldlq_gain_heldout", "alpha_shaped_judge", "yaqa_gain_judged", "yaqa_gain_judged_raw", "ldlq_gain_judged",
-           "alpha_yaqa_judged", "alpha_ldlq_judged"]
+# sensitivity.csv, in this order (docs/sensitivity-csv.md has each column's unit and meaning). First what a reviewer
+# acts on: the layer, the coefficient `solve` spends the bits by (which one, and the gain behind it), and the two
+# independent measurements beside it; then every other figure of the profile, then `dkl_<format>`.
+# No trace_h_in: tr H_I = tr H_O = Σ_c ‖G_c‖² (an identity; the stored traces agree to float32 rounding).
+LEAD = ["name", "block", "kind", "out_features", "in_features", "params", "alpha_solver", "alpha_solver_name",
+        "alpha_solver_gain", "alpha_noise", "alpha_noise_r2", "alpha_hessian"]
+REST = ["weight_sq_norm", "trace_h", "alpha_shaped", "alpha_yaqa", "yaqa_gain", "alpha_yaqa_heldout",
+        "yaqa_gain_heldout", "yaqa_gain_heldout_raw", "ldlq_gain_heldout", "alpha_ldlq_heldout", "shrink_out",
+        "shrink_in", "alpha_shaped_judge", "yaqa_gain_judged", "yaqa_gain_judged_raw", "ldlq_gain_judged",
+        "alpha_yaqa_judged", "alpha_ldlq_judged"]
+COLUMNS = LEAD + REST
 JUDGED = ("alpha_shaped_judge", "yaqa_gain_judged", "yaqa_gain_judged_raw", "ldlq_gain_judged")
 
 # Where each forecast's gains are: judged on the other calibration half (cross-fitted), or on the model's own
@@ -39,24 +44,55 @@ def alpha_shaped(r) -> float | None:
     return r.extra.get("alpha_shaped", r.alpha_hessian)
 
 
-def sensitivity_frame(profile: Profile) -> pd.DataFrame:
-    """dkl_<format> = alpha_hessian × rel_err(format): predicted mean per-token ΔKL of quantizing that layer
-    alone to the format by round-to-nearest."""
+def default_objective(profile: Profile) -> str:
+    """The objective `solve` takes without --objective: the first of OBJECTIVES (yaqa, yaqa-halves, hessian, noise,
+    ldlq) that has a coefficient for every layer."""
+    for name, keys in OBJECTIVES.items():
+        if all(any(getattr(r, k) is not None for k in keys) for r in profile.layers):
+            return name
+    raise BitplanError("the profile has no sensitivity coefficient present for every layer "
+                       "(alpha_yaqa_judged, alpha_yaqa_heldout, alpha_yaqa, alpha_hessian or alpha_noise); "
+                       "re-run `bitplan profile`")
+
+
+def coefficient_gain(r: LayerRecord, coefficient: str) -> float | None:
+    """The gain behind an adaptive rounding's coefficient: the coefficient ÷ the α_shaped it multiplies (the
+    judge's own α_shaped for the judged ones), i.e. the share of round-to-nearest's ΔKL at that scale the rounding
+    keeps; None for round-to-nearest's own coefficients (alpha_hessian, alpha_noise)."""
+    gains = {"alpha_yaqa_judged": "yaqa_gain_judged", "alpha_ldlq_judged": "ldlq_gain_judged",
+             "alpha_ldlq_heldout": "ldlq_gain_heldout"}
+    if coefficient in gains:
+        return r.extra.get(gains[coefficient])
+    if coefficient in ("alpha_yaqa_heldout", "alpha_yaqa"):
+        return _ratio(getattr(r, coefficient), alpha_shaped(r))
+    return None
+
+
+def sensitivity_frame(profile: Profile):
+    """One row per layer in COLUMNS' order, then dkl_<format> = alpha_hessian × rel_err(format): the predicted
+    mean per-token ΔKL of quantizing that layer alone to the format by round-to-nearest (REFERENCE_FORMATS that are
+    among the candidates; not what `solve` uses)."""
+    import pandas as pd
+
     refs = [f for f in REFERENCE_FORMATS if f in profile.formats]
+    objective = default_objective(profile) if profile.layers else None
     rows = []
     for r in profile.layers:
         shaped = alpha_shaped(r)
+        used = r.coefficient(objective)
         row = {"name": r.name, "block": r.block, "kind": r.kind, "out_features": r.shape[0],
-               "in_features": r.shape[1], "params": r.params, "weight_sq_norm": r.weight_sq_norm,
-               "trace_h_in": r.trace_h_in, "trace_h_out": r.trace_h_out, "alpha_noise": r.alpha_noise,
-               "alpha_noise_r2": r.alpha_noise_r2, "alpha_hessian": r.alpha_hessian,
-               "alpha_shaped": shaped, "alpha_yaqa": r.alpha_yaqa,
-               "yaqa_gain": _ratio(r.alpha_yaqa, shaped), "alpha_yaqa_heldout": r.alpha_yaqa_heldout,
+               "in_features": r.shape[1], "params": r.params,
+               "alpha_solver": r.alpha(objective), "alpha_solver_name": used,
+               "alpha_solver_gain": coefficient_gain(r, used),
+               "alpha_noise": r.alpha_noise, "alpha_noise_r2": r.alpha_noise_r2, "alpha_hessian": r.alpha_hessian,
+               "weight_sq_norm": r.weight_sq_norm, "trace_h": r.trace_h_out,
+               "alpha_shaped": shaped, "alpha_yaqa": r.alpha_yaqa, "yaqa_gain": _ratio(r.alpha_yaqa, shaped),
+               "alpha_yaqa_heldout": r.alpha_yaqa_heldout,
                "yaqa_gain_heldout": _ratio(r.alpha_yaqa_heldout, shaped),
+               "alpha_ldlq_heldout": r.alpha_ldlq_heldout, "alpha_yaqa_judged": r.alpha_yaqa_judged,
+               "alpha_ldlq_judged": r.alpha_ldlq_judged,
                **{k: r.extra.get(k) for k in ("shrink_out", "shrink_in", "yaqa_gain_heldout_raw",
-                                              "ldlq_gain_heldout", *JUDGED)},
-               "alpha_yaqa_judged": r.alpha_yaqa_judged,   # what `solve --objective yaqa` spends the bits by
-               "alpha_ldlq_judged": r.alpha_ldlq_judged}   # … and `--objective ldlq`
+                                              "ldlq_gain_heldout", *JUDGED)}}
         for f in refs:
             t2 = r.rel_err.get(f)
             row[f"dkl_{f}"] = None if t2 is None or r.alpha_hessian is None else r.alpha_hessian * t2
@@ -92,7 +128,7 @@ def forecast_ratios(profile: Profile, fmt: str, judge: str = "halves") -> dict[s
     return {v: kl[v] / kl["ldlq"] for v in ("yaqa raw", "yaqa auto")}
 
 
-def write_csv(profile: Profile, path: str | Path) -> pd.DataFrame:
+def write_csv(profile: Profile, path: str | Path):
     df = sensitivity_frame(profile)
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False, float_format="%.6g")
@@ -127,14 +163,6 @@ COEFFICIENT_LABELS = {
 }
 
 
-def yaqa_gain(r, coefficient: str) -> float | None:
-    """The layer's predicted gain of two-sided LDLQ over round-to-nearest behind `coefficient`: the coefficient
-    ÷ the α_shaped it multiplies (the judge's own α_shaped for the judged one)."""
-    if coefficient == "alpha_yaqa_judged":
-        return r.extra.get("yaqa_gain_judged")
-    return _ratio(getattr(r, coefficient), alpha_shaped(r))
-
-
 def summary_line(profile: Profile) -> str:
     L = profile.layers
     rho = spearman([r.alpha_hessian for r in L], [r.alpha_noise for r in L])
@@ -143,7 +171,7 @@ def summary_line(profile: Profile) -> str:
         parts.append(f"Spearman(α_hessian, α_noise) = {rho:.3f}")
     medians = []
     for key in ("alpha_yaqa_judged", "alpha_yaqa_heldout"):
-        gains = sorted(g for g in (yaqa_gain(r, key) for r in L) if g is not None)
+        gains = sorted(g for g in (coefficient_gain(r, key) for r in L) if g is not None)
         if gains:
             medians.append(f"{gains[len(gains) // 2]:.3f} {COEFFICIENT_LABELS[key][1].split(' (')[0]}")
     if medians:
@@ -189,7 +217,7 @@ def sensitivity_table(profile: Profile, top: int = 8) -> Table:
     def add(r) -> None:
         cells = [fmt(r.alpha_hessian), fmt(r.alpha_noise), fmt(r.alpha_noise_r2, ".3f")]
         if coefficient:
-            cells += [fmt(getattr(r, coefficient)), fmt(yaqa_gain(r, coefficient), ".3f")]
+            cells += [fmt(getattr(r, coefficient)), fmt(coefficient_gain(r, coefficient), ".3f")]
         table.add_row(short_name(r.name), *cells)
 
     head = ranked[:top]

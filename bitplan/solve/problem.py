@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import BitplanError
 from ..formats import Format, all_formats, default_candidates, get_format
+from ..profile.report import default_objective
 from ..profile.schema import OBJECTIVES, LayerRecord, Profile
 from .accounting import ExtrasAccount, codebook_key, codebooks, extras_account
 from .mckp import Problem
@@ -36,20 +37,15 @@ def kind_family(kind: str) -> str:
 
 
 def objective_for(profile: Profile, objective: str | None) -> str:
-    """The requested objective, or the best one every layer has: yaqa (the judge's coefficient, else the
-    halves'), then hessian, then noise."""
+    """The requested objective, or the best one every layer has (`default_objective`): yaqa (the judge's
+    coefficient, else the halves'), then hessian, then noise."""
     if objective is not None:
         if objective not in OBJECTIVES:
             raise BitplanError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
         for layer in profile.layers:
             layer.alpha(objective)  # a clear error naming the first layer without it
         return objective
-    for name, keys in OBJECTIVES.items():
-        if all(any(getattr(r, k) is not None for k in keys) for r in profile.layers):
-            return name
-    raise BitplanError("the profile has no sensitivity coefficient present for every layer "
-                       "(alpha_yaqa_judged, alpha_yaqa_heldout, alpha_yaqa, alpha_hessian or alpha_noise); "
-                       "re-run `bitplan profile`")
+    return default_objective(profile)
 
 
 def coefficient_name(profile: Profile, objective: str) -> str:
