@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 _API = {
     "open_model": ("bitplan.loading", "open_model"),
     "load_model": ("bitplan.models", "load_model"),
+    "load_quantized": ("bitplan.apply.checkpoint", "load_quantized"),
     "find_linears": ("bitplan.models", "find_linears"),
     "token_windows": ("bitplan.data", "token_windows"),
     "load_texts": ("bitplan.data", "load_texts"),
