@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from ..data import DEFAULT_EVALUATION
 from . import add_name_column, app, console, print_table
 
 
@@ -49,4 +50,5 @@ def apply_command(
                       *(f"{lams[side]:.2f}" if all(s.get("rounding") == "yaqa" for s in stats) else "–"
                         for side in ("shrink_out", "shrink_in")))
     print_table(table, console)
-    console.print(f"evaluate it: bitplan eval --reference {model or 'MODEL'} --candidate {result.out_dir} --data TEXT")
+    console.print(f"evaluate it: bitplan eval --reference {model or 'MODEL'} --candidate {result.out_dir}"
+                  f" (held-out text: --data, default {DEFAULT_EVALUATION})")
