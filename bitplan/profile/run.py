@@ -84,22 +84,22 @@ def profile_model(model: str | Path | LoadedModel | nn.Module, calib: str | Path
     emit = events or (lambda phase, count: None)
     judge = {"samples": judge_samples, "seqlen": T, "seed": seed, "sketch_chunk": sketch_chunk}
 
-    def on_main(write, p: Profile) -> Profile:
-        """Rank 0 adds to the profile and rewrites it while the others wait, then read what it wrote."""
-        def run() -> Profile:
+    def rewrite_on_main(add, p: Profile) -> Profile:
+        """Rank 0 adds to a finished profile and rewrites it (`add(p, bars)`); the other ranks then read it."""
+        def on_rank0() -> Profile:
             with Progress(progress) as bars:
-                return write(p, bars)
-        return ranks.on_main(run, lambda: load_profile(out))
+                return add(p, bars)
+        return ranks.on_main(on_rank0, lambda: load_profile(out))
 
     def with_judge(p: Profile) -> Profile:
         if not judge_samples or p.extra.get("judge", {}).get("settings") == judge:
             return p
-        return on_main(lambda p, bars: judge_phase(p, out, loaded, infos, judge, batch_size, bars, emit), p)
+        return rewrite_on_main(lambda p, bars: judge_phase(p, out, loaded, infos, judge, batch_size, bars, emit), p)
 
     if complete:
         existing = load_profile(out)
         if existing.formats != [f.name for f in fmts]:
-            existing = on_main(lambda p, bars: update_formats(p, out, net, fmts, bars, emit), existing)
+            existing = rewrite_on_main(lambda p, bars: update_formats(p, out, net, fmts, bars, emit), existing)
         return with_judge(existing)
     if progress and job.resumed:
         Console(stderr=True).print(f"[dim]resuming the profile job in {job.dir}[/]")
