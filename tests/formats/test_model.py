@@ -4,7 +4,7 @@ candidates have relative error t² within 15 % of their Gaussian mse_q on every 
 Cost and noise. Whole layers for every format take minutes (106 M weights per format), so each layer is
 measured on evenly spaced rows (rotated rows are exchangeable). Most rows look Gaussian, but a few hold
 entries far beyond a fine grid's outermost level, which then dominate that row's error (per-row t²/mse_q up
-to ≈ 5), while whole layers stay close to mse_q (benchmarks/formats_bench.py: every default grid format within
+to ≈ 5), while whole layers stay close to mse_q (experiments/formats_bench.py: every default grid format within
 3.7 % on all 210 whole layers, the scalar grids at 6–8 bits being the farthest). The row-sampling noise
 therefore grows with the grid's resolution; measured with 6 rows per layer: max |t²/mse_q − 1| ≈ 0.05–0.10 up
 to 3 bits, 0.10–0.16 for p ≥ 2 above 3 bits and 0.2–0.4 for p = 1 at 4–8 bits. Hence 12 rows up to 3.2 bits
