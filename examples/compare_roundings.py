@@ -77,7 +77,7 @@ def main() -> None:
     }
     results_path = args.out / "results.json"
     results = read_json(results_path, "results") if results_path.is_file() else {}
-    # Cheapest first (round-to-nearest needs seconds), so a short session still gets the baselines.
+    # Cheapest first (round-to-nearest needs seconds), so a short run still gets the baselines.
     order = sorted(rows, key=lambda label: rows[label][1] != "rtn")
     for label in order:
         formats, rounding = rows[label]

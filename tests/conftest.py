@@ -86,7 +86,7 @@ def _have_default_model() -> bool:
 
 @pytest.fixture(scope="session")
 def smollm2_cache(tmp_path_factory):
-    """A cache directory shared by the real-model tests: the GGUF is converted once per session.
+    """A cache directory shared by the real-model tests: the GGUF is converted once per test run.
     Outside CI a user's existing cache is reused, which saves the 25-second conversion."""
     if os.environ.get("CI"):
         return tmp_path_factory.getbasetemp() / "smollm2-cache"
