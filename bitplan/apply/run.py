@@ -60,12 +60,32 @@ def _read_part(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict] | N
         return None
 
 
-def layer_factors(profile: ProfileDir | None, name: str, rounding: str):
-    """A layer's factors from the profile, or the error that says what to pass instead."""
+def layer_factors(profile: ProfileDir | None, name: str, rounding: str, shape: tuple[int, int] | None = None):
+    """A layer's factors from the profile, or the error that says what to pass instead. `shape` (the weight's
+    [out, in]) is checked against the factors' sizes: factors of another model fail here, not in the rounding."""
     if profile is None:
         raise BitplanError(f"{rounding} rounding needs a profile with Hessian factors (hessians/); "
                            "pass the profile, or use --rounding rtn")
-    return profile.factors(name, rounding)
+    f = profile.factors(name, rounding)
+    if shape is not None and (f.h_out_a.shape[0], f.h_in_a.shape[0]) != tuple(shape):
+        raise BitplanError(f"the factors of {name} in {profile.path} are {f.h_out_a.shape[0]}×{f.h_in_a.shape[0]}, "
+                           f"the model's weight is {shape[0]}×{shape[1]}: the profile is of another model; "
+                           "pass this model's profile with --profile")
+    return f
+
+
+def check_workers(workers: int | None) -> None:
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise BitplanError(f"--workers must be a whole number ≥ 1 (layers rounded at once), got {workers!r}")
+
+
+def check_profile_model(profile: ProfileDir | None, weights_hash: str) -> None:
+    """Refuse a profile whose profile.json records other weights than the model's, before any work."""
+    recorded = (profile.profile.model if profile is not None and profile.profile is not None else {})
+    theirs = recorded.get("weights_sha256")
+    if theirs and theirs != weights_hash:
+        raise BitplanError(f"the profile {profile.path} is of another model ({recorded.get('id')}, weights "
+                           f"{theirs[:12]}…, not {weights_hash[:12]}…); pass this model's profile with --profile")
 
 
 def auto_shrink(f, name: str, target: str = DEFAULT_SHRINK_TARGET) -> Shrinkage:
@@ -109,6 +129,7 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
     """
     ranks = ranks or Ranks.current()
     progress = progress and ranks.main
+    check_workers(workers)
     if rounding not in ROUNDINGS:
         raise BitplanError(f"unknown rounding {rounding!r}; choose one of {', '.join(ROUNDINGS)}")
     lm = model if isinstance(model, LoadedModel) else load_model(model)
@@ -122,6 +143,7 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
     check_target(shrink_target)
     profile = ProfileDir.of(profile_dir)
     weights_hash = weights_sha256(lm.model)
+    check_profile_model(profile, weights_hash)
     jobs = job_dir(out_dir)
     jobs.mkdir(parents=True, exist_ok=True)
 
@@ -142,7 +164,8 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
         cached = _read_part(part, key)
         if cached is not None:
             return name, *cached
-        f = layer_factors(profile, name, method) if method != "rtn" else None
+        W = lm.model.get_submodule(name).weight
+        f = layer_factors(profile, name, method, tuple(W.shape)) if method != "rtn" else None
         if method == "yaqa" and lam == "auto":
             known = profile.shrinkage(name)
             # the profile's choice when it was made from these factors (same samples and target), else recomputed
@@ -151,7 +174,6 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
         else:
             lams = Shrinkage(lam if method == "yaqa" else 0.0, 0.0, shrink_target)
         H_in, H_out = (None, None) if f is None else ((f.xtx, None) if method == "ldlq" else (f.h_in, f.h_out))
-        W = lm.model.get_submodule(name).weight
         res: LayerResult = quantize_layer(name, W, fmt, method, H_in, H_out, shrink_out=lams.out,
                                           shrink_in=lams.inp, target=shrink_target)
         stats = {**res.stats, **lams.stats(), "format": fmt.name, "rounding": method}
@@ -268,6 +290,7 @@ def apply_plan(plan_path: str | Path, out_dir: str | Path, model: str | LoadedMo
     warning when plans of the plan's objective measured worse that way than another objective's."""
     from ..solve import load_plan
 
+    check_workers(workers)
     plan_path = Path(plan_path)
     plan = load_plan(plan_path)
     rounding = plan.rounding if rounding is None else rounding

@@ -16,6 +16,9 @@ from ..errors import BitplanError
 
 BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+# Far above any model (fp16 is 16 bpw; an exabyte): larger numbers are typos, and beyond ~1e308 not even floats.
+MAX_BPW = 10**6
+MAX_BYTES = 10**18
 _RE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]+)\s*")
 
 
@@ -56,8 +59,13 @@ def parse_budget(text: str | float | Budget) -> Budget:
     if value <= 0:
         raise BitplanError(f"budget must be positive, got {text.strip()!r}")
     if unit == "bpw":
+        if value > MAX_BPW:
+            raise BitplanError(f"budget {text.strip()!r} is too large: at most {MAX_BPW:,} bits per weight "
+                               "(fp16 is 16)")
         return Budget(text.strip(), "bpw", value)
     if unit in BYTE_UNITS:
+        if value * BYTE_UNITS[unit] > MAX_BYTES:
+            raise BitplanError(f"budget {text.strip()!r} is too large: at most {MAX_BYTES:.0e} bytes")
         return Budget(text.strip(), "bytes", value * BYTE_UNITS[unit])
     raise BitplanError(f"unknown budget unit {m.group(2)!r} in {text!r}: use bpw, B, KB, MB, GB, KiB, MiB or GiB")
 

@@ -34,6 +34,7 @@ def test_bpw_bits_are_exact_not_float():
 
 @pytest.mark.parametrize("text, message", [
     ("0bpw", "positive"), ("-3bpw", "positive"), ("0GB", "positive"), ("-1.5GiB", "positive"),
+    ("1e400bpw", "too large"), ("1e400GB", "too large"), ("2e6bpw", "too large"),
     ("3.25 bits", "unit"), ("lots", "cannot read"), ("", "cannot read"), ("1.2.3bpw", "cannot read"),
 ])
 def test_bad_budgets(text, message):
