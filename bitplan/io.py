@@ -28,6 +28,31 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def check_writable(path: str | os.PathLike, kind: str = "file", what: str | None = None) -> Path:
+    """Refuse, before any work, an output path that cannot be written: a `kind` "file" that is a folder, a
+    "folder" that is a file, or a path under something that is not a folder (`/dev/null/x`) or not writable.
+    Long jobs call it first, so that a bad path costs a second rather than the whole run's results."""
+    from .errors import BitplanError
+
+    if kind not in ("file", "folder"):
+        raise ValueError(f"kind must be 'file' or 'folder', got {kind!r}")
+    path = Path(path)
+    what = what or f"output {kind}"
+    if kind == "file" and path.is_dir():
+        raise BitplanError(f"{what} {path} is a folder; give a file name")
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise BitplanError(f"{what} {path} is a file, not a folder")
+    # the folder that the path or its missing parents would be created in
+    base = path if kind == "folder" and path.is_dir() else path.parent
+    while not base.exists() and base.parent != base:
+        base = base.parent
+    if not base.is_dir():
+        raise BitplanError(f"cannot write {what} {path}: {base} is not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise BitplanError(f"cannot write {what} {path}: no permission to write in {base}")
+    return path
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")

@@ -9,7 +9,10 @@ Layout of a checkpoint folder:
                          (norm weights fp32: they are tiny and sensitive)
     tokenizer files
 The whole folder is written under a temporary name and renamed into place, so a reader never sees half of one;
-the sha256 of model.safetensors in config.json catches truncation and corruption on load.
+the sha256 of model.safetensors in config.json catches truncation and corruption on load. config.json lists the
+files bitplan wrote (`written_files`): replacing a checkpoint (`overwrite`) replaces those and keeps any other
+file a user put in the folder (an eval.json, a results/ folder). Folders bitplan makes beside a checkpoint
+(`.NAME.job`, `.NAME.old`) carry a marker file, and bitplan never deletes such a folder without it.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from torch import nn
 
 from ..errors import BitplanError
 from ..formats import get_format
+from ..io import check_writable
 from ..solve.accounting import codebook_key
 from .module import QuantizedLinear
 
@@ -34,6 +38,12 @@ QUANT_METHOD = "bitplan"
 CHECKPOINT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CODEBOOK_PREFIX = "bitplan.codebook."
+OWNED_MARKER = ".bitplan-owned"
+# What bitplan writes into a checkpoint folder; checkpoints written before `written_files` was recorded are read
+# as having written these (the tokenizer files transformers saves)
+_KNOWN_FILES = ("config.json", WEIGHTS, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
+                "chat_template.json", "generation_config.json")
 
 
 def file_sha256(path: Path) -> str:
@@ -55,6 +65,80 @@ def is_checkpoint(folder: str | Path) -> bool:
     return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
 
 
+def sibling(out_dir: str | Path, suffix: str) -> Path:
+    """`.NAME.suffix` beside `out_dir`: where apply keeps its part files (job) or moves a replaced checkpoint's
+    files (old)."""
+    out_dir = Path(out_dir)
+    return out_dir.with_name(f".{out_dir.name}.{suffix}")
+
+
+def mark_owned(folder: Path) -> None:
+    """Create `folder` (if needed) as one of bitplan's: only a marked folder is ever deleted by bitplan."""
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / OWNED_MARKER
+    if not marker.is_file():
+        marker.write_text("made by bitplan beside a checkpoint folder; removed when the run that made it ends\n")
+
+
+def _owned(folder: Path) -> bool:
+    """A folder bitplan may use and delete: one it marked, or an empty one."""
+    return folder.is_dir() and ((folder / OWNED_MARKER).is_file() or not any(folder.iterdir()))
+
+
+def remove_owned(folder: Path, names) -> None:
+    """Delete from a marked folder the files bitplan put there (`names`, leftover temporary files, the marker),
+    then the folder itself if nothing else is left in it."""
+    if not folder.is_dir() or not (folder / OWNED_MARKER).is_file():
+        return
+    for name in {*names, OWNED_MARKER}:
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    for tmp in folder.glob(".*.tmp"):   # atomic writes cut short
+        tmp.unlink()
+    try:
+        folder.rmdir()
+    except OSError:   # something else is in it: not ours to delete
+        pass
+
+
+def written_files(folder: str | Path) -> set[str]:
+    """The names of the files bitplan wrote in the checkpoint `folder` (listed in its config.json)."""
+    folder = Path(folder)
+    try:
+        qc = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        qc = {}
+    listed = qc.get("written_files") if isinstance(qc, dict) else None
+    if not isinstance(listed, list):
+        return set(_KNOWN_FILES)
+    return {n for n in listed if isinstance(n, str) and n not in ("", ".", "..") and "/" not in n
+            and os.sep not in n} | {"config.json"}
+
+
+def check_out_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Refuse, before any work, a checkpoint folder that apply may not write: a path that cannot be written, a
+    folder holding anything but a bitplan checkpoint, a checkpoint unless `overwrite`, or a `.NAME.job` /
+    `.NAME.old` beside it that bitplan did not make."""
+    out_dir = Path(out_dir)
+    check_writable(out_dir, "folder", "checkpoint folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not is_checkpoint(out_dir):
+            raise BitplanError(f"{out_dir} exists and is not a bitplan checkpoint; refusing to overwrite it")
+        if not overwrite:
+            raise BitplanError(f"{out_dir} already holds a bitplan checkpoint; pass --overwrite to replace it "
+                               "(only the files bitplan wrote there are replaced, any other file is kept)")
+    for suffix in ("job", "old"):
+        near = sibling(out_dir, suffix)
+        if (near.exists() or near.is_symlink()) and not _owned(near):
+            raise BitplanError(f"{near} exists and was not made by this bitplan; bitplan keeps its own work there "
+                               f"while writing {out_dir.name}: move it away (or delete it if it is left from an "
+                               "earlier bitplan run)")
+    return out_dir
+
+
 def _keep_precision(name: str, t: torch.Tensor) -> torch.Tensor:
     """Non-quantized tensors are stored fp16 (what plans account for); 1-D norm weights and biases stay fp32."""
     if not t.is_floating_point():
@@ -63,11 +147,12 @@ def _keep_precision(name: str, t: torch.Tensor) -> torch.Tensor:
 
 
 def write_checkpoint(out_dir: str | Path, model: nn.Module, tokenizer, layers: dict[str, dict[str, torch.Tensor]],
-                     formats: dict[str, str], metadata: dict[str, Any]) -> Path:
-    """Write a checkpoint of `model` whose modules in `layers` (name → packed tensors) are replaced."""
+                     formats: dict[str, str], metadata: dict[str, Any], overwrite: bool = False) -> Path:
+    """Write a checkpoint of `model` whose modules in `layers` (name → packed tensors) are replaced.
+    An existing checkpoint in `out_dir` is refused unless `overwrite`; then only the files bitplan wrote there
+    are replaced."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not is_checkpoint(out_dir):
-        raise BitplanError(f"{out_dir} exists and is not a bitplan checkpoint; refusing to overwrite it")
+    check_out_dir(out_dir, overwrite)
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     quantized_weights = {f"{name}.weight" for name in layers}
@@ -91,24 +176,46 @@ def write_checkpoint(out_dir: str | Path, model: nn.Module, tokenizer, layers: d
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
         qc = {"quant_method": QUANT_METHOD, "version": CHECKPOINT_VERSION, "modules": dict(formats),
-              "files": {WEIGHTS: file_sha256(tmp / WEIGHTS)}, **metadata}
+              "files": {WEIGHTS: file_sha256(tmp / WEIGHTS)},
+              "written_files": sorted({p.name for p in tmp.iterdir()} | {"config.json"}), **metadata}
         config = model.config.to_dict()
         config["quantization_config"] = qc
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-        tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
+        if out_dir.is_dir() and any(out_dir.iterdir()):
+            _replace_files(tmp, out_dir)
+        else:  # a missing or empty folder: renamed into place whole
             os.replace(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _replace_files(new: Path, out_dir: Path) -> None:
+    """Replace the checkpoint in `out_dir` by the one in `new`: the files the old one wrote go to `.NAME.old`
+    (deleted after), the new files move in; every other file in `out_dir` stays. config.json leaves first and
+    comes back last, so the folder is never a checkpoint whose config describes the other's weights."""
+    ours = written_files(out_dir)
+    present = {p.name for p in out_dir.iterdir()}
+    incoming = {p.name for p in new.iterdir()}
+    clash = sorted(incoming & (present - ours))
+    if clash:
+        raise BitplanError(f"{out_dir / clash[0]} was not written by bitplan, and the new checkpoint has a file of "
+                           "that name; move it away and run the same command again")
+    old = sibling(out_dir, "old")
+    if old.exists() or old.is_symlink():
+        if not _owned(old):
+            raise BitplanError(f"{old} exists and was not made by this bitplan; move it away")
+        shutil.rmtree(old)
+    mark_owned(old)
+    leaving = sorted(ours & present, key=lambda n: (n != "config.json", n))
+    for name in leaving:
+        os.replace(out_dir / name, old / name)
+    for name in sorted(incoming, key=lambda n: (n == "config.json", n)):
+        os.replace(new / name, out_dir / name)
+    remove_owned(old, leaving)
 
 
 def read_quantization_config(folder: Path) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from ..io import atomic_path
 from ..models import LoadedModel, find_linears, load_model, weights_sha256
 from ..profile.directory import ProfileDir
 from ..progress import Progress
-from .checkpoint import write_checkpoint
+from .checkpoint import check_out_dir, mark_owned, remove_owned, sibling, write_checkpoint
 from .layer import ROUNDINGS, LayerResult, quantize_layer
 
 
@@ -40,7 +40,7 @@ class ApplyResult:
 
 
 def job_dir(out_dir: Path) -> Path:
-    return out_dir.parent / f".{out_dir.name}.job"
+    return sibling(out_dir, "job")
 
 
 def _part_key(weights_hash: str, name: str, fmt: str, rounding: str, shrink: str | float, factors_id: str) -> str:
@@ -116,7 +116,7 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
                   profile_dir: str | Path | ProfileDir | None = None, shrink: str | float | dict[str, float] = "auto",
                   shrink_target: str = DEFAULT_SHRINK_TARGET, workers: int | None = None,
                   metadata: dict[str, Any] | None = None, progress: bool = True,
-                  ranks: Ranks | None = None) -> ApplyResult:
+                  ranks: Ranks | None = None, overwrite: bool = False) -> ApplyResult:
     """Quantize `model`'s layers to `formats` (layer name → format name) and write a checkpoint to `out_dir`.
 
     `shrink` moves the normalized factors toward `shrink_target` for YAQA rounding: "auto" (λ of H_O and of
@@ -126,9 +126,12 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
     slow down.
     Under torchrun the processes split the layers (`ranks`, default: torchrun's group or one process); each
     writes its layers' part files and rank 0 assembles the checkpoint from them.
+    A checkpoint already in `out_dir` is refused unless `overwrite` (then only the files bitplan wrote there are
+    replaced); `out_dir` is checked before the model loads.
     """
     ranks = ranks or Ranks.current()
     progress = progress and ranks.main
+    check_out_dir(out_dir, overwrite)
     check_workers(workers)
     if rounding not in ROUNDINGS:
         raise BitplanError(f"unknown rounding {rounding!r}; choose one of {', '.join(ROUNDINGS)}")
@@ -145,7 +148,7 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
     weights_hash = weights_sha256(lm.model)
     check_profile_model(profile, weights_hash)
     jobs = job_dir(out_dir)
-    jobs.mkdir(parents=True, exist_ok=True)
+    mark_owned(jobs)
 
     def settings(name: str):
         """(method, λ, part file, key) of a layer; the key changes with anything that changes the part."""
@@ -190,10 +193,13 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
         with Progress(progress) as bars:
             mine = ranks.share(list(formats))
             task = bars.task(f"{rounding} rounding", len(mine))
-            with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+            pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
+            try:
                 for name, tensors, st in pool.map(one, mine):
                     layers[name], stats[name] = tensors, st
                     task.advance()
+            finally:  # on Ctrl-C the layers not yet started are dropped, not rounded before the exit
+                pool.shutdown(wait=True, cancel_futures=True)
     finally:
         torch.set_num_threads(threads)
     ranks.barrier()
@@ -212,10 +218,9 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
 
     meta = {"rounding": rounding, "source_model": {"id": lm.model_id, "weights_sha256": weights_hash},
             "layers": stats, **(metadata or {})}
-    write_checkpoint(out_dir, lm.model, lm.tokenizer, layers, {n: fmts[n].name for n in formats}, meta)
-    import shutil
-
-    shutil.rmtree(jobs, ignore_errors=True)
+    write_checkpoint(out_dir, lm.model, lm.tokenizer, layers, {n: fmts[n].name for n in formats}, meta,
+                     overwrite=overwrite)
+    remove_owned(jobs, [f"{name}.safetensors" for name in formats])
     ranks.barrier()
     return ApplyResult(out_dir=out_dir, formats={n: fmts[n].name for n in formats}, stats=stats)
 
@@ -280,19 +285,50 @@ def rounding_mismatch(objective: str, rounding: str) -> str | None:
             f"{measured.budget} on {measured.model}). For {rounding} rounding, solve with --objective {best}")
 
 
+def over_budget(plan) -> str | None:
+    """What a plan spends beyond its own budget (a plan edited by hand, say every layer int8), or None."""
+    totals, budget = plan.totals, plan.budget
+    if totals.get("within_budget", True) or not budget.get("layer_bits"):
+        return None
+    weights = totals["block_weights"]
+    return (f"the plan's layers take {totals['storage_bpw']:.3f} bpw, over its budget {budget.get('given')} "
+            f"({budget['layer_bits'] / weights:.3f} bpw for the block linears)")
+
+
+def check_budget(plan, plan_path: Path, strict: bool) -> None:
+    """Refuse (`strict`) or warn loudly about a plan over its budget: the checkpoint would be larger than asked."""
+    excess = over_budget(plan)
+    if excess is None:
+        return
+    if strict:
+        raise BitplanError(f"{plan_path}: {excess}; refusing it (--strict): solve again for this budget, or drop "
+                           "--strict to apply it anyway")
+    if Ranks.current().main:
+        from rich.console import Console
+        from rich.markup import escape
+
+        Console(stderr=True).print(f"[bold red]warning:[/] [red]{escape(str(plan_path))}: {escape(excess)}; applying "
+                                   "it anyway (--strict refuses such a plan)[/]", soft_wrap=True)
+
+
 def apply_plan(plan_path: str | Path, out_dir: str | Path, model: str | LoadedModel | None = None,
                rounding: str | None = None, profile_dir: str | Path | None = None, shrink: str | float = "auto",
                shrink_target: str = DEFAULT_SHRINK_TARGET,
-               workers: int | None = None, progress: bool = True) -> ApplyResult:
+               workers: int | None = None, progress: bool = True, overwrite: bool = False,
+               strict: bool = False) -> ApplyResult:
     """Quantize the model a plan names (or `model`) to the plan's formats; factors from the plan's profile
     (or `profile_dir`, e.g. a profile run with Hessians when the plan came from a shipped profile).
     `rounding` None rounds as the plan was solved for (`plan.rounding`); another one overrides it, with a
-    warning when plans of the plan's objective measured worse that way than another objective's."""
+    warning when plans of the plan's objective measured worse that way than another objective's.
+    A plan over its own budget (edited by hand) is applied with a warning, or refused if `strict`; `out_dir` is
+    checked before anything loads (see apply_formats for `overwrite`)."""
     from ..solve import load_plan
 
     check_workers(workers)
+    check_out_dir(out_dir, overwrite)
     plan_path = Path(plan_path)
     plan = load_plan(plan_path)
+    check_budget(plan, plan_path, strict)
     rounding = plan.rounding if rounding is None else rounding
     recorded = (plan.profile or {}).get("model") or {}
     spec = model if model is not None else recorded.get("spec") or recorded.get("id")
@@ -320,4 +356,4 @@ def apply_plan(plan_path: str | Path, out_dir: str | Path, model: str | LoadedMo
                 "calibration": profile.calibration if profile else {}, "shrink": shrink, "shrink_target": shrink_target}
     return apply_formats(lm, plan.formats, out_dir, rounding=rounding, profile_dir=profile, shrink=shrink,
                          shrink_target=shrink_target,
-                         workers=workers, metadata=metadata, progress=progress)
+                         workers=workers, metadata=metadata, progress=progress, overwrite=overwrite)
