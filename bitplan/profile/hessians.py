@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import BitplanError
@@ -111,6 +111,11 @@ def read_half_factors(path: str | Path, dtype: torch.dtype = torch.float64) -> t
             meta = json.loads((fh.metadata() or {})["bitplan"])
             h_out, h_in = fh.get_tensor("h_out").to(dtype), fh.get_tensor("h_in").to(dtype)
             xtx = fh.get_tensor("xtx").to(dtype) if "xtx" in fh.keys() else None
+    except SafetensorError as e:   # truncated (a full disk, a copy cut short) or overwritten
+        profile = path.parent.parent.parent
+        raise BitplanError(f"the Hessian file {path} is damaged ({e}); re-make the profile's factors: "
+                           f"`bitplan profile MODEL --out {profile} --overwrite` with the settings it was made "
+                           "with") from None
     except (KeyError, ValueError, OSError, json.JSONDecodeError) as e:
         raise BitplanError(f"{path} is not a bitplan Hessian file ({type(e).__name__}: {e})") from None
     return FactorSums(h_out, h_in, xtx, meta["grad_sq"], meta["samples"], meta["tokens"],

@@ -36,6 +36,17 @@ def resolve_model(model: str | Path | LoadedModel | nn.Module) -> LoadedModel:
     return load_model(str(model))
 
 
+def check_finite(net: nn.Module, infos) -> None:
+    """Refuse a model whose block linears hold NaN or infinite weights: every Hessian and coefficient of it would
+    be NaN, and the phases fail deep inside with a traceback."""
+    for info in infos:
+        W = net.get_submodule(info.name).weight
+        if not bool(torch.isfinite(W).all()):
+            bad = int((~torch.isfinite(W)).sum())
+            raise BitplanError(f"the model's weight {info.name} holds {bad} NaN or infinite value(s): the model file "
+                               "is damaged or was saved from a diverged run; profile a model with finite weights")
+
+
 def calibration_windows(loaded: LoadedModel, calib: str | Path | torch.Tensor, samples: int | None,
                         seqlen: int | None, seed: int) -> Calibration:
     """The calibration windows from token ids [windows, seqlen] or text (a path or hf:NAME), with their

@@ -9,7 +9,8 @@
     noise/<layer>.json          α_noise measurement of one layer
     layers/<layer>.json         coefficients (traces, α_hessian, YAQA gains) of one layer
     formats/<layer>.json        relative error of one layer in every format asked for so far
-    timing.json                 wall time per phase, summed over resumes
+    timing.json                 wall time per phase, summed over resumes (added at each checkpoint or result)
+    lock                        the pid of the process writing the job (a second run into OUT is refused)
 
 Every file is written atomically; a killed job resumes from the last file it finished. Windows are processed
 in the same batches after a resume and labels are seeded per window, so the result equals an uninterrupted run.
@@ -17,7 +18,9 @@ in the same batches after a resume and labels are seeded per window, so the resu
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,32 @@ from .schema import SCHEMA
 
 JOB_DIR = ".job"
 OUTPUTS = ("profile.json", "sensitivity.csv", HESSIAN_DIR, JOB_DIR)
+LOCK = "lock"
+_LOCK_GRACE_S = 60.0   # a lock file without a pid yet is being written by its taker, unless it is older than this
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process
+        return True
+    return True
+
+
+def _lock_holder(path: Path) -> int | None:
+    """The pid in a lock file that still binds: None when the file is gone, its process has ended, or it is
+    this process's own (an earlier call that stopped with an exception)."""
+    try:
+        text = path.read_text().strip()
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    if not text.isdigit():
+        return -1 if age < _LOCK_GRACE_S else None
+    pid = int(text)
+    return pid if pid != os.getpid() and _pid_alive(pid) else None
 
 
 def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -47,6 +76,7 @@ class Job:
     identity: dict[str, Any]       # {"weights_sha256", "model_id"}
     fingerprint: dict[str, Any]    # the settings that change results
     options: dict[str, Any]        # settings that do not (batch size, checkpoint interval): a resumed job keeps its own
+    locked: bool = False           # this process holds OUT/.job/lock
 
     @property
     def dir(self) -> Path:
@@ -55,16 +85,20 @@ class Job:
     # ------------------------------------------------------------------------------------ opening
     @classmethod
     def open(cls, out: str | Path, identity: dict[str, Any], fingerprint: dict[str, Any],
-             options: dict[str, Any] | None = None, overwrite: bool = False) -> tuple["Job", bool]:
+             options: dict[str, Any] | None = None, overwrite: bool = False,
+             lock: bool = True) -> tuple["Job", bool]:
         """(job, complete): complete is True when OUT already holds a finished profile of these settings.
 
         Refuses (BitplanError, nothing touched) an OUT holding another model's profile or job, or the same
-        model's with other settings, unless `overwrite`; then only bitplan's own outputs are removed."""
+        model's with other settings, unless `overwrite`; then only bitplan's own outputs are removed.
+        With `lock` (the one process that owns the job; under torchrun rank 0) it takes OUT/.job/lock, refusing
+        an OUT that a live process is writing, and removes the temporary files of writes a killed run left."""
         out = Path(out)
         if out.exists() and not out.is_dir():
             raise BitplanError(f"output path {out} is a file; pass a directory with --out")
         job = cls(out, identity, fingerprint, dict(options or {}))
         existing = job._existing()
+        clear = False
         if existing is not None:
             what, ident, fp = existing
             if ident.get("weights_sha256") != identity["weights_sha256"]:
@@ -81,12 +115,16 @@ class Job:
             elif what == "profile":
                 if not overwrite:
                     return job, True
-            if overwrite:
-                job.clear()
-        elif any((out / name).exists() for name in OUTPUTS[1:]):
+            clear = overwrite
+        elif any((out / name).exists() for name in OUTPUTS[1:-1]) or job._has_files():
             if not overwrite:
                 raise BitplanError(f"{out} holds profile files but no profile.json or job state; "
                                    "pass a new --out, or --overwrite to replace them")
+            clear = True
+        if lock:
+            job.lock()
+            job.remove_temporaries()
+        if clear:
             job.clear()
         state = job.dir / "state.json"
         if state.is_file():
@@ -111,23 +149,80 @@ class Job:
             return "partial profile job", data.get("identity", {}), data.get("fingerprint", {})
         return None
 
+    def _has_files(self) -> bool:
+        """Whether .job holds anything but a lock (a run stopped before writing its state leaves only that)."""
+        return self.dir.is_dir() and any(p.name != LOCK for p in self.dir.iterdir())
+
     def clear(self) -> None:
-        """Remove bitplan's outputs from OUT (never anything else a user keeps there)."""
+        """Remove bitplan's outputs from OUT (never anything else a user keeps there), keeping this run's lock."""
         for name in OUTPUTS:
             p = self.out / name
-            if p.is_dir():
+            if p == self.dir and self.locked:
+                for q in p.iterdir():
+                    if q.name != LOCK:
+                        shutil.rmtree(q) if q.is_dir() else q.unlink()
+            elif p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
 
+    # ------------------------------------------------------------------------------------ one writer
+    def lock(self) -> None:
+        """Take OUT/.job/lock (created exclusively, holding this pid); a lock whose process has ended is taken
+        over. Refuses while another live process holds it: two runs into one OUT would mix their files."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / LOCK
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _lock_holder(path)
+                if holder is not None:
+                    who = f"process {holder}" if holder > 0 else "another process"
+                    raise BitplanError(f"another bitplan profile ({who}) is writing {self.out}; wait for it to "
+                                       f"finish or pass another --out (if no such process runs, delete {path})")
+                path.unlink(missing_ok=True)   # stale: its process has ended
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            self.locked = True
+            return
+        raise BitplanError(f"cannot take the lock {path}: other processes keep taking it; pass another --out")
+
+    def unlock(self) -> None:
+        if not self.locked:
+            return
+        path = self.dir / LOCK
+        try:
+            if path.read_text().strip() == str(os.getpid()):
+                path.unlink()
+        except FileNotFoundError:
+            pass
+        self.locked = False
+
+    def remove_temporaries(self) -> None:
+        """Delete the temporary files of atomic writes a killed run left in .job and hessians/ (a factor
+        checkpoint's is as large as the checkpoint). Only the lock holder calls this: the files are nobody's."""
+        for folder in (self.dir, self.out / HESSIAN_DIR):
+            if folder.is_dir():
+                for p in folder.rglob(".*.tmp"):
+                    if p.is_file():
+                        p.unlink(missing_ok=True)
+
     def finish(self, keep: bool = False) -> None:
         if not keep and self.dir.exists():
             shutil.rmtree(self.dir)
+            self.locked = False
+        else:
+            self.unlock()
 
     @property
     def resumed(self) -> bool:
         return (any((self.dir / p).exists() for p in ("factors-a.done", "noise", "layers"))
                 or any(self.dir.glob("factors-a*.safetensors")))
+
+    def clock(self, enabled: bool = True) -> "PhaseClock":
+        return PhaseClock(self, enabled)
 
     def add_time(self, phase: str, seconds: float) -> dict[str, float]:
         """Accumulate wall time per phase across resumes (timing.json)."""
@@ -187,3 +282,30 @@ class Job:
     def save_result(self, kind: str, name: str, data: dict) -> None:
         write_json(self.dir / kind / f"{name}.json", data)
 
+
+
+class PhaseClock:
+    """Wall time of the running phase, added to timing.json at each `tick` (each checkpoint or per-layer
+    result), so a killed phase loses at most the time since its last result."""
+
+    def __init__(self, job: Job, enabled: bool = True):
+        self.job, self.enabled = job, enabled
+        self.phase: str | None = None
+        self.t0 = 0.0
+
+    def start(self, phase: str) -> None:
+        self.stop()
+        self.phase, self.t0 = phase, time.perf_counter()
+
+    def tick(self) -> dict[str, float]:
+        now = time.perf_counter()
+        if self.phase is None or not self.enabled:
+            return {}
+        times = self.job.add_time(self.phase, now - self.t0)
+        self.t0 = now
+        return times
+
+    def stop(self) -> dict[str, float]:
+        times = self.tick()
+        self.phase = None
+        return times

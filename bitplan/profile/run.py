@@ -7,7 +7,6 @@ add the judge (judge_phase.py; `judge_samples` = 0 goes without).
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import torch
@@ -19,8 +18,8 @@ from ..linalg import LDL
 from ..models import LoadedModel, find_linears, weights_sha256
 from ..progress import Progress
 from .defaults import DEFAULT_CHUNK, DEFAULT_HALVES, DEFAULT_NOISE_SAMPLES
-from .inputs import (calibration_windows, candidate_formats, check_options, judge_size, resolve_model,
-                     split_halves)
+from .inputs import (calibration_windows, candidate_formats, check_finite, check_options, judge_size,
+                     resolve_model, split_halves)
 from .job import Job
 from .judge_phase import judge_phase
 from .noise import DEFAULT_LEVELS
@@ -61,6 +60,7 @@ def profile_model(model: str | Path | LoadedModel | nn.Module, calib: str | Path
     loaded = resolve_model(model)
     net = loaded.model
     infos = find_linears(net)
+    check_finite(net, infos)
     fmts = candidate_formats(formats)
     cal = calibration_windows(loaded, calib, samples, seqlen, seed)
     n_windows, T = cal.windows.shape
@@ -79,8 +79,19 @@ def profile_model(model: str | Path | LoadedModel | nn.Module, calib: str | Path
     out = Path(out_dir) if out_dir is not None else default_out_dir(loaded.model_id)
     options = {"batch_size": batch_size, "checkpoint_every": checkpoint_every, "factor_groups": factor_groups}
     # Rank 0 checks, clears or creates the folder before the others open it (and never clear it again).
+    # The lock and the clean-up of killed writes' temporaries are rank 0's: the others write under its lock.
     job, complete = ranks.on_main(lambda: Job.open(out, identity, fingerprint, options, overwrite),
-                                  lambda: Job.open(out, identity, fingerprint, options, False))
+                                  lambda: Job.open(out, identity, fingerprint, options, False, lock=False))
+    try:
+        return _run_job(job, complete, loaded, infos, fmts, cal, split, fingerprint, judge_samples, levels, seed,
+                        sketch_chunk, noise_samples, batch_size, progress, keep_job, events, ranks, out, T, net)
+    finally:
+        job.unlock()
+
+
+def _run_job(job, complete, loaded, infos, fmts, cal, split, fingerprint, judge_samples, levels, seed, sketch_chunk,
+             noise_samples, batch_size, progress, keep_job, events, ranks, out, T, net) -> Profile:
+    """profile_model's work once the job folder is open (and, on rank 0, locked)."""
     emit = events or (lambda phase, count: None)
     judge = {"samples": judge_samples, "seqlen": T, "seed": seed, "sketch_chunk": sketch_chunk}
 
@@ -107,23 +118,28 @@ def profile_model(model: str | Path | LoadedModel | nn.Module, calib: str | Path
     def add_time(phase: str, seconds: float) -> dict[str, float]:
         return job.add_time(phase, seconds) if ranks.main else {}  # rank 0's clock stands for the job's
 
+    # Each phase's time is added at every checkpoint or result, so a kill loses at most one step's.
+    clock = job.clock(enabled=ranks.main)
+
+    def emit_timed(phase: str, count: int) -> None:
+        clock.tick()
+        emit(phase, count)
+
     sketch_times = SketchTimes()
     with Progress(progress) as bars:
-        work = Work(job, net, infos, ranks, bars, emit)
-        t0 = time.perf_counter()
+        work = Work(job, net, infos, ranks, bars, emit_timed)
+        clock.start("noise")
         noise = noise_phase(work, cal.windows[:noise_samples], levels, seed)
-        add_time("noise", time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        clock.start("factors")
         factor_phase(work, cal.windows, split, seed, sketch_chunk, sketch_times)
+        clock.stop()
         add_time("factors.forward_backward", sketch_times.forward_backward)
         add_time("factors.accumulate", sketch_times.accumulate)
-        add_time("factors", time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        clock.start("layers")
         results = coefficient_phase(work)
-        add_time("layers", time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        clock.start("formats")
         rel_errs = format_phase(work, fmts)
-        timing = add_time("formats", time.perf_counter() - t0)
+        timing = clock.stop()
     if not ranks.main:
         ranks.barrier()  # rank 0 writes the profile
         return with_judge(load_profile(out))
