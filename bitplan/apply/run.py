@@ -193,13 +193,10 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
         with Progress(progress) as bars:
             mine = ranks.share(list(formats))
             task = bars.task(f"{rounding} rounding", len(mine))
-            pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
-            try:
+            with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
                 for name, tensors, st in pool.map(one, mine):
                     layers[name], stats[name] = tensors, st
                     task.advance()
-            finally:  # on Ctrl-C the layers not yet started are dropped, not rounded before the exit
-                pool.shutdown(wait=True, cancel_futures=True)
     finally:
         torch.set_num_threads(threads)
     ranks.barrier()
