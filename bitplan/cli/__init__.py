@@ -104,16 +104,27 @@ for _info in app.registered_commands:
         _info.cls = _Command
 
 
+def _interrupted() -> None:
+    """Ctrl-C: exit 130 (as a shell reports SIGINT) with the command that resumes; long jobs keep finished work."""
+    import shlex
+
+    command = " ".join(shlex.quote(a) for a in ["bitplan", *sys.argv[1:]])
+    err_console.print(f"[yellow]interrupted:[/] run the same command again to resume: {escape(command)}",
+                      highlight=False, soft_wrap=True)
+    sys.exit(130)
+
+
 def main() -> None:
-    """Console-script entry point: bad input ends in one red line and exit code 2, never a traceback."""
+    """Console-script entry point: bad input ends in one red line and exit code 2, never a traceback; Ctrl-C
+    ends in exit code 130 and the command that resumes."""
     try:
-        app(standalone_mode=False)
+        # Without standalone mode typer returns an exit code rather than exiting (130 after Ctrl-C)
+        code = app(standalone_mode=False)
     except BitplanError as e:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/]")
-        sys.exit(130)
+        _interrupted()
     except SystemExit:
         raise
     except Exception as e:
@@ -124,3 +135,7 @@ def main() -> None:
         if type(e).__name__ == "Abort":
             sys.exit(1)
         raise
+    if code == 130:
+        _interrupted()
+    if isinstance(code, int) and not isinstance(code, bool) and code:
+        sys.exit(code)

@@ -26,6 +26,10 @@ def apply_command(
     shrink_target: str = typer.Option("identity", "--shrink-target", help="T: identity, or diagonal (the factor's "
                                       "own diagonal in the original basis)"),
     workers: Optional[int] = typer.Option(None, "--workers", help="layers rounded in parallel (default: one per core)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a checkpoint already in --out (only the files "
+                                   "bitplan wrote there; other files in the folder are kept)"),
+    strict: bool = typer.Option(False, "--strict", help="refuse a plan over its own budget (e.g. edited by hand) "
+                                "instead of applying it with a warning"),
 ) -> None:
     """Quantize a model per its plan (with the rounding it was solved for, by default) into a packed checkpoint."""
     from ..apply import apply_plan
@@ -33,7 +37,7 @@ def apply_command(
     from ..distributed import Ranks
 
     result = apply_plan(plan, out, model=model, rounding=rounding, profile_dir=profile, shrink=shrink,
-                        shrink_target=shrink_target, workers=workers)
+                        shrink_target=shrink_target, workers=workers, overwrite=overwrite, strict=strict)
     if not Ranks.current().main:  # under torchrun, rank 0 assembles the checkpoint and reports
         return
     table = Table(title=f"{len(result.formats)} layers → {result.out_dir}")

@@ -30,7 +30,10 @@ def eval_command(
 ) -> None:
     """Compare a candidate with its reference on held-out text."""
     from ..evaluate import evaluate
+    from ..io import check_writable
 
+    if json_out is not None:  # before the evaluation, whose figures a bad path would lose
+        check_writable(json_out, "file", "--json file")
     result = evaluate(reference, candidate, data, windows=windows, seqlen=seqlen, seed=seed, cache=cache,
                       cache_gb=cache_gb, json_out=json_out, exclude_calibration=exclude_calibration)
     for note in result.warnings:

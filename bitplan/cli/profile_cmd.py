@@ -47,6 +47,13 @@ def profile_command(
     """Profile a model: what each block linear layer costs in KL per unit of quantization error.
 
     Interrupted runs resume: run the same command again."""
+    check_settings(samples=samples, seqlen=seqlen, sketch_chunk=sketch_chunk, halves=halves,
+                   noise_samples=noise_samples, batch_size=batch_size, checkpoint_every=checkpoint_every,
+                   factor_groups=factor_groups, judge_samples=judge_samples, threads=threads)
+    if out is not None:
+        from ..io import check_writable
+
+        check_writable(out, "folder", "profile folder")
     from ..profile import default_out_dir, profile_model
     from ..profile.report import sensitivity_table, summary_line
 
@@ -70,3 +77,32 @@ def profile_command(
     if timing:
         console.print("[dim]time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items())
                       + f"; peak memory {profile.extra.get('peak_rss_gb', 0):.2f} GB; wrote {where}[/]")
+
+
+def check_settings(*, samples: int, seqlen: int, sketch_chunk: int, halves: str, noise_samples: int,
+                   batch_size: int, checkpoint_every: int, factor_groups: int, judge_samples: int | None,
+                   threads: int) -> None:
+    """The options that need no model, checked before it loads (half a minute for the default model); the
+    profile checks them again against the windows it draws, which may be fewer than --samples."""
+    from ..errors import BitplanError
+
+    if samples < 2:
+        raise BitplanError(f"--samples must be at least 2 (the windows are split into two halves), got {samples}")
+    if seqlen < 2:
+        raise BitplanError(f"--seqlen must be at least 2 tokens, got {seqlen}")
+    if not 1 <= sketch_chunk <= seqlen:
+        raise BitplanError(f"--sketch-chunk must be between 1 and the window length {seqlen}, got {sketch_chunk}")
+    if halves not in HALF_SPLITS:
+        raise BitplanError(f"--halves must be one of {', '.join(HALF_SPLITS)}, got {halves!r}")
+    if not 0 <= noise_samples <= samples:
+        raise BitplanError(f"--noise-samples must be between 0 and --samples ({samples}), got {noise_samples}")
+    if batch_size < 1:
+        raise BitplanError(f"--batch-size must be at least 1, got {batch_size}")
+    if checkpoint_every < 1:
+        raise BitplanError(f"--checkpoint-every must be at least 1, got {checkpoint_every}")
+    if factor_groups < 1:
+        raise BitplanError(f"--factor-groups must be at least 1, got {factor_groups}")
+    if judge_samples is not None and judge_samples < 0:
+        raise BitplanError(f"--judge-samples must be 0 (no judge) or a number of windows, got {judge_samples}")
+    if threads < 0:
+        raise BitplanError(f"--threads must be 0 (torch's default) or a number of threads, got {threads}")

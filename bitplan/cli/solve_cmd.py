@@ -52,6 +52,7 @@ def solve_command(
 ) -> None:
     """Allocate bits: minimize predicted ΔKL within a budget; writes plan.json."""
     from ..errors import BitplanError
+    from ..io import check_writable
     from ..solve import parse_sweep, rounding_note, solve
     from ..solve import sweep as run_sweep
     from ..solve.sweep import plan_out, plot_sweep, sweep_paths, write_sweep_csv, write_sweep_plans
@@ -59,6 +60,10 @@ def solve_command(
     if budget is None and sweep is None:
         raise BitplanError("give a --budget (e.g. 3.25bpw or 2.1GB) or a --sweep A:B:STEP")
     out = plan_out(out)
+    check_writable(out, "file", "plan file")
+    if sweep is not None:
+        for path in sweep_paths(out):
+            check_writable(path, "file", "sweep file")
     kwargs = dict(solver=solver, objective=objective, formats=formats, pins=pin, min_bits=min_bits,
                   max_bits=max_bits, tie=tie, resource=resource, resource_limit=resource_limit,
                   resolution=resolution, time_limit=time_limit)
