@@ -86,7 +86,7 @@ def main() -> None:
             continue
         console.rule(f"[bold]{label}")
         ckpt = args.out / label.replace(" + ", "-").replace(" ", "_")
-        apply_formats(lm, formats, ckpt, rounding=rounding, profile_dir=profile_dir)
+        apply_formats(lm, formats, ckpt, rounding=rounding, profile_dir=profile_dir, overwrite=True)
         r = evaluate(lm, str(ckpt), args.data, windows=args.windows, seqlen=512)
         results[key] = {"storage_bpw": storage_bpw(infos, formats), "kl": r.kl_mean, "kl_se": r.kl_se,
                         "kl_p99": r.kl_p99, "top1": r.top1_agreement, "ppl": r.ppl_candidate,

@@ -96,12 +96,12 @@ def main() -> None:
     console.rule("[bold]3. apply")
     # (label, checkpoint, storage bpw); the plan's own rounding first, then the uniform format with both roundings
     candidates = [("plan + YAQA", out / "plan-yaqa", plan.totals["storage_bpw"])]
-    apply_plan(plan_path, candidates[0][1], model=model, rounding="yaqa")
+    apply_plan(plan_path, candidates[0][1], model=model, rounding="yaqa", overwrite=True)
     if uniform:
         formats = {info.name: uniform for info in find_linears(model.model)}
         for rounding, label in (("yaqa", "YAQA"), ("rtn", "RTN")):
             folder = out / f"uniform-{rounding}"
-            apply_formats(model, formats, folder, rounding=rounding, profile_dir=profile_dir)
+            apply_formats(model, formats, folder, rounding=rounding, profile_dir=profile_dir, overwrite=True)
             candidates.append((f"{uniform} + {label}", folder, plan.uniform["storage_bpw"]))
 
     clock.lap("apply")

@@ -95,7 +95,7 @@ def main() -> None:
         ckpt = args.work / key.replace(" ", "_").replace("/", "_")
         t0 = time.perf_counter()
         applied = apply_formats(lm, {n: fmt for n in names}, ckpt, rounding=rounding, profile_dir=profile_dir,
-                                shrink=shrink)
+                                shrink=shrink, overwrite=True)
         apply_s = time.perf_counter() - t0
         ev = evaluate(lm, str(ckpt), args.data, windows=args.windows, seqlen=args.seqlen)
         lams = {side: [float(s.get(side, 0.0)) for s in applied.stats.values()] for side in ("shrink_out", "shrink_in")}

@@ -68,7 +68,8 @@ def main() -> None:
             continue
         console.rule(f"[bold]{label}")
         ckpt = args.out / label.replace(" ", "_").replace("(", "").replace(")", "")
-        apply_formats(lm, plan.formats, ckpt, rounding=args.rounding, profile_dir=args.profile)
+        apply_formats(lm, plan.formats, ckpt, rounding=args.rounding, profile_dir=args.profile,
+                      overwrite=True)
         r = evaluate(lm, str(ckpt), args.data, windows=args.windows, seqlen=512)
         results[key] = {"storage_bpw": plan.totals["storage_bpw"], "predicted": plan.totals["predicted_dkl"],
                         "kl": r.kl_mean, "kl_se": r.kl_se, "top1": r.top1_agreement, "ppl": r.ppl_candidate}
