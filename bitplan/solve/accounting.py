@@ -4,7 +4,8 @@
 - Grid codebooks: stored once per checkpoint for each distinct grid (p, n) used, whatever its group size.
 - Extras (byte budgets and file totals only): the embedding and an untied head stay fp16; a tied head shares the
   embedding's storage and costs nothing; the remaining parameters the profile counts (norms, biases) are fp16.
-  Container overhead (safetensors header, config.json) is not counted: a few kB.
+  The safetensors header and the fp32 storage of 1-D tensors are not counted here; a whole-file budget sets aside
+  a bound on them first (`api.container_reserve_bits`), so model.safetensors stays within it. config.json is apart.
 """
 from __future__ import annotations
 

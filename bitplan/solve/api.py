@@ -26,23 +26,75 @@ class Target:
     """A budget resolved against an instance: bits available to block linears and their codebooks."""
     budget: Budget
     layer_bits: int
+    usable_bits: int | None = None   # the most bits any assignment of these formats stores
+    reserve_bits: int = 0            # a whole-file budget's reserve for the file header and fp32 vectors
 
     def to_json(self, inst: Instance) -> dict:
         return {"given": self.budget.given, "kind": self.budget.kind, "value": float(self.budget.value),
                 "bits": self.budget.bits(inst.block_weights), "layer_bits": self.layer_bits,
                 "resolved": self.budget.describe(),
-                "layer_bpw": self.layer_bits / inst.block_weights}
+                "layer_bpw": self.layer_bits / inst.block_weights,
+                **({"container_reserve_bits": self.reserve_bits} if self.budget.kind == "bytes" else {})}
+
+
+_TENSORS_PER_LAYER = 5        # codes, scale, zero, rotation_seeds, and the layer's bias if it has one
+_OTHER_TENSORS_PER_BLOCK = 8  # norms (up to 4 per block, 6 with q/k norms) and spare; plus the final norm
+
+
+def container_reserve_bits(inst: Instance, file_bytes: int) -> int:
+    """Bits a whole-file budget of `file_bytes` keeps for what the storage accounting leaves out: the safetensors
+    header (a JSON entry per tensor, bounded from the names and sizes) and 1-D tensors (norms, biases), which the
+    checkpoint stores in fp32 but the accounting counts as fp16. A bound: model.safetensors never exceeds it."""
+    layers, extras = inst.profile.layers, inst.profile.extras
+    longest = max([len(r.name) for r in layers] + [len(e.name) for e in extras] + [0]) + 24   # + ".rotation_seeds"
+    dim = max([max(r.shape) for r in layers] + [max(e.shape) for e in extras] + [1])
+    # `"NAME":{"dtype":"BF16","shape":[d0,d1,d2],"data_offsets":[start,end]},`
+    entry = longest + 48 + 3 * (len(str(dim)) + 1) + 2 * (len(str(max(file_bytes, 1))) + 1)
+    blocks = len({r.block for r in layers})
+    entries = (_TENSORS_PER_LAYER * len(layers) + len(extras) + _OTHER_TENSORS_PER_BLOCK * blocks + 4
+               + len(inst.codebook_names))
+    header = 8 + 64 + entries * entry + 8   # length prefix, metadata, entries, padding to 8 bytes
+    return 8 * header + 16 * inst.extras.other_params
 
 
 def resolve_budget(inst: Instance, budget) -> Target:
-    """Bits for block linears + codebooks; a budget outside the achievable range fails here, naming that range."""
+    """Bits for block linears + codebooks; a budget outside the achievable range fails here, naming that range.
+    A whole-file budget first sets aside the fp16 extras and `container_reserve_bits`."""
     b = parse_budget(budget)
     total = b.bits(inst.block_weights)
-    layer_bits = total - (inst.extras.bits if b.kind == "bytes" else 0)
+    reserve = container_reserve_bits(inst, total // 8) if b.kind == "bytes" else 0
+    layer_bits = total - (inst.extras.bits + reserve if b.kind == "bytes" else 0)
     lo, hi = inst.problem(0).bit_range()
     if layer_bits < lo:
         raise BitplanError(f"budget {b.given} is below what these constraints allow: {_range(inst, b, lo, hi)}")
-    return Target(b, layer_bits)
+    return Target(b, layer_bits, hi, reserve)
+
+
+def notes(inst: Instance, target: Target) -> list[str]:
+    """What a user should know about a plan that the plan alone does not say: a budget beyond what the formats
+    can use, and predictions from estimated (not measured) errors."""
+    out = []
+    if target.usable_bits is not None and target.layer_bits > target.usable_bits:
+        out.append(f"budget {target.budget.given} is more than these formats can use "
+                   f"({_range(inst, target.budget, *inst.problem(0).bit_range())}): every layer gets its largest "
+                   "format and the rest of the budget is unused")
+    est = inst.estimated()
+    if est:
+        names = sorted(est)
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        out.append(f"{len(names)} candidate format(s) were not measured by the profile ({shown}): their error is the "
+                   "Gaussian estimate (the format's t² on N(0,1) weights), not the layers' own. Measure them with "
+                   "`bitplan profile ... --formats` into the profile's folder (only the new formats are measured), "
+                   "or restrict --formats to the measured ones")
+    return out
+
+
+def _print_notes(lines: list[str]) -> None:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    for line in lines:
+        console.print(f"[yellow]note: {line}[/]", markup=True, highlight=False)
 
 
 def _range(inst: Instance, b: Budget, lo: int, hi: int) -> str:
@@ -50,9 +102,11 @@ def _range(inst: Instance, b: Budget, lo: int, hi: int) -> str:
     if b.kind == "bpw":
         return (f"achievable {lo / w:.4f}–{hi / w:.4f} bpw storage over the block linears "
                 f"(codebooks included)")
-    extra = inst.extras.bits
+    reserve = container_reserve_bits(inst, b.bits(w) // 8)
+    extra = inst.extras.bits + reserve
     return (f"achievable {_bytes(lo + extra)}–{_bytes(hi + extra)} for the whole file "
-            f"(embedding/head and other tensors in fp16: {_bytes(extra)})")
+            f"(embedding/head and other tensors in fp16: {_bytes(inst.extras.bits)}; file header and fp32 vectors: "
+            f"at most {_bytes(reserve)})")
 
 
 def _bytes(bits: int) -> str:
@@ -150,7 +204,7 @@ def solve(profile: Profile | str | Path, budget: str | float | Budget, solver: s
           objective: str | None = None, formats=None, pins=(), min_bits: float | None = None,
           max_bits: float | None = None, tie=None, resource: Resource | str | Path | None = None,
           resource_limit: float | None = None, resolution: float = DEFAULT_RESOLUTION,
-          time_limit: float | None = None) -> Plan:
+          time_limit: float | None = None, notes_to_stderr: bool = True) -> Plan:
     """Choose a format for every block linear layer of `profile` within `budget`, minimizing predicted ΔKL.
 
     budget: `3.25bpw`, `2.1GB`, `1.8GiB`, `500MB`, `700MiB` (or a number of bpw). solver: `dp` (exact dynamic
@@ -159,6 +213,7 @@ def solve(profile: Profile | str | Path, budget: str | float | Budget, solver: s
     profile has. formats: comma list of names and sets (profile, default, all,
     grid, int, kernel). pins: `REGEX=FORMAT` strings. min_bits/max_bits bound each layer's nominal bits.
     tie: comma list of qkv, gateup, attn, mlp, block. resource: a Resource or a JSON/CSV table path.
+    `notes_to_stderr` prints `notes` (a budget the formats cannot use, unmeasured formats' estimates) to stderr.
     """
     if solver not in SOLVERS:
         raise BitplanError(f"unknown solver {solver!r}; choose dp or ilp")
@@ -166,4 +221,7 @@ def solve(profile: Profile | str | Path, budget: str | float | Budget, solver: s
     inst = build_instance(prof, objective, formats, pins, min_bits, max_bits, tie, _resource(resource, resource_limit))
     target = resolve_budget(inst, budget)
     solution = run_solver(inst, target.layer_bits, solver, resolution, time_limit)
-    return make_plan(inst, solution, target, solver, identity)
+    plan = make_plan(inst, solution, target, solver, identity)
+    if notes_to_stderr:
+        _print_notes(notes(inst, target))
+    return plan

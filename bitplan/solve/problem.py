@@ -220,6 +220,20 @@ class Instance:
     def layer_bits(self, layer: int, fmt: Format) -> int:
         return storage_bits(self._bits_cache, fmt, self.profile.layers[layer].shape)
 
+    def estimated(self) -> dict[str, int]:
+        """Format → how many layers may take it at a t² the profile did not measure (the Gaussian mse_q
+        stands in); fp16 is left out (its error is ~0 either way)."""
+        out: dict[str, int] = {}
+        for item, opts in zip(self.items, self.options):
+            for fmt in opts:
+                if fmt.kind == "fp16":
+                    continue
+                for i in item:
+                    t2 = self.profile.layers[i].rel_err.get(fmt.name)
+                    if t2 is None or not math.isfinite(t2):
+                        out[fmt.name] = out.get(fmt.name, 0) + 1
+        return out
+
     def layer_cost(self, layer: int, fmt: Format) -> float:
         return layer_cost(self.profile.layers[layer], fmt, self.objective)
 
