@@ -325,7 +325,8 @@ def weights_sha256(model: nn.Module) -> str:
             continue
         seen.add(id(t))
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
-        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        # reshape(-1): a 0-dim (scalar) buffer cannot be viewed as bytes, a 1-element vector can.
+        h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -115,6 +115,19 @@ def test_weights_hash_tracks_weights():
     assert weights_sha256(a) != weights_sha256(b)
 
 
+def test_weights_hash_of_a_scalar_buffer():
+    """A 0-dim buffer (Gemma 3's embed_scale is one) is hashed like any tensor: its value counts."""
+    a, b = tiny_llama(100, seed=0), tiny_llama(100, seed=0)
+    a.model.register_buffer("scale", torch.tensor(8.0))
+    b.model.register_buffer("scale", torch.tensor(8.0))
+    assert weights_sha256(a) == weights_sha256(b)
+    b.model.scale.fill_(8.5)
+    assert weights_sha256(a) != weights_sha256(b)
+    c = tiny_llama(100, seed=0)
+    c.model.register_buffer("scale", torch.tensor([8.0]))  # same bytes, another shape
+    assert weights_sha256(c) != weights_sha256(a)
+
+
 def test_same_tokenizer():
     assert same_tokenizer(make_tokenizer(300), make_tokenizer(300))
     assert not same_tokenizer(make_tokenizer(300), make_tokenizer(340))
