@@ -26,7 +26,7 @@ import torch
 from .data import calibration_spans, describe_source, placed_token_windows, warn_if_same_source
 from .errors import BitplanError
 from .io import write_json
-from .logit_cache import LogitCache
+from .logit_cache import LogitCache, default_cap
 from .loading import open_model
 from .models import LoadedModel, cache_dir, same_tokenizer, weights_sha256
 from .progress import Progress
@@ -133,12 +133,13 @@ def _logits(model, window: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(reference: str | LoadedModel, candidate: str | LoadedModel, data: str, windows: int = 32,
-             seqlen: int = 512, seed: int = 0, cache: bool = True, cache_gb: float = 2.0,
+             seqlen: int = 512, seed: int = 0, cache: bool = True, cache_gb: float | None = None,
              json_out: str | Path | None = None, progress: bool = True, exclude_calibration: bool = False,
              exclude: list[tuple[int, int]] | None = None) -> EvalResult:
     """Compare `candidate` with `reference` on `windows` held-out windows of `data` (see module docstring).
     `exclude` lists (start, length) spans of the data's token stream no window may touch; `exclude_calibration`
-    adds the candidate's calibration windows when `data` is its calibration text."""
+    adds the candidate's calibration windows when `data` is its calibration text. `cache_gb` caps the
+    reference-logit cache in GiB; None: enough for this evaluation's reference logits, at least 2."""
     if windows <= 0:
         raise BitplanError(f"--windows must be positive (got {windows})")
     source = describe_source(data)  # a missing or empty file fails here, before any model is loaded
@@ -163,7 +164,13 @@ def evaluate(reference: str | LoadedModel, candidate: str | LoadedModel, data: s
     if note:
         notes.append(note)
 
-    logit_cache = LogitCache(cache_dir() / "logits", int(cache_gb * 2**30)) if cache else None
+    if cache_gb is None:
+        head = ref.model.get_output_embeddings()
+        vocab = getattr(head, "out_features", None) or getattr(ref.model.config, "vocab_size", None) or 0
+        cap = default_cap(windows, seqlen, vocab)
+    else:
+        cap = int(cache_gb * 2**30)
+    logit_cache = LogitCache(cache_dir() / "logits", cap) if cache else None
     ref_hash = weights_sha256(ref.model) if logit_cache else ""
     stats: list[TokenStats] = []
     with Progress(progress) as bars:
