@@ -23,7 +23,8 @@ def eval_command(
     seed: int = typer.Option(0, "--seed", help="which windows are drawn"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results to this JSON file"),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="cache reference logits on disk"),
-    cache_gb: float = typer.Option(2.0, "--cache-gb", help="size cap of the reference-logit cache"),
+    cache_gb: Optional[float] = typer.Option(None, "--cache-gb", help="size cap of the reference-logit cache in "
+                                             "GiB (default: this evaluation's reference logits, at least 2)"),
     exclude_calibration: bool = typer.Option(False, "--exclude-calibration",
                                              help="when --data is the candidate's calibration text, draw only "
                                                   "windows its calibration did not touch"),
