@@ -2,7 +2,7 @@
 
     python examples/quickstart.py [--budget 3.25bpw] [--out runs/quickstart]
 
-What it costs with the defaults: about 8 minutes on 2 CPU cores with nothing else running, about 7 GB of memory,
+What it costs with the defaults: about 10 minutes on 2 CPU cores with nothing else running, about 7.6 GB of memory,
 and about 4.8 GB of disk: 3.8 GB under --out (the profile's Kronecker factors in OUT/profile/hessians, 3.5 GB, and
 three checkpoints of 0.1 GB) and the rest in bitplan's cache (the default model converted once to safetensors,
 the reference logits).
@@ -43,7 +43,7 @@ QUICK_FORMATS = ["higgs-p2-n16-g128", "higgs-p2-n32-g128", "higgs-p2-n64-g128", 
                  "higgs-p2-n256-g128", "higgs-p1-n8-g128", "higgs-p1-n16-g128", "higgs-p1-n32-g128",
                  "higgs-p1-n64-g128", "int2-g128", "int3-g128", "int4-g128", "int5-g128", "int6-g128", "int8-g128",
                  "fp16"]
-COST = ("about 8 min on 2 CPU cores alone, ~7 GB of memory, ~4.8 GB of disk (3.8 GB under the output folder, "
+COST = ("about 10 min on 2 CPU cores alone, ~7.6 GB of memory, ~4.8 GB of disk (3.8 GB under the output folder, "
         "3.5 GB of it the profile's Kronecker factors in profile/hessians; the rest in bitplan's cache)")
 
 
