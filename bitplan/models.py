@@ -250,12 +250,18 @@ class _quiet_transformers:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks: the longest ModuleList of identically-typed modules (generic over architectures)."""
-    best = None
+    """The decoder blocks: a ModuleList of identically-typed modules (generic over architectures). Where several
+    exist (a list of experts inside each block, say), the one as long as the config's `num_hidden_layers` wins,
+    then the outermost, then the longest."""
+    config = getattr(model, "config", None)
+    depth_of = {id(m): n.count(".") + 1 if n else 0 for n, m in model.named_modules()}
+    n_layers = getattr(config, "num_hidden_layers", None)
+    best, best_key = None, None
     for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best)):
-                best = module
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(m) for m in module}) == 1:
+            key = (len(module) == n_layers, -depth_of[id(module)], len(module))
+            if best_key is None or key > best_key:
+                best, best_key = module, key
     if best is None:
         raise BitplanError(f"{type(model).__name__} has no list of decoder blocks; bitplan cannot find its layers")
     return best
@@ -270,26 +276,47 @@ def decoder_prefix(model: nn.Module) -> str:
 
 
 def find_linears(model: nn.Module) -> list[LinearInfo]:
-    """Every quantizable linear layer inside the decoder blocks (attention and MLP projections), in forward order.
+    """Every quantizable linear layer inside the decoder blocks (attention and MLP projections, fused ones such as
+    `query_key_value`, `qkv_proj` and `gate_up_proj` included), in forward order.
 
-    Embeddings and the output head are outside the blocks and reported by `find_extras`.
+    Embeddings and the output head are outside the blocks and reported by `find_extras`. A block whose weights
+    bitplan cannot quantize (a weight matrix outside nn.Linear, such as mixture-of-experts weights fused into one
+    3-D parameter, or a block without any nn.Linear) is refused here, before any work: with such a model every
+    result would silently leave those weights out.
     """
     prefix = decoder_prefix(model)
     out: list[LinearInfo] = []
-    unsupported: list[str] = []
     for block, layer in enumerate(decoder_layers(model)):
+        found = 0
+        others: list[tuple[str, nn.Module, str, torch.Tensor]] = []  # weight matrices outside nn.Linear
         for sub, module in layer.named_modules():
+            where = f"{prefix}.{block}.{sub}" if sub else f"{prefix}.{block}"
             if isinstance(module, nn.Linear):
-                out.append(LinearInfo(name=f"{prefix}.{block}.{sub}", block=block, kind=sub.rsplit(".", 1)[-1],
+                out.append(LinearInfo(name=where, block=block, kind=sub.rsplit(".", 1)[-1],
                                       out_features=module.out_features, in_features=module.in_features))
+                found += 1
             elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-                unsupported.append(f"{prefix}.{block}.{sub}")
-    if unsupported:
-        raise BitplanError(f"unsupported layer type Conv1D (GPT-2 style) at {unsupported[0]} and "
-                           f"{len(unsupported) - 1} more; bitplan quantizes nn.Linear projections")
-    if not out:
-        raise BitplanError(f"{type(model).__name__} has no quantizable linear layers in its decoder blocks")
+                raise BitplanError(f"unsupported layer type Conv1D (GPT-2 style) at {where}; "
+                                   "bitplan quantizes nn.Linear projections")
+            else:
+                others += [(where, module, n, p) for n, p in module.named_parameters(recurse=False) if p.dim() >= 2]
+        if others:
+            # Fused experts say most about why (a router's matrix comes first in forward order, but is a symptom).
+            raise BitplanError(_unsupported_weight(*max(others, key=lambda o: o[3].dim() >= 3)))
+        if not found:
+            raise BitplanError(f"{prefix}.{block} ({type(layer).__name__}) has no nn.Linear layer: "
+                               f"{type(model).__name__} has no quantizable linear layers in its decoder blocks")
     return out
+
+
+def _unsupported_weight(where: str, module: nn.Module, pname: str, p: torch.Tensor) -> str:
+    shape = "×".join(str(d) for d in p.shape)
+    if p.dim() >= 3:
+        why = (f"a {p.dim()}-D weight ({shape}: experts fused into one tensor), not nn.Linear layers; "
+               "bitplan cannot quantize mixture-of-experts models yet")
+    else:
+        why = f"a weight matrix ({shape}) outside nn.Linear; bitplan quantizes nn.Linear layers only"
+    return f"unsupported layer {where} ({type(module).__name__}): its parameter {pname} is {why}"
 
 
 def find_extras(model: nn.Module) -> list[ExtraTensor]:

@@ -68,15 +68,19 @@ class _Tail:
     def __init__(self, model: nn.Module):
         prefix = decoder_prefix(model)
         base = get_module(model, prefix.rsplit(".", 1)[0]) if "." in prefix else model
-        norm = next((getattr(base, a) for a in ("norm", "final_layernorm", "ln_f") if hasattr(base, a)), None)
+        names = ("norm", "final_layernorm", "final_layer_norm", "ln_f")  # Llama and most, Phi, GPT-NeoX, GPT-2
+        norm = next((getattr(base, a) for a in names if hasattr(base, a)), None)
         head = model.get_output_embeddings()
         if norm is None or head is None:
             raise BitplanError(f"noise injection does not know the output path of {type(model).__name__} "
                                "(no final norm or head found); run with --noise-samples 0")
         self.norm, self.head = norm, head
+        # Gemma 2 soft-caps its logits after the head: cap · tanh(logits / cap).
+        self.softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(h))
+        logits = self.head(self.norm(h))
+        return logits if not self.softcap else torch.tanh(logits / self.softcap) * self.softcap
 
 
 def _block_output(out: Any) -> torch.Tensor:
