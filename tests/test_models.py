@@ -62,6 +62,16 @@ def test_no_quantizable_layers():
     assert len(decoder_layers(model)) == 2
 
 
+def test_decoder_blocks_beat_a_longer_list_inside_them():
+    """A block may hold its own ModuleList (experts kept as nn.Linear), longer than the list of blocks."""
+    model = tiny_llama(50, layers=2)
+    for layer in model.model.layers:
+        layer.mlp.experts = torch.nn.ModuleList([torch.nn.Linear(8, 8) for _ in range(4)])
+    assert decoder_layers(model) is model.model.layers
+    del model.config.num_hidden_layers  # without the config's count, the outermost list
+    assert decoder_layers(model) is model.model.layers
+
+
 def test_model_without_causal_lm_head(tmp_path, tiny_tokenizer):
     from transformers import BertConfig, BertModel
 
