@@ -23,9 +23,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
+    except Exception as e:
+        failure = write_failure(e, path)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def write_failure(error: BaseException, path: str | os.PathLike):
+    """A one-line BitplanError for a write that the system refused (disk full, quota, I/O error, permissions), or
+    None for any other error. Safetensors reports such failures as its own error type with the OS error in the
+    text ("Os { code: 28, ... }"), so that form counts too. Nothing at `path` was replaced."""
+    from .errors import BitplanError
+
+    if isinstance(error, OSError):
+        reason = error.strerror or str(error)
+    elif "Os {" in str(error):
+        reason = str(error)
+    else:
+        return None
+    return BitplanError(f"writing {path} failed: {reason}. Nothing there was replaced and finished work is kept: "
+                        "free space (or fix the folder) and run the same command again to resume")
 
 
 def check_writable(path: str | os.PathLike, kind: str = "file", what: str | None = None) -> Path:

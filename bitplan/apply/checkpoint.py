@@ -30,7 +30,7 @@ from torch import nn
 
 from ..errors import BitplanError
 from ..formats import get_format
-from ..io import check_writable
+from ..io import check_writable, write_failure
 from ..solve.accounting import codebook_key
 from .module import QuantizedLinear
 
@@ -187,6 +187,11 @@ def write_checkpoint(out_dir: str | Path, model: nn.Module, tokenizer, layers: d
             _replace_files(tmp, out_dir)
         else:  # a missing or empty folder: renamed into place whole
             os.replace(tmp, out_dir)
+    except Exception as e:
+        failure = write_failure(e, out_dir)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -240,7 +245,10 @@ def load_tensors(folder: Path, qc: dict[str, Any]) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise BitplanError(f"{folder} is incomplete: {WEIGHTS} is missing")
     expected = (qc.get("files") or {}).get(WEIGHTS)
-    if expected and file_sha256(path) != expected:
+    if not expected:  # bitplan always records it: without it a damaged file would load silently
+        raise BitplanError(f"{folder}/config.json records no sha256 for {WEIGHTS} (quantization_config.files), so "
+                           "the weights cannot be checked; re-make the checkpoint with `bitplan apply`")
+    if file_sha256(path) != expected:
         raise BitplanError(f"{path} is truncated or corrupted (its sha256 differs from the one in config.json)")
     try:
         return load_file(str(path))

@@ -144,3 +144,57 @@ def test_resume_reuses_finished_layers(tiny_model_dir, tmp_path, monkeypatch):
     apply_formats(lm, formats, tmp_path / "fresh", rounding="rtn", progress=False)
     a = (tmp_path / "q" / "model.safetensors").read_bytes()
     assert a == (tmp_path / "fresh" / "model.safetensors").read_bytes()
+
+
+def test_a_checkpoint_without_its_recorded_hash_is_refused(tiny_model_dir, tmp_path):
+    """A damaged file must not load silently because its sha256 entry was removed from config.json."""
+    lm, formats = mixed_formats(tiny_model_dir)
+    out = tmp_path / "q"
+    apply_formats(lm, formats, out, rounding="rtn", progress=False)
+    config = json.loads((out / "config.json").read_text())
+    del config["quantization_config"]["files"]
+    (out / "config.json").write_text(json.dumps(config))
+    weights = out / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-8] + bytes(8))   # a damaged tail, which safetensors itself does not notice
+    with pytest.raises(BitplanError, match="records no sha256"):
+        load_quantized(out)
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   RuntimeError('IoError(Os { code: 28, kind: StorageFull, message: "No space left '
+                                                'on device" })')], ids=["oserror", "safetensors"])
+def test_a_full_disk_is_one_clear_line_and_replaces_nothing(tiny_model_dir, tmp_path, monkeypatch, error):
+    """Disk full while writing the checkpoint (or a layer's part file): a BitplanError naming the cause, the folder
+    as it was, no temporaries left beside it."""
+    import bitplan.apply.checkpoint as checkpoint
+
+    lm, formats = mixed_formats(tiny_model_dir)
+    out = tmp_path / "q"
+    apply_formats(lm, formats, out, rounding="rtn", progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def full(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(BitplanError, match="No space left on device.*run the same command again"):
+        apply_formats(lm, formats, out, rounding="rtn", progress=False, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".q.") and p.suffix != ".job") == []
+
+
+def test_atomic_writes_turn_a_refused_write_into_one_line(tmp_path):
+    from bitplan.io import atomic_path
+
+    target = tmp_path / "result.json"
+    target.write_text("old")
+    with pytest.raises(BitplanError, match="No space left on device"):
+        with atomic_path(target) as tmp:
+            tmp.write_text("new")
+            raise OSError(28, "No space left on device")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+    with pytest.raises(ValueError):           # any other error passes through as it is
+        with atomic_path(target):
+            raise ValueError("not a write failure")
