@@ -25,7 +25,7 @@ import torch
 
 from .data import calibration_spans, describe_source, placed_token_windows, warn_if_same_source
 from .errors import BitplanError
-from .io import write_json
+from .io import check_writable, write_json
 from .logit_cache import LogitCache, default_cap
 from .loading import open_model
 from .models import LoadedModel, cache_dir, same_tokenizer, weights_sha256
@@ -142,6 +142,8 @@ def evaluate(reference: str | LoadedModel, candidate: str | LoadedModel, data: s
     reference-logit cache in GiB; None: enough for this evaluation's reference logits, at least 2."""
     if windows <= 0:
         raise BitplanError(f"--windows must be positive (got {windows})")
+    if json_out is not None:  # a bad path costs a second, not the whole evaluation's figures
+        check_writable(json_out, "file", "--json file")
     source = describe_source(data)  # a missing or empty file fails here, before any model is loaded
     ref = open_model(reference)
     same_spec = isinstance(reference, str) and isinstance(candidate, str) and reference == candidate

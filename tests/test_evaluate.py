@@ -205,3 +205,19 @@ def test_cli_bad_input(tiny_model_dir, tiny_text, tmp_path):
         assert r.returncode != 0, message
         assert message in r.stderr, (message, r.stderr)
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) <= 3, r.stderr
+
+
+def test_the_json_path_is_checked_before_any_model_loads(tmp_path, monkeypatch):
+    """evaluate(json_out=...) from Python refuses an unwritable path first, as `bitplan eval --json` does."""
+    import bitplan.evaluate as ev
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the output path was checked")
+
+    monkeypatch.setattr(ev, "open_model", no_loading)
+    (tmp_path / "text.txt").write_text("some text " * 200)
+    with pytest.raises(BitplanError, match="not a folder"):
+        ev.evaluate("ref", "cand", str(tmp_path / "text.txt"), json_out="/dev/null/eval.json")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(BitplanError, match="is a folder"):
+        ev.evaluate("ref", "cand", str(tmp_path / "text.txt"), json_out=tmp_path / "taken")

@@ -10,6 +10,7 @@
     layers/<layer>.json         coefficients (traces, α_hessian, YAQA gains) of one layer
     formats/<layer>.json        relative error of one layer in every format asked for so far
     timing.json                 wall time per phase, summed over resumes (added at each checkpoint or result)
+    peak_rss.json               the largest resident memory of any segment of the job
     lock                        the pid of the process writing the job (a second run into OUT is refused)
 
 Every file is written atomically; a killed job resumes from the last file it finished. Windows are processed
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import time
 from dataclasses import dataclass
@@ -225,12 +227,23 @@ class Job:
         return PhaseClock(self, enabled)
 
     def add_time(self, phase: str, seconds: float) -> dict[str, float]:
-        """Accumulate wall time per phase across resumes (timing.json)."""
+        """Accumulate wall time per phase across resumes (timing.json), and keep the peak memory with it."""
         path = self.dir / "timing.json"
         times = read_json(path, "job timing") if path.is_file() else {}
         times[phase] = times.get(phase, 0.0) + seconds
         write_json(path, times)
+        self.peak_rss_gb()
         return times
+
+    def peak_rss_gb(self) -> float:
+        """The largest resident memory of any process segment of the job so far (peak_rss.json: a killed segment's
+        peak survives the resume, as of its last timed step), this process's included."""
+        path = self.dir / "peak_rss.json"
+        recorded = read_json(path, "job peak memory")["gb"] if path.is_file() else 0.0
+        peak = max(recorded, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+        if peak > recorded:
+            write_json(path, {"gb": peak})
+        return peak
 
     # --------------------------------------------------------------------------- factor checkpoints
     def _ckpt(self, half: str, tag: str = "") -> Path:

@@ -3,7 +3,6 @@
 other formats, one that gains its judge)."""
 from __future__ import annotations
 
-import resource
 from pathlib import Path
 
 import torch
@@ -58,7 +57,7 @@ def layer_record(info: LinearInfo, res: dict, fit: dict | None, rel_err: dict[st
 def assemble_profile(loaded: LoadedModel, infos: list[LinearInfo], fmts: list[Format], cal: Calibration,
                      split: tuple[list[int], list[int]], fingerprint: dict, options: dict, results: dict[str, dict],
                      noise: dict[str, dict], rel_errs: dict[str, dict], timing: dict[str, float],
-                     ranks: Ranks) -> Profile:
+                     ranks: Ranks, peak_rss_gb: float) -> Profile:
     """The profile of a finished job: `fingerprint` holds the settings that change results, `options` those that
     do not (batch size, checkpoint interval, factor groups)."""
     net = loaded.model
@@ -81,6 +80,6 @@ def assemble_profile(loaded: LoadedModel, infos: list[LinearInfo], fmts: list[Fo
                   "ldl_sigma": LDL.sigma, "dkl_unit": "mean per-token KL(original ‖ quantized), nats",
                   "fingerprint": fingerprint, **options},
         extra={"versions": versions(), "timing_s": {k: round(v, 2) for k, v in timing.items()},
-               "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+               "peak_rss_gb": round(peak_rss_gb, 3),
                "torch_threads": torch.get_num_threads(), "processes": ranks.world,
                "format_table": format_table(fmts)})

@@ -145,7 +145,7 @@ def _run_job(job, complete, loaded, infos, fmts, cal, split, fingerprint, judge_
         return with_judge(load_profile(out))
 
     profile = write_profile(assemble_profile(loaded, infos, fmts, cal, split, fingerprint, job.options, results,
-                                             noise, rel_errs, timing, ranks), out)
+                                             noise, rel_errs, timing, ranks, job.peak_rss_gb()), out)
     job.finish(keep_job)
     ranks.barrier()
     return with_judge(profile)   # every rank: rank 0 judges while the others wait for it

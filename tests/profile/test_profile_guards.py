@@ -120,3 +120,15 @@ def test_a_resumed_job_removes_the_temporaries_of_killed_writes(tmp_path):
     assert keep.read_text() == "mine"
     run(out)
     assert load_profile(out).layers and not list(out.rglob(".*.tmp"))
+
+
+def test_a_resumed_job_reports_the_peak_memory_of_every_segment(tmp_path):
+    """profile.json's peak_rss_gb is the largest of the job's segments, not the last one's."""
+    out = tmp_path / "prof"
+    with pytest.raises(Interrupt):
+        run(out, events=stop_at("layers", 2))
+    recorded = json.loads((out / ".job" / "peak_rss.json").read_text())["gb"]
+    assert recorded > 0
+    # the killed segment stands for a larger one: more than the resumed process will ever reach
+    (out / ".job" / "peak_rss.json").write_text(json.dumps({"gb": 999.0}))
+    assert run(out).extra["peak_rss_gb"] == 999.0
