@@ -7,6 +7,13 @@ import os
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run in Triton's interpreter. triton.language's own functions (tl.cdiv, ...) are
+# decorated when triton is first imported, and transformers' model classes import it through torch._dynamo, so
+# the choice must be made here, before any test module loads, not in tests/kernels/conftest.py alone: a test module
+# collected earlier that imports a model class would otherwise break every kernel test after it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Under pytest-xdist every worker has its own process: one torch thread each keeps 2 workers from thrashing 2 cores.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
