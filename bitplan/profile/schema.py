@@ -3,6 +3,12 @@
 A profile is budget-independent: per block linear layer it holds the layer's shape and the sensitivity
 coefficients, and per candidate format the layer's measured relative error t² = ‖W − Ŵ‖²/‖W‖² after rotation.
 The solver's cost of giving layer l format f is `alpha_l(objective) * rel_err_l(f)`.
+
+`outer_layers` holds the same records for the weights outside the decoder blocks that a plan can quantize: the
+token embedding (kind "embedding", block -1) and an untied output head (kind "head", block = number of blocks).
+A head tied to the embedding is no record of its own: the embedding's record lists it in `ties`, and its
+coefficients measure both roles at once (the one matrix is rounded once). Profiles written before these records
+have no `outer_layers`; their embedding and head stay fp16 extras.
 """
 from __future__ import annotations
 
@@ -30,6 +36,14 @@ OBJECTIVES = {
     "ldlq": ("alpha_ldlq_judged", "alpha_ldlq_heldout"),
 }
 
+# Kinds of the records outside the decoder blocks (`Profile.outer_layers`).
+OUTER_KINDS = ("embedding", "head")
+# Their coefficient under each objective. The embedding is rounded to nearest (a lookup table has no input
+# Hessian for LDLQ to use), and no profile measures an adaptive rounding's gain on the head, so every objective
+# takes their round-to-nearest α: the measured α_noise, or α_hessian under `hessian` (each the other's stand-in).
+OUTER_OBJECTIVES = {objective: ("alpha_hessian", "alpha_noise") if objective == "hessian"
+                    else ("alpha_noise", "alpha_hessian") for objective in OBJECTIVES}
+
 
 @dataclass
 class LayerRecord:
@@ -47,10 +61,20 @@ class LayerRecord:
     alpha_yaqa_heldout: float | None = None  # predicted after two-sided LDLQ, cross-fitted
     rel_err: dict[str, float] = field(default_factory=dict)  # format name -> measured t² after rotation
     extra: dict[str, Any] = field(default_factory=dict)
+    ties: list[str] = field(default_factory=list)  # other modules sharing this tensor (a tied head: ["lm_head"])
 
     @property
     def params(self) -> int:
         return self.shape[0] * self.shape[1]
+
+    @property
+    def outer(self) -> bool:
+        """An embedding or head record (outside the decoder blocks)."""
+        return self.kind in OUTER_KINDS
+
+    def keys(self, objective: str) -> tuple[str, ...]:
+        """The coefficients `objective` may take for this record, in order of preference."""
+        return OUTER_OBJECTIVES[objective] if self.outer else OBJECTIVES[objective]
 
     @property
     def alpha_yaqa_judged(self) -> float | None:
@@ -79,9 +103,9 @@ class LayerRecord:
         has, or a clear error naming what the profile lacks."""
         if objective not in OBJECTIVES:
             raise BitplanError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
-        key = next((k for k in OBJECTIVES[objective] if getattr(self, k) is not None), None)
+        key = next((k for k in self.keys(objective) if getattr(self, k) is not None), None)
         if key is None:
-            raise BitplanError(f"profile has no {' or '.join(OBJECTIVES[objective])} for layer {self.name}; "
+            raise BitplanError(f"profile has no {' or '.join(self.keys(objective))} for layer {self.name}; "
                                "re-run `bitplan profile` with that measurement, or pick another --objective")
         return key
 
@@ -101,18 +125,33 @@ class Profile:
     settings: dict[str, Any] = field(default_factory=dict)
     version: int = VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # provenance: versions, timings, format table (optional)
+    outer_layers: list[LayerRecord] = field(default_factory=list)  # the embedding and an untied head
+
+    @property
+    def plannable(self) -> list[LayerRecord]:
+        """Every record a plan gives a format: the block linears, then the embedding and an untied head."""
+        return self.layers + self.outer_layers
 
     def to_json(self) -> dict[str, Any]:
         out = {"schema": SCHEMA, "version": self.version, "model": self.model, "calibration": self.calibration,
                "settings": self.settings, "formats": self.formats,
-               "layers": [asdict(r) for r in self.layers], "extras": [asdict(e) for e in self.extras],
+               "layers": [_record_json(r) for r in self.layers], "extras": [asdict(e) for e in self.extras],
+               **({"outer_layers": [_record_json(r) for r in self.outer_layers]} if self.outer_layers else {}),
                "extra": self.extra}
-        for rec in out["layers"] + out["extras"]:
+        for rec in out["extras"]:
             rec["shape"] = list(rec["shape"])
         return out
 
     def save(self, path: str | Path) -> None:
         write_json(path, self.to_json())
+
+
+def _record_json(r: LayerRecord) -> dict[str, Any]:
+    out = asdict(r)
+    out["shape"] = list(out["shape"])
+    if not out["ties"]:
+        del out["ties"]
+    return out
 
 
 def profile_path(path: str | Path) -> Path:
@@ -133,16 +172,20 @@ def load_profile(path: str | Path) -> Profile:
         raise BitplanError(f"{file} has profile version {data.get('version')}; this bitplan reads version {VERSION}")
     try:
         layers = [_layer(r) for r in data["layers"]]
+        outer = [_layer(r) for r in data.get("outer_layers", [])]
+        if any(not r.outer for r in outer) or any(r.outer for r in layers):
+            raise ValueError(f"outer_layers holds kinds {', '.join(OUTER_KINDS)} only, and layers none of them")
         extras = [ExtraTensor(name=e["name"], kind=e["kind"], shape=tuple(int(x) for x in e["shape"]),
                               tied_to=e.get("tied_to")) for e in data.get("extras", [])]
         profile = Profile(model=dict(data["model"]), calibration=dict(data.get("calibration", {})),
                           formats=[str(f) for f in data["formats"]], layers=layers, extras=extras,
-                          settings=dict(data.get("settings", {})), extra=dict(data.get("extra", {})))
+                          settings=dict(data.get("settings", {})), extra=dict(data.get("extra", {})),
+                          outer_layers=outer)
     except (KeyError, TypeError, ValueError) as e:
         raise BitplanError(f"{file} is malformed: {type(e).__name__}: {e}") from None
     if not profile.layers:
         raise BitplanError(f"{file} lists no layers")
-    names = [r.name for r in profile.layers]
+    names = [r.name for r in profile.plannable]
     if len(set(names)) != len(names):
         raise BitplanError(f"{file} lists a layer twice")
     return profile
@@ -155,7 +198,7 @@ def _layer(r: dict[str, Any]) -> LayerRecord:
     rec = LayerRecord(name=str(r["name"]), block=int(r["block"]), kind=str(r["kind"]), shape=shape,
                       weight_sq_norm=float(r["weight_sq_norm"]),
                       rel_err={str(k): float(v) for k, v in r.get("rel_err", {}).items()},
-                      extra=dict(r.get("extra", {})))
+                      extra=dict(r.get("extra", {})), ties=[str(t) for t in r.get("ties", [])])
     for key in ("trace_h_in", "trace_h_out", "alpha_noise", "alpha_noise_r2", "alpha_hessian",
                 "alpha_yaqa", "alpha_yaqa_heldout"):
         value = r.get(key)

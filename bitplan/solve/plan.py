@@ -18,7 +18,7 @@ from ..errors import BitplanError
 from ..formats import Format, get_format
 from ..io import read_json, write_text
 from ..profile.hessians import HESSIAN_DIR
-from ..profile.schema import Profile, load_profile, profile_path
+from ..profile.schema import OUTER_KINDS, Profile, load_profile, profile_path
 from .accounting import codebook_key, extras_account
 from .problem import coefficient_name, layer_cost
 
@@ -40,6 +40,10 @@ def rounding_for(objective: str) -> str:
 
 @dataclass
 class LayerPlan:
+    """One planned tensor: a block linear, or the token embedding (kind "embedding", block -1, named by its module
+    path, e.g. model.embed_tokens) or an untied head (kind "head", block = number of blocks, e.g. lm_head). A head
+    tied to the embedding is no entry of its own: the embedding's `ties` names it, and the one tensor's storage is
+    counted once."""
     name: str
     format: str
     block: int
@@ -47,6 +51,11 @@ class LayerPlan:
     shape: tuple[int, int]
     storage_bits: int
     predicted_dkl: float | None      # None when an edited plan is re-checked without its profile
+    ties: list[str] = field(default_factory=list)   # modules sharing this tensor (a tied head)
+
+    @property
+    def outer(self) -> bool:
+        return self.kind in OUTER_KINDS
 
     @property
     def params(self) -> int:
@@ -59,7 +68,7 @@ class LayerPlan:
     def to_json(self) -> dict:
         return {"name": self.name, "format": self.format, "block": self.block, "kind": self.kind,
                 "shape": list(self.shape), "storage_bits": self.storage_bits, "bpw": round(self.bpw, 6),
-                "predicted_dkl": self.predicted_dkl}
+                "predicted_dkl": self.predicted_dkl, **({"ties": list(self.ties)} if self.ties else {})}
 
 
 @dataclass
