@@ -6,7 +6,9 @@ Layout of a checkpoint folder:
     model.safetensors    per quantized module `<name>.codes` (int32 packed), `<name>.scale` / `.zero` (fp16),
                          `<name>.rotation_seeds` (2 × uint64 stored as int64); fp16 modules `<name>.weight`;
                          each grid's codebook once as `bitplan.codebook.grid-p{p}-n{n}`; every other tensor fp16
-                         (norm weights fp32: they are tiny and sensitive)
+                         (norm weights fp32: they are tiny and sensitive). A quantized token embedding is stored
+                         like a linear's weight [vocab, hidden] under its module name, once: a head tied to it
+                         has no tensor of its own (`quantization_config.tied_head`), and no fp16 copy is kept
     tokenizer files
 The whole folder is written under a temporary name and renamed into place, so a reader never sees half of one;
 the sha256 of model.safetensors in config.json catches truncation and corruption on load. config.json lists the
@@ -32,6 +34,7 @@ from ..errors import BitplanError
 from ..formats import get_format
 from ..io import check_writable, write_failure
 from ..solve.accounting import codebook_key
+from .embedding import QuantizedEmbedding, TiedQuantizedHead, is_tied, module_name
 from .module import QuantizedLinear
 
 QUANT_METHOD = "bitplan"
@@ -156,8 +159,10 @@ def write_checkpoint(out_dir: str | Path, model: nn.Module, tokenizer, layers: d
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     quantized_weights = {f"{name}.weight" for name in layers}
+    # a quantized embedding's packed tensors replace its fp16 matrix under every name it has (a tied head's too)
+    quantized_ptrs = {model.get_submodule(name).weight.data_ptr() for name in layers}
     for key, t in model.state_dict(keep_vars=False).items():
-        if key in quantized_weights or "rotary" in key or key.endswith("inv_freq"):
+        if key in quantized_weights or t.data_ptr() in quantized_ptrs or "rotary" in key or key.endswith("inv_freq"):
             continue
         if t.data_ptr() in seen:  # a tied weight (the head sharing the embedding) is stored once
             continue
@@ -257,7 +262,8 @@ def load_tensors(folder: Path, qc: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def build_model(folder: Path, qc: dict[str, Any], tensors: dict[str, torch.Tensor], cache: bool = True) -> nn.Module:
-    """A transformers model whose quantized modules are QuantizedLinear, every other weight from the file."""
+    """A transformers model whose quantized modules are QuantizedLinear (a quantized token embedding a
+    QuantizedEmbedding, and the head tied to it a TiedQuantizedHead), every other weight from the file."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..models import _quiet_transformers
@@ -276,12 +282,15 @@ def build_model(folder: Path, qc: dict[str, Any], tensors: dict[str, torch.Tenso
             raise BitplanError(f"the checkpoint's {fmt_name} codebook differs from this bitplan's grid table; "
                                "it was made with other grids")
     used: set[str] = {k for k in tensors if k.startswith(CODEBOOK_PREFIX)}
+    tied = is_tied(model)
+    head_name = module_name(model, model.get_output_embeddings())
+    embedding: QuantizedEmbedding | None = None
     for name, fmt_name in qc["modules"].items():
         try:
             old = model.get_submodule(name)
         except AttributeError:
             raise BitplanError(f"checkpoint module {name} does not exist in the {config.model_type} model") from None
-        if not isinstance(old, nn.Linear):
+        if not isinstance(old, (nn.Linear, nn.Embedding)):
             raise BitplanError(f"checkpoint module {name} is a {type(old).__name__}, not a linear layer")
         prefix = f"{name}."
         packed = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and k[len(prefix):] != "bias"}
@@ -291,15 +300,28 @@ def build_model(folder: Path, qc: dict[str, Any], tensors: dict[str, torch.Tenso
         used.update(prefix + k for k in packed)
         if bias is not None:
             used.add(prefix + "bias")
-        module = QuantizedLinear(old.in_features, old.out_features, fmt_name, packed,
-                                 bias.float() if bias is not None else None, cache=cache)
+        if isinstance(old, nn.Embedding):
+            scale = getattr(old, "embed_scale", None)
+            module = embedding = QuantizedEmbedding(old.num_embeddings, old.embedding_dim, fmt_name, packed,
+                                                    cache=cache, padding_idx=old.padding_idx,
+                                                    embed_scale=scale if isinstance(scale, torch.Tensor) else None)
+        else:
+            module = QuantizedLinear(old.in_features, old.out_features, fmt_name, packed,
+                                     bias.float() if bias is not None else None, cache=cache)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, module)
+    if embedding is not None and tied and head_name is not None:
+        bias = tensors.get(f"{head_name}.bias")
+        if bias is not None:
+            used.add(f"{head_name}.bias")
+        parent, _, child = head_name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child,
+                TiedQuantizedHead(embedding, bias.float() if bias is not None else None))
     rest = {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items() if k not in used}
     missing, unexpected = model.load_state_dict(rest, strict=False)
     quantized_prefixes = tuple(f"{n}." for n in qc["modules"])
     missing = [k for k in missing if not k.startswith(quantized_prefixes) and "rotary" not in k and not k.endswith("inv_freq")]
-    if getattr(config, "tie_word_embeddings", False):
+    if getattr(config, "tie_word_embeddings", False) and embedding is None:
         model.tie_weights()
         head = model.get_output_embeddings()
         missing = [k for k in missing if head is None or not k.startswith(next(n for n, m in model.named_modules() if m is head))]

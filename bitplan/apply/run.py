@@ -29,6 +29,7 @@ from ..models import LoadedModel, find_linears, load_model, weights_sha256
 from ..profile.directory import ProfileDir
 from ..progress import Progress
 from .checkpoint import check_out_dir, mark_owned, remove_owned, sibling, write_checkpoint
+from .embedding import is_tied, module_name, vocab_matrices
 from .layer import ROUNDINGS, LayerResult, quantize_layer
 
 
@@ -72,6 +73,29 @@ def layer_factors(profile: ProfileDir | None, name: str, rounding: str, shape: t
                            f"the model's weight is {shape[0]}×{shape[1]}: the profile is of another model; "
                            "pass this model's profile with --profile")
     return f
+
+
+def has_factors(profile: ProfileDir | None, name: str) -> bool:
+    """Whether the profile holds both calibration halves' factors of `name` (the head's exist only when the
+    profile measured it)."""
+    from ..profile.hessians import HALVES, factors_path
+
+    return profile is not None and all(factors_path(profile.path, name, half).is_file() for half in HALVES)
+
+
+def vocab_rounding(kind: str, rounding: str, has_factors: bool) -> tuple[str, str | None]:
+    """How the embedding or the untied head is rounded under the plan's `rounding`, and why when not that way.
+    The embedding is a lookup table: no input passes through it, so one-sided LDLQ has no input covariance and
+    YAQA no input factor; it is rounded to nearest (experiments/embedding_rounding.py measures error feedback
+    along the hidden dimension against it). The head is a linear layer and gets the plan's rounding from its
+    factors, to nearest when the profile has none."""
+    if rounding == "rtn":
+        return "rtn", None
+    if kind == "embedding":
+        return "rtn", "the embedding is a lookup table (no input covariance): rounded to nearest"
+    if not has_factors:
+        return "rtn", f"the profile has no factors for the head: rounded to nearest instead of {rounding}"
+    return rounding, None
 
 
 def check_workers(workers: int | None) -> None:
@@ -138,10 +162,17 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
     lm = model if isinstance(model, LoadedModel) else load_model(model)
     out_dir = Path(out_dir)
     known = {info.name: info for info in find_linears(lm.model)}
-    unknown = sorted(set(formats) - set(known))
+    vocab = vocab_matrices(lm.model)   # the embedding, and the head when it is not tied to it
+    head = module_name(lm.model, lm.model.get_output_embeddings())
+    if head in formats and head not in vocab and is_tied(lm.model):
+        raise BitplanError(f"the plan gives the head {head} a format, but it is tied to the embedding "
+                           f"{next(iter(vocab), '?')}: the shared matrix is one entry, the embedding's")
+    unknown = sorted(set(formats) - set(known) - set(vocab))
     if unknown:
         raise BitplanError(f"the plan names {len(unknown)} layer(s) the model does not have, e.g. {unknown[0]}")
     fmts = {name: get_format(f) for name, f in formats.items()}  # unknown format names fail before any work
+    # An embedding or head planned fp16 is stored as every other fp16 tensor is: the same bytes, no module to swap
+    work = [n for n in formats if not (n in vocab and fmts[n].kind == "fp16")]
     shrink = parse_shrink(shrink)
     check_target(shrink_target)
     profile = ProfileDir.of(profile_dir)
@@ -155,6 +186,8 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
         fmt = fmts[name]
         lam = shrink.get(name, "auto") if isinstance(shrink, dict) else shrink
         method = rounding if fmt.kind != "fp16" else "rtn"
+        if name in vocab:
+            method = vocab_rounding(vocab[name], method, has_factors(profile, name))[0]
         # without a profile there is no key to match; `one` then fails with layer_factors's clear error
         ident = profile.factors_id(name) if method != "rtn" and profile is not None else "none"
         key = _part_key(weights_hash, name, fmt.name, method, f"{lam}:{shrink_target}" if method == "yaqa" else 0.0,
@@ -180,18 +213,29 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
         res: LayerResult = quantize_layer(name, W, fmt, method, H_in, H_out, shrink_out=lams.out,
                                           shrink_in=lams.inp, target=shrink_target)
         stats = {**res.stats, **lams.stats(), "format": fmt.name, "rounding": method}
+        if name in vocab:
+            stats.update(kind=vocab[name], rounding_note=vocab_rounding(vocab[name], rounding,
+                                                                         has_factors(profile, name))[1])
         with atomic_path(part) as tmp:
             save_file({k: v.contiguous() for k, v in res.tensors.items()}, str(tmp),
                       metadata={"bitplan": json.dumps({"key": key, "stats": stats})})
         return name, res.tensors, stats
 
+    notes = [f"{n}: {note}" for n in work if n in vocab
+             for note in [vocab_rounding(vocab[n], rounding, has_factors(profile, n))[1]] if note]
+    if notes and progress:
+        from rich.console import Console
+        from rich.markup import escape
+
+        for note in notes:
+            Console(stderr=True).print(f"[yellow]{escape(note)}[/]", soft_wrap=True)
     layers: dict[str, dict[str, torch.Tensor]] = {}
     stats: dict[str, dict] = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with Progress(progress) as bars:
-            mine = ranks.share(list(formats))
+            mine = ranks.share(work)
             task = bars.task(f"{rounding} rounding", len(mine))
             with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
                 for name, tensors, st in pool.map(one, mine):
@@ -203,21 +247,22 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
     if not ranks.main:
         ranks.barrier()  # rank 0 assembles the checkpoint
         return ApplyResult(out_dir=out_dir, formats={n: fmts[n].name for n in formats}, stats=stats)
-    for name in formats:  # the other ranks' layers, from their part files
+    for name in work:  # the other ranks' layers, from their part files
         if name not in layers:
             *_, part, key = settings(name)  # reads no factors: only the part file's key
             cached = _read_part(part, key)
             if cached is None:
                 raise BitplanError(f"the part file of {name} from another process is missing or damaged ({part})")
             layers[name], stats[name] = cached
-    layers = {n: layers[n] for n in formats}
-    stats = {n: stats[n] for n in formats}
+    layers = {n: layers[n] for n in work}
+    stats = {n: stats[n] for n in work}
 
     meta = {"rounding": rounding, "source_model": {"id": lm.model_id, "weights_sha256": weights_hash},
-            "layers": stats, **(metadata or {})}
-    write_checkpoint(out_dir, lm.model, lm.tokenizer, layers, {n: fmts[n].name for n in formats}, meta,
+            "layers": stats, "vocab_modules": {n: vocab[n] for n in work if n in vocab},
+            "tied_head": is_tied(lm.model), **(metadata or {})}
+    write_checkpoint(out_dir, lm.model, lm.tokenizer, layers, {n: fmts[n].name for n in work}, meta,
                      overwrite=overwrite)
-    remove_owned(jobs, [f"{name}.safetensors" for name in formats])
+    remove_owned(jobs, [f"{name}.safetensors" for name in work])
     ranks.barrier()
     return ApplyResult(out_dir=out_dir, formats={n: fmts[n].name for n in formats}, stats=stats)
 
