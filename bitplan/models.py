@@ -58,6 +58,7 @@ class LinearInfo:
     kind: str                  # last path component, e.g. "down_proj"
     out_features: int
     in_features: int
+    ties: tuple[str, ...] = ()  # other modules sharing this weight (the embedding's tied head)
 
     @property
     def params(self) -> int:
@@ -334,6 +335,24 @@ def find_extras(model: nn.Module) -> list[ExtraTensor]:
         tied = emb_name if head.weight is emb.weight else None
         extras.append(ExtraTensor(name=head_name, kind="head", shape=tuple(head.weight.shape), tied_to=tied))
     return extras
+
+
+def find_outer(model: nn.Module) -> list[LinearInfo]:
+    """The weights outside the decoder blocks that a plan can quantize, as layers: the token embedding (kind
+    "embedding", block -1, shape (vocab, hidden): its groups run along the hidden dimension) and an untied head
+    (kind "head", block = number of blocks). A tied head is no layer of its own: the embedding's `ties` names it."""
+    n_blocks = len(decoder_layers(model))
+    out: list[LinearInfo] = []
+    extras = find_extras(model)
+    tied = tuple(e.name for e in extras if e.kind == "head" and e.tied_to is not None)
+    for e in extras:
+        if e.kind == "embedding":
+            out.append(LinearInfo(name=e.name, block=-1, kind="embedding", out_features=e.shape[0],
+                                  in_features=e.shape[1], ties=tied))
+        elif e.tied_to is None:
+            out.append(LinearInfo(name=e.name, block=n_blocks, kind="head", out_features=e.shape[0],
+                                  in_features=e.shape[1]))
+    return out
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:

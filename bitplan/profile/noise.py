@@ -4,6 +4,9 @@ W ← W + s·Z with a fixed Gaussian draw Z per layer (seeded by the layer name)
 α_noise is the least-squares line through the origin of ΔKL(t²), where ΔKL is the mean per-token
 KL(original ‖ noisy) on the noise windows. The original model's inputs to every decoder block and its
 log-probabilities are cached once, so a layer's measurement reruns only its own block and those after it.
+The output head's reruns only the head (on the cached final hidden states). The token embedding changes the
+input to block 0, so its measurement reruns the whole model from the token ids, against the unperturbed model's
+own full forward; a head tied to it is perturbed with it (one tensor, both roles: the cost of rounding it once).
 """
 from __future__ import annotations
 
@@ -29,6 +32,9 @@ class NoiseBatch:
     block_inputs: list[torch.Tensor]          # hidden states entering each decoder block
     block_kwargs: list[dict[str, Any]]        # the other arguments each block was called with
     ref_logprobs: torch.Tensor                # [B, T, V] float32 (float64 for float64 models), the original model
+    ids: torch.Tensor | None = None           # the token ids (the embedding's measurement reruns the whole model)
+    final_hidden: torch.Tensor | None = None  # the last block's output (the head's measurement reruns the head)
+    full_logprobs: torch.Tensor | None = None  # the whole model's own forward, the embedding's reference
 
 
 @dataclass
@@ -117,7 +123,7 @@ def build_cache(model: nn.Module, windows: torch.Tensor, batch_size: int) -> Noi
                 h.remove()
         if any(x is None for x in inputs):
             raise BitplanError("not every decoder block ran in the model's forward; noise injection cannot replay it")
-        batch = NoiseBatch(block_inputs=list(inputs), block_kwargs=list(kwargs), ref_logprobs=logits)
+        batch = NoiseBatch(block_inputs=list(inputs), block_kwargs=list(kwargs), ref_logprobs=logits, ids=ids)
         replay = run_from(model, layers, tail, batch, 0)
         if not torch.allclose(replay.float(), logits.float(), rtol=1e-4, atol=1e-4 * float(logits.abs().max())):
             raise BitplanError(f"replaying the decoder blocks of {type(model).__name__} does not reproduce its logits; "
@@ -129,12 +135,26 @@ def build_cache(model: nn.Module, windows: torch.Tensor, batch_size: int) -> Noi
 
 
 def run_from(model: nn.Module, layers: nn.ModuleList, tail: _Tail, batch: NoiseBatch, block: int) -> torch.Tensor:
-    """Logits from the cached input of `block` onwards, with the model's current weights."""
+    """Logits from the cached input of `block` onwards, with the model's current weights; `block` = -1 runs the
+    whole model from the token ids, `block` = number of blocks only the tail on the cached final hidden states."""
     with torch.inference_mode():
+        if block < 0:
+            return model(input_ids=batch.ids, use_cache=False).logits
+        if block >= len(layers) and batch.final_hidden is not None:
+            return tail(batch.final_hidden)
         h = batch.block_inputs[block]
         for i in range(block, len(layers)):
             h = _block_output(layers[i](h, **batch.block_kwargs[i]))
         return tail(h)
+
+
+def final_hidden(layers: nn.ModuleList, batch: NoiseBatch) -> torch.Tensor:
+    """The last block's output from the cached input of block 0 (what the final norm and the head see)."""
+    with torch.inference_mode():
+        h = batch.block_inputs[0]
+        for i in range(len(layers)):
+            h = _block_output(layers[i](h, **batch.block_kwargs[i]))
+        return h
 
 
 def _log_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -160,17 +180,33 @@ class NoiseMeter:
         self.tail = _Tail(model)
 
     def dkl(self, block: int) -> float:
+        """Mean per-token KL of the model's current weights against the original, rerun from `block` (-1: the
+        embedding, the whole model; number of blocks: the head alone)."""
+        self._prepare(block)
         total, count = 0.0, 0
         for batch in self.cache.batches:
-            s, n = mean_kl(batch.ref_logprobs, run_from(self.model, self.layers, self.tail, batch, block))
+            ref = batch.full_logprobs if block < 0 else batch.ref_logprobs
+            s, n = mean_kl(ref, run_from(self.model, self.layers, self.tail, batch, block))
             total, count = total + s, count + n
         return total / count
+
+    def _prepare(self, block: int) -> None:
+        """The reference an embedding or head measurement needs, from the unperturbed model, once."""
+        for batch in self.cache.batches:
+            if block < 0 and batch.full_logprobs is None:
+                if batch.ids is None:
+                    raise BitplanError("the noise cache holds no token ids to rerun the embedding from")
+                with torch.inference_mode():
+                    batch.full_logprobs = _log_probs(self.model(input_ids=batch.ids, use_cache=False).logits)
+            if block >= len(self.layers) and batch.final_hidden is None:
+                batch.final_hidden = final_hidden(self.layers, batch)
 
     def measure(self, name: str, block: int) -> NoiseFit:
         weight = get_module(self.model, name).weight
         original = weight.detach().clone()
         z = torch.randn(original.shape, generator=generator(self.seed, "noise", name), dtype=torch.float32)
         z = z.to(original.dtype)
+        self._prepare(block)  # before the weight changes
         w_norm = float(original.double().norm())
         z_norm = float(z.double().norm())
         t2s, dkls = [], []

@@ -54,15 +54,43 @@ def layer_record(info: LinearInfo, res: dict, fit: dict | None, rel_err: dict[st
                **({"noise_t2": fit["t2"], "noise_dkl": fit["dkl"]} if fit else {})})
 
 
+def outer_record(info: LinearInfo, res: dict, fit: dict | None, rel_err: dict[str, float],
+                 fmts: list[Format]) -> LayerRecord:
+    """The embedding's or an untied head's record from its gradient pass (`res`, outer.py), noise and formats.
+    No Kronecker factors are kept for it (apply rounds it without them), so it has no adaptive-rounding figures."""
+    rec = LayerRecord(
+        name=info.name, block=info.block, kind=info.kind, shape=info.shape, weight_sq_norm=res["weight_sq_norm"],
+        trace_h_in=res["trace_h_in"], trace_h_out=res["trace_h_out"],
+        alpha_noise=fit["alpha"] if fit else None, alpha_noise_r2=fit["r2"] if fit else None,
+        alpha_hessian=res["alpha_hessian"], rel_err=rel_err, ties=list(info.ties),
+        extra={"tokens": res["tokens"], "grad_sq_per_token": res["grad_sq_per_token"],
+               **({"rows_seen": res["rows_seen"]} if "rows_seen" in res else {}),
+               **({"noise_t2": fit["t2"], "noise_dkl": fit["dkl"]} if fit else {})})
+    set_inapplicable(rec, fmts)
+    return rec
+
+
+def set_inapplicable(rec: LayerRecord, fmts: list[Format]) -> None:
+    from .phases import set_inapplicable as note   # phases imports this module
+
+    note(rec, fmts)
+
+
 def assemble_profile(loaded: LoadedModel, infos: list[LinearInfo], fmts: list[Format], cal: Calibration,
                      split: tuple[list[int], list[int]], fingerprint: dict, options: dict, results: dict[str, dict],
                      noise: dict[str, dict], rel_errs: dict[str, dict], timing: dict[str, float],
-                     ranks: Ranks, peak_rss_gb: float) -> Profile:
+                     ranks: Ranks, peak_rss_gb: float, outer: list[LinearInfo] = (),
+                     outer_results: dict[str, dict] | None = None) -> Profile:
     """The profile of a finished job: `fingerprint` holds the settings that change results, `options` those that
-    do not (batch size, checkpoint interval, factor groups)."""
+    do not (batch size, checkpoint interval, factor groups). `outer` (the embedding and an untied head) with
+    `outer_results` (their gradient pass) become the profile's outer_layers."""
     net = loaded.model
     halves, noise_samples = fingerprint["halves"], fingerprint["noise_samples"]
     records = [layer_record(i, results[i.name], noise.get(i.name), rel_errs[i.name]) for i in infos]
+    for rec in records:
+        set_inapplicable(rec, fmts)
+    outer_records = [outer_record(i, outer_results[i.name], noise.get(i.name), rel_errs[i.name], fmts)
+                     for i in outer]
     params = {id(p): p.numel() for p in net.parameters()}
     calibration = dict(cal.description, halves={"split": halves, "a": len(split[0]), "b": len(split[1])},
                        noise_samples=noise_samples, noise_tokens=noise_samples * fingerprint["seqlen"])
@@ -82,4 +110,5 @@ def assemble_profile(loaded: LoadedModel, infos: list[LinearInfo], fmts: list[Fo
         extra={"versions": versions(), "timing_s": {k: round(v, 2) for k, v in timing.items()},
                "peak_rss_gb": round(peak_rss_gb, 3),
                "torch_threads": torch.get_num_threads(), "processes": ranks.world,
-               "format_table": format_table(fmts)})
+               "format_table": format_table(fmts)},
+        outer_layers=outer_records)

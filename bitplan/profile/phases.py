@@ -1,12 +1,16 @@
 """The four phases of a profile job, each resumable on its own from the job folder (job.py):
 
-  noise    α_noise per layer by noise injection on the first calibration windows;
+  noise    α_noise per layer by noise injection on the first calibration windows (the block linears, then the
+           embedding and an untied head);
   factors  Kronecker factors of every block linear on the two calibration halves, one half after the other (only
            one half's float64 sums are in memory), checkpointed every few batches; each half's
            hessians/<half>/<layer>.safetensors as soon as the half is complete;
   layers   per layer: predicted coefficients from the factors (block LDL, held-out gains);
-  formats  per layer: the relative error of every candidate format (the candidate list is not part of the job's
-           fingerprint: a finished profile asked for other formats measures only those, `update_formats`).
+  outer    the embedding's and an untied head's α_hessian and traces: one forward/backward per calibration window
+           (outer.py);
+  formats  per layer: the relative error of every candidate format applicable to its shape (the candidate list is
+           not part of the job's fingerprint: a finished profile asked for other formats measures only those,
+           `update_formats`).
 
 Under torchrun the processes split the work (bitplan.distributed): noise, layers and formats by layer, factors by
 batch. Each phase lists the work left before its first barrier (see `deal_unfinished`) and ends with a barrier,
@@ -15,7 +19,7 @@ after which every process reads every layer's result from the job folder.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -51,14 +55,26 @@ class Work:
     ranks: Ranks
     progress: Progress
     emit: Events
+    outer: list[LinearInfo] = field(default_factory=list)   # the embedding and an untied head
+
+    @property
+    def all_infos(self) -> list[LinearInfo]:
+        return self.infos + self.outer
 
 
-def deal_unfinished(work: Work, kind: str) -> tuple[list[LinearInfo], int]:
+def deal_unfinished(work: Work, kind: str, infos: list[LinearInfo] | None = None) -> tuple[list[LinearInfo], int]:
     """(this rank's share of the layers without a `kind` result, how many have one). Every rank lists them before
     the barrier: one listing after it could see another rank's new results and deal the rest differently."""
-    left = [i for i in work.infos if work.job.result(kind, i.name) is None]
+    infos = work.infos if infos is None else infos
+    left = [i for i in infos if work.job.result(kind, i.name) is None]
     work.ranks.barrier()
-    return work.ranks.share(left), len(work.infos) - len(left)
+    return work.ranks.share(left), len(infos) - len(left)
+
+
+def applicable(fmt: Format, shape: tuple[int, int]) -> bool:
+    """Whether `fmt` can store a matrix of `shape` (a super-block format needs the input width a multiple of its
+    block, e.g. 256 for the K-types)."""
+    return bool(getattr(fmt, "applicable", lambda m, n: True)(*shape))
 
 
 def noise_phase(work: Work, windows: torch.Tensor, levels: tuple[float, ...], seed: int) -> dict[str, dict]:
@@ -66,7 +82,7 @@ def noise_phase(work: Work, windows: torch.Tensor, levels: tuple[float, ...], se
     if not windows.shape[0]:
         return {}
     job = work.job
-    todo, done = deal_unfinished(work, "noise")
+    todo, done = deal_unfinished(work, "noise", work.all_infos)
     if todo:
         task = work.progress.task("noise injection", len(todo))
         meter = NoiseMeter(work.net, build_cache(work.net, windows, job.options["batch_size"]), levels, seed)
@@ -75,7 +91,26 @@ def noise_phase(work: Work, windows: torch.Tensor, levels: tuple[float, ...], se
             task.advance()
             work.emit("noise", done + k + 1)
     work.ranks.barrier()
-    return {i.name: job.result("noise", i.name) for i in work.infos}
+    return {i.name: job.result("noise", i.name) for i in work.all_infos}
+
+
+def outer_phase(work: Work, windows: torch.Tensor, seed: int) -> dict[str, dict]:
+    """The embedding's and an untied head's α_hessian and traces (outer.py) on `windows`, rank 0's work (one
+    result for them all, one pass over the windows)."""
+    from .outer import outer_gradients
+
+    job = work.job
+    if not work.outer:
+        return {}
+    left = [i for i in work.outer if job.result("outer", i.name) is None]
+    work.ranks.barrier()
+    if left and work.ranks.main:
+        task = work.progress.task("embedding and head gradients", windows.shape[0])
+        for name, res in outer_gradients(work.net, work.outer, windows, seed, task).items():
+            job.save_result("outer", name, res)
+        work.emit("outer", len(work.outer))
+    work.ranks.barrier()
+    return {i.name: job.result("outer", i.name) for i in work.outer}
 
 
 def layer_groups(infos: list, groups: int) -> list[list]:
@@ -182,11 +217,11 @@ def format_phase(work: Work, fmts: list[Format]) -> dict[str, dict[str, float]]:
     per layer for all formats ever asked for in this job, so a resumed job with another --formats list measures
     only what it lacks."""
     job = work.job
-    mine = work.ranks.share(list(enumerate(work.infos)))
+    mine = work.ranks.share(list(enumerate(work.all_infos)))
     task = work.progress.task("format errors", len(mine))
     for k, info in mine:
         known = job.result("formats", info.name) or {}
-        missing = [f for f in fmts if f.name not in known]
+        missing = [f for f in fmts if f.name not in known and applicable(f, info.shape)]
         if missing:
             W = get_module(work.net, info.name).weight.detach()
             known.update(relative_errors(W, info.name, missing))
@@ -194,20 +229,32 @@ def format_phase(work: Work, fmts: list[Format]) -> dict[str, dict[str, float]]:
             work.emit("formats", k + 1)
         task.advance()
     work.ranks.barrier()
-    return {i.name: {f.name: job.result("formats", i.name)[f.name] for f in fmts} for i in work.infos}
+    return {i.name: {f.name: job.result("formats", i.name)[f.name] for f in fmts if applicable(f, i.shape)}
+            for i in work.all_infos}
+
+
+def set_inapplicable(rec, fmts: list[Format]) -> None:
+    """Note in the record the candidates its shape rules out (no rel_err: the solver never offers them)."""
+    ruled_out = [f.name for f in fmts if not applicable(f, rec.shape)]
+    if ruled_out:
+        rec.extra["inapplicable_formats"] = ruled_out
+    else:
+        rec.extra.pop("inapplicable_formats", None)
 
 
 def update_formats(profile: Profile, out: Path, net: nn.Module, fmts: list[Format], progress: Progress,
                    emit: Events) -> Profile:
     """A finished profile asked for with another candidate list: measure the formats it lacks, keep the rest."""
     t0 = time.perf_counter()
-    task = progress.task("format errors", len(profile.layers))
-    for k, rec in enumerate(profile.layers):
-        missing = [f for f in fmts if f.name not in rec.rel_err]
+    task = progress.task("format errors", len(profile.plannable))
+    for k, rec in enumerate(profile.plannable):
+        usable = [f for f in fmts if applicable(f, rec.shape)]
+        missing = [f for f in usable if f.name not in rec.rel_err]
         if missing:
             W = get_module(net, rec.name).weight.detach()
             rec.rel_err.update(relative_errors(W, rec.name, missing))
-        rec.rel_err = {f.name: rec.rel_err[f.name] for f in fmts}
+        rec.rel_err = {f.name: rec.rel_err[f.name] for f in usable}
+        set_inapplicable(rec, fmts)
         task.advance()
         emit("formats", k + 1)
     profile.formats = [f.name for f in fmts]

@@ -17,13 +17,14 @@ REFERENCE_FORMATS = ("int4-g128", "int3-g128", "higgs-p2-n256-g128", "higgs-p2-n
 # sensitivity.csv, in this order (docs/sensitivity-csv.md has each column's unit and meaning). First what a reviewer
 # acts on: the layer, the coefficient `solve` spends the bits by (which one, and the gain behind it), and the two
 # independent measurements beside it; then every other figure of the profile, then `dkl_<format>`.
-# No trace_h_in: tr H_I = tr H_O = Σ_c ‖G_c‖² (an identity; the stored traces agree to float32 rounding).
+# trace_h_in only on the embedding's and head's rows: for a block linear tr H_I = tr H_O = Σ_c ‖G_c‖² (an identity;
+# the stored traces agree to float32 rounding).
 LEAD = ["name", "block", "kind", "out_features", "in_features", "params", "alpha_solver", "alpha_solver_name",
         "alpha_solver_gain", "alpha_noise", "alpha_noise_r2", "alpha_hessian"]
 REST = ["weight_sq_norm", "trace_h", "alpha_shaped", "alpha_yaqa", "yaqa_gain", "alpha_yaqa_heldout",
         "yaqa_gain_heldout", "yaqa_gain_heldout_raw", "ldlq_gain_heldout", "alpha_ldlq_heldout", "shrink_out",
         "shrink_in", "alpha_shaped_judge", "yaqa_gain_judged", "yaqa_gain_judged_raw", "ldlq_gain_judged",
-        "alpha_yaqa_judged", "alpha_ldlq_judged"]
+        "alpha_yaqa_judged", "alpha_ldlq_judged", "trace_h_in", "ties", "notes"]
 COLUMNS = LEAD + REST
 JUDGED = ("alpha_shaped_judge", "yaqa_gain_judged", "yaqa_gain_judged_raw", "ldlq_gain_judged")
 
@@ -77,7 +78,7 @@ def sensitivity_frame(profile: Profile):
     refs = [f for f in REFERENCE_FORMATS if f in profile.formats]
     objective = default_objective(profile) if profile.layers else None
     rows = []
-    for r in profile.layers:
+    for r in profile.plannable:
         shaped = alpha_shaped(r)
         used = r.coefficient(objective)
         row = {"name": r.name, "block": r.block, "kind": r.kind, "out_features": r.shape[0],
@@ -92,12 +93,26 @@ def sensitivity_frame(profile: Profile):
                "alpha_ldlq_heldout": r.alpha_ldlq_heldout, "alpha_yaqa_judged": r.alpha_yaqa_judged,
                "alpha_ldlq_judged": r.alpha_ldlq_judged,
                **{k: r.extra.get(k) for k in ("shrink_out", "shrink_in", "yaqa_gain_heldout_raw",
-                                              "ldlq_gain_heldout", *JUDGED)}}
+                                              "ldlq_gain_heldout", *JUDGED)},
+               "trace_h_in": r.trace_h_in if r.outer else None, "ties": " ".join(r.ties) or None,
+               "notes": OUTER_NOTES[r.kind] if r.outer else None}
+        if r.outer:
+            row["alpha_shaped"] = None   # no factors, no adaptive rounding: round-to-nearest's α only
         for f in refs:
             t2 = r.rel_err.get(f)
             row[f"dkl_{f}"] = None if t2 is None or r.alpha_hessian is None else r.alpha_hessian * t2
         rows.append(row)
     return pd.DataFrame(rows, columns=COLUMNS + [f"dkl_{f}" for f in refs])
+
+
+# What the embedding's and head's rows measure, and what they lack (docs/sensitivity-csv.md).
+OUTER_NOTES = {
+    "embedding": "rounded to nearest: every objective takes its RTN alpha; alpha_hessian from whole-window "
+                 "gradients of the matrix (both roles if tied); trace_h_in = tokens (rows weighted by token count), "
+                 "trace_h = sum of squared gradients at the embedding output; no YAQA/LDLQ figures",
+    "head": "no Kronecker factors kept: every objective takes its RTN alpha; trace_h_in = sum |x|^2 of the final "
+            "hidden states, trace_h = sum of squared logit gradients; no YAQA/LDLQ figures",
+}
 
 
 def forecast_kl(profile: Profile, fmt: str, rounding: str, judge: str = "halves") -> float | None:
@@ -179,6 +194,10 @@ def summary_line(profile: Profile) -> str:
     coefficient = solver_coefficient(profile)
     if coefficient:
         parts.append(f"solve --objective yaqa spends the bits by {coefficient}")
+    for r in profile.outer_layers:
+        if r.alpha_noise is not None and r.alpha_hessian:
+            parts.append(f"{r.kind} α_noise ÷ α_hessian = {r.alpha_noise / r.alpha_hessian:.3f}"
+                         + (f" (tied: {', '.join(r.ties)})" if r.ties else ""))
     ref = next((f for f in REFERENCE_FORMATS if f in profile.formats), None)
     for judge, where in (("halves", "the other calibration half"), ("samples", "the model's own samples")):
         ratios = forecast_ratios(profile, ref, judge) if ref else None

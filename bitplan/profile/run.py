@@ -15,7 +15,7 @@ from torch import nn
 
 from ..distributed import Ranks
 from ..linalg import LDL
-from ..models import LoadedModel, find_linears, weights_sha256
+from ..models import LoadedModel, find_linears, find_outer, weights_sha256
 from ..progress import Progress
 from .defaults import DEFAULT_CHUNK, DEFAULT_HALVES, DEFAULT_NOISE_SAMPLES
 from .inputs import (calibration_windows, candidate_formats, check_finite, check_options, judge_size,
@@ -25,7 +25,7 @@ from .judge_phase import judge_phase
 from .noise import DEFAULT_LEVELS
 from .output import assemble_profile, write_profile
 from .phases import Events, Work, coefficient_phase, factor_phase, format_phase, layer_groups, noise_phase, \
-    update_formats
+    outer_phase, update_formats
 from .schema import Profile, load_profile
 from .sketch import SketchTimes
 
@@ -127,7 +127,7 @@ def _run_job(job, complete, loaded, infos, fmts, cal, split, fingerprint, judge_
 
     sketch_times = SketchTimes()
     with Progress(progress) as bars:
-        work = Work(job, net, infos, ranks, bars, emit_timed)
+        work = Work(job, net, infos, ranks, bars, emit_timed, outer=find_outer(net))
         clock.start("noise")
         noise = noise_phase(work, cal.windows[:noise_samples], levels, seed)
         clock.start("factors")
@@ -135,6 +135,8 @@ def _run_job(job, complete, loaded, infos, fmts, cal, split, fingerprint, judge_
         clock.stop()
         add_time("factors.forward_backward", sketch_times.forward_backward)
         add_time("factors.accumulate", sketch_times.accumulate)
+        clock.start("outer")
+        outer = outer_phase(work, cal.windows, seed)
         clock.start("layers")
         results = coefficient_phase(work)
         clock.start("formats")
@@ -145,7 +147,8 @@ def _run_job(job, complete, loaded, infos, fmts, cal, split, fingerprint, judge_
         return with_judge(load_profile(out))
 
     profile = write_profile(assemble_profile(loaded, infos, fmts, cal, split, fingerprint, job.options, results,
-                                             noise, rel_errs, timing, ranks, job.peak_rss_gb()), out)
+                                             noise, rel_errs, timing, ranks, job.peak_rss_gb(), work.outer, outer),
+                            out)
     job.finish(keep_job)
     ranks.barrier()
     return with_judge(profile)   # every rank: rank 0 judges while the others wait for it
