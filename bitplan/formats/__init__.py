@@ -7,16 +7,20 @@
 from .base import Format, GroupParams, QuantizedWeight
 from .hadamard import RandomizedHadamard, is_supported, rotate_weight, unrotate_weight
 from .packing import pack_bits, unpack_bits
-from .registry import all_formats, default_candidates, get_format
+from .ggml import GGML_NAMES, GgmlFormat
+from .registry import all_formats, default_candidates, get_format, ggml_candidates
 
 __all__ = [
     "Format",
+    "GGML_NAMES",
+    "GgmlFormat",
     "GroupParams",
     "QuantizedWeight",
     "RandomizedHadamard",
     "all_formats",
     "default_candidates",
     "get_format",
+    "ggml_candidates",
     "is_supported",
     "pack_bits",
     "rotate_weight",

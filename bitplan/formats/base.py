@@ -112,10 +112,10 @@ def pad_cols(x: torch.Tensor, width: int, mode: str) -> torch.Tensor:
 @dataclass(frozen=True)
 class Format(ABC):
     """A quantization format. Subclasses: GridFormat (`higgs-p{p}-n{n}-g{g}`), IntFormat (`int{b}-g{g}`),
-    FP16Format (`fp16`)."""
+    FP16Format (`fp16`), GgmlFormat (ggml's block types, `q4_K` etc.)."""
 
     name: str
-    kind: str  # "grid", "int" or "fp16"
+    kind: str  # "grid", "int", "ggml" or "fp16"
     nominal_bits: float  # code bits per weight: log2(n)/p, b or 16
     group_size: int  # g; 0 for fp16
     vector_dim: int  # p; 1 for int and fp16
@@ -128,6 +128,10 @@ class Format(ABC):
     @property
     def has_zero(self) -> bool:
         return False
+
+    def applicable(self, m: int, n: int) -> bool:
+        """Whether an m×n layer can take this format (ggml's block types need whole blocks per row)."""
+        return True
 
     def code_words(self, n: int) -> int:
         """int32 words of packed codes per row of length n."""
@@ -160,8 +164,9 @@ class Format(ABC):
 
     # -- per-format parts --------------------------------------------------------------------------------
     @abstractmethod
-    def fit(self, W: torch.Tensor) -> GroupParams:
-        """Group parameters fixed from the (rotated) weights W [m, n], fp16-representable."""
+    def fit(self, W: torch.Tensor, importance: torch.Tensor | None = None) -> GroupParams:
+        """Group parameters fixed from the (rotated) weights W [m, n], fp16-representable. `importance` [n]
+        (non-negative, per input column: the layer's mean x²) weights the fit where a format uses it."""
 
     @abstractmethod
     def encode(self, T: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | None = None) -> torch.Tensor:
@@ -184,10 +189,10 @@ class Format(ABC):
         out = self.decode(self.encode(T, scale, zero), scale, zero)
         return out.to(torch.float64) if T.dtype == torch.float64 else out
 
-    def quantize(self, W: torch.Tensor) -> QuantizedWeight:
+    def quantize(self, W: torch.Tensor, importance: torch.Tensor | None = None) -> QuantizedWeight:
         check_matrix(W)
         m, n = W.shape
-        params = self.fit(W)
+        params = self.fit(W, importance)
         scale, zero = self.per_weight(params, n)
         width = math.ceil(n / self.vector_dim) * self.vector_dim
         T = pad_cols(W, width, "zero")

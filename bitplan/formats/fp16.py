@@ -28,7 +28,7 @@ class FP16Format(Format):
             raise BitplanError(f"layer shape must be positive, got {m}×{n}")
         return 16 * m * n
 
-    def fit(self, W: torch.Tensor) -> GroupParams:
+    def fit(self, W: torch.Tensor, importance: torch.Tensor | None = None) -> GroupParams:
         check_matrix(W)
         _check_range(W)
         return GroupParams(torch.empty(W.shape[0], 0, dtype=torch.float32, device=W.device), None)

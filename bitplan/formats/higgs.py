@@ -59,7 +59,7 @@ class GridFormat(Format):
     def codebook(self) -> torch.Tensor:
         return torch.from_numpy(grid_table(self.vector_dim, self.levels).copy())
 
-    def fit(self, W: torch.Tensor) -> GroupParams:
+    def fit(self, W: torch.Tensor, importance: torch.Tensor | None = None) -> GroupParams:
         check_matrix(W)
         m, n = W.shape
         g = self.group_size

@@ -34,7 +34,7 @@ class IntFormat(Format):
     def qmax(self) -> int:
         return (1 << self.code_bits) - 1
 
-    def fit(self, W: torch.Tensor) -> GroupParams:
+    def fit(self, W: torch.Tensor, importance: torch.Tensor | None = None) -> GroupParams:
         check_matrix(W)
         m, n = W.shape
         g = self.group_size

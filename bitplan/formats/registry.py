@@ -14,6 +14,7 @@ from importlib import resources
 from ..errors import BitplanError
 from .base import Format
 from .fp16 import FP16Format
+from .ggml import GGML_NAMES, GgmlFormat
 from .grids import GRID_SIZES
 from .higgs import GridFormat
 from .integer import IntFormat
@@ -29,7 +30,7 @@ _INT_RE = re.compile(r"int(\d+)-g(\d+)")
 def all_format_names() -> list[str]:
     names = [f"higgs-p{p}-n{n}-g{g}" for p, ns in GRID_SIZES.items() for n in ns for g in GRID_GROUPS]
     names += [f"int{b}-g{g}" for b in INT_BITS for g in INT_GROUPS]
-    return names + ["fp16"]
+    return names + list(GGML_NAMES) + ["fp16"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -52,6 +53,8 @@ def build_format(name: str, mse_q: float) -> Format:
         raise _unknown(name)
     if name == "fp16":
         return FP16Format.make(mse_q)
+    if name in GGML_NAMES:
+        return GgmlFormat.make(name, mse_q)
     m = _GRID_RE.fullmatch(name)
     if m:
         p, n, g = map(int, m.groups())
@@ -65,8 +68,8 @@ def _unknown(name) -> BitplanError:
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return BitplanError(
         f"unknown format {name!r}{hint} Valid names: higgs-p{{p}}-n{{n}}-g{{64,128,256}} (p=1: n=4..256, "
-        "p=2: n=8..4096, p=3: n=16..4096, p=4: n=64..4096, n a power of two), int{2..8}-g{32,64,128}, fp16 "
-        "(`bitplan formats` lists them)"
+        "p=2: n=8..4096, p=3: n=16..4096, p=4: n=64..4096, n a power of two), int{2..8}-g{32,64,128}, "
+        f"the ggml types {', '.join(GGML_NAMES)}, fp16 (`bitplan formats` lists them)"
     )
 
 
@@ -92,6 +95,12 @@ def get_format(name: str) -> Format:
 
 def all_formats() -> list[Format]:
     return [get_format(n) for n in all_format_names()]
+
+
+def ggml_candidates() -> list[Format]:
+    """The `ggml` menu: ggml's twelve block types (q2_K … q8_0) and fp16 as the fallback, by bits per weight.
+    A layer takes only those whose block fits its rows (`Format.applicable`)."""
+    return sorted((get_format(n) for n in (*GGML_NAMES, "fp16")), key=lambda f: (f.nominal_bits, f.name))
 
 
 # Grid sizes in the default candidate set (g = 128): each p covers the bit range where it is competitive,
