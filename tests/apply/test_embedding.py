@@ -1,0 +1,165 @@
+"""The token embedding and the output head in a checkpoint: rounded by apply, stored once, loaded exactly."""
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from bitplan.apply import apply_formats, load_quantized, quantize_layer, simulate
+from bitplan.apply.embedding import QuantizedEmbedding, TiedQuantizedHead
+from bitplan.apply.module import QuantizedLinear
+from bitplan.errors import BitplanError
+from bitplan.evaluate import evaluate
+from bitplan.formats import get_format
+from bitplan.models import find_linears, load_model
+
+from tests.conftest import tiny_llama
+
+VOCAB = 384   # 12 · 32: the vocabulary side has a Hadamard rotation (the tokenizer's 300 ids fit in it)
+EMB, HEAD = "model.embed_tokens", "lm_head"
+
+
+@pytest.fixture(params=[True, False], ids=["tied", "untied"])
+def model_dir(request, tmp_path, tiny_tokenizer):
+    """A tiny random Llama with a 384-token vocabulary, its head tied to the embedding or not."""
+    model = tiny_llama(VOCAB)
+    if request.param:
+        from transformers import LlamaForCausalLM
+
+        model.config.tie_word_embeddings = True
+        tied = LlamaForCausalLM(model.config).eval()
+        tied.load_state_dict({k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}, strict=False)
+        tied.tie_weights()
+        model = tied
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder, request.param
+
+
+def plan_formats(lm, emb: str, head: str | None, linears: str = "int4-g32") -> dict[str, str]:
+    formats = {info.name: linears for info in find_linears(lm.model)}
+    formats[EMB] = emb
+    if head is not None:
+        formats[HEAD] = head
+    return formats
+
+
+def data_bytes(path) -> int:
+    """Bytes of tensor data in a safetensors file (file size less the 8-byte length and the JSON header)."""
+    raw = path.read_bytes()
+    return len(raw) - 8 - struct.unpack("<Q", raw[:8])[0]
+
+
+def reference_w_hat(model_dir, formats):
+    """Each matrix rounded on its own by quantize_layer (RTN), from a fresh load of the original model."""
+    ref = load_model(str(model_dir))
+    return ref, {n: quantize_layer(n, ref.model.get_submodule(n).weight, get_format(f), "rtn").W_hat
+                 for n, f in formats.items()}
+
+
+@pytest.mark.parametrize("fmt", ["int4-g32", "higgs-p2-n64-g64"])
+def test_quantized_embedding_round_trips_exactly(model_dir, tmp_path, fmt):
+    folder, tied = model_dir
+    lm = load_model(str(folder))
+    formats = plan_formats(lm, fmt, None if tied else "int3-g32")
+    apply_formats(lm, formats, tmp_path / "q", rounding="rtn", progress=False)
+    ref, W_hat = reference_w_hat(folder, formats)
+    simulate(ref.model, W_hat)
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = ref.model(ids).logits.double()
+        for cache in (True, False):
+            loaded = load_quantized(tmp_path / "q", cache=cache).model
+            emb, head = loaded.get_submodule(EMB), loaded.get_submodule(HEAD)
+            assert isinstance(emb, QuantizedEmbedding) and emb.format.name == fmt
+            assert isinstance(head, TiedQuantizedHead if tied else QuantizedLinear)
+            assert torch.equal(emb.dequantized_weight(), W_hat[EMB])      # bit for bit apply's W_hat
+            assert torch.equal(emb(ids), W_hat[EMB][ids])
+            if not tied:
+                assert torch.equal(head.effective_weight(), W_hat[HEAD])
+            got = loaded(ids).logits.double()
+            assert (got - expected).abs().max() <= 1e-5 * expected.abs().max(), cache
+            # the tied head computes with the dequantized embedding, not with an fp16 copy of the original
+            if tied:
+                h = loaded.model(ids).last_hidden_state.double()
+                assert torch.allclose(got, h @ W_hat[EMB].double().T, rtol=0, atol=1e-5 * got.abs().max())
+
+
+def test_the_file_stores_the_embedding_once(model_dir, tmp_path):
+    folder, tied = model_dir
+    lm = load_model(str(folder))
+    formats = plan_formats(lm, "int4-g32", None if tied else "int4-g32")
+    apply_formats(lm, formats, tmp_path / "q", rounding="rtn", progress=False)
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert f"{EMB}.weight" not in keys and f"{HEAD}.weight" not in keys
+    assert {f"{EMB}.codes", f"{EMB}.scale", f"{EMB}.zero", f"{EMB}.rotation_seeds"} <= keys
+    assert any(k.startswith(f"{HEAD}.") for k in keys) == (not tied)
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qc["modules"][EMB] == "int4-g32" and qc["tied_head"] is tied
+    assert qc["vocab_modules"] == ({EMB: "embedding"} if tied else {EMB: "embedding", HEAD: "head"})
+    assert qc["layers"][EMB]["rounding"] == "rtn"
+
+
+def test_the_file_shrinks_by_the_embedding_s_saving(model_dir, tmp_path):
+    """Against the same plan with the embedding (and head) kept fp16, the tensor data shrinks by exactly the fp16
+    bytes less the formats' storage_bits (and a grid's codebook, stored once)."""
+    folder, tied = model_dir
+    lm = load_model(str(folder))
+    base = plan_formats(lm, "fp16", None if tied else "fp16")
+    quant = plan_formats(lm, "int4-g32", None if tied else "higgs-p2-n64-g64")
+    apply_formats(lm, base, tmp_path / "a", rounding="rtn", progress=False)
+    apply_formats(lm, quant, tmp_path / "b", rounding="rtn", progress=False)
+    matrices = [EMB] if tied else [EMB, HEAD]
+    hidden = lm.model.config.hidden_size
+    saved = sum(VOCAB * hidden * 16 - get_format(quant[n]).storage_bits(VOCAB, hidden) for n in matrices)
+    saved -= sum(get_format(f).codebook_bits for f in {quant[n] for n in matrices})   # a grid's table, once
+    assert saved % 8 == 0 and saved > 0
+    assert data_bytes(tmp_path / "a" / "model.safetensors") - data_bytes(tmp_path / "b" / "model.safetensors") \
+        == saved // 8
+    # planned fp16, the embedding stays the model's own fp16 tensor (a tied head shares it)
+    assert not isinstance(load_quantized(tmp_path / "a").model.get_submodule(EMB), QuantizedEmbedding)
+
+
+def test_embedding_is_rounded_to_nearest_and_an_untied_head_without_factors_too(tmp_path, tiny_tokenizer):
+    """A plan for LDLQ: the embedding (a lookup table) and a head the profile has no factors for are rounded to
+    nearest, and the checkpoint says so."""
+    folder = tmp_path / "tiny"
+    tiny_llama(VOCAB).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    lm = load_model(str(folder))
+    formats = {EMB: "int4-g32", HEAD: "int4-g32"}
+    result = apply_formats(lm, formats, tmp_path / "q", rounding="ldlq", progress=False)
+    assert result.stats[EMB]["rounding"] == "rtn" and "lookup table" in result.stats[EMB]["rounding_note"]
+    assert result.stats[HEAD]["rounding"] == "rtn" and "no factors" in result.stats[HEAD]["rounding_note"]
+    _, W_hat = reference_w_hat(folder, formats)
+    loaded = load_quantized(tmp_path / "q").model
+    assert torch.equal(loaded.get_submodule(EMB).dequantized_weight(), W_hat[EMB])
+    assert torch.equal(loaded.get_submodule(HEAD).effective_weight(), W_hat[HEAD])
+
+
+@pytest.mark.parametrize("model_dir", [True], indirect=True, ids=["tied"])
+def test_a_tied_head_has_no_format_of_its_own(model_dir, tmp_path):
+    folder, _ = model_dir
+    lm = load_model(str(folder))
+    with pytest.raises(BitplanError, match="tied to the embedding"):
+        apply_formats(lm, {HEAD: "int4-g32"}, tmp_path / "q", rounding="rtn", progress=False)
+
+
+def test_eval_runs_a_checkpoint_with_a_quantized_embedding(model_dir, tmp_path, tiny_text):
+    """`bitplan eval --candidate CHECKPOINT`: the KL of the checkpoint equals that of the simulated model."""
+    folder, tied = model_dir
+    lm = load_model(str(folder))
+    formats = plan_formats(lm, "int4-g32", None if tied else "int4-g32")
+    apply_formats(lm, formats, tmp_path / "q", rounding="rtn", progress=False)
+    ref, W_hat = reference_w_hat(folder, formats)
+    simulate(ref.model, W_hat)
+    kw = dict(data=str(tiny_text), windows=2, seqlen=16, cache=False, progress=False)
+    got = evaluate(str(folder), str(tmp_path / "q"), **kw)
+    want = evaluate(str(folder), ref, **kw)
+    assert got.kl_mean > 0
+    assert got.kl_mean == pytest.approx(want.kl_mean, rel=1e-4)
