@@ -196,14 +196,14 @@ def generate(work: Path, only: set[str] | None, eval_samples: int, workers: int,
     return {"tables": tables, "meta": meta}
 
 
-def measure_formats(m: int, n: int, seed: int, log=print) -> dict[str, dict]:
-    """Relative MSE ‖W − Ŵ‖² / ‖W‖² of every format on one i.i.d. N(0, 1) matrix [m, n]."""
+def measure_formats(m: int, n: int, seed: int, log=print, names: list[str] | None = None) -> dict[str, dict]:
+    """Relative MSE ‖W − Ŵ‖² / ‖W‖² of every format (or of `names`) on one i.i.d. N(0, 1) matrix [m, n]."""
     from .registry import all_format_names, build_format
 
     W = torch.randn(m, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
     ref = float(W.double().pow(2).sum())
     out = {}
-    for name in all_format_names():
+    for name in names or all_format_names():
         fmt = build_format(name, float("nan"))
         err = float((fmt.dequantize(fmt.quantize(W)).double() - W.double()).pow(2).sum())
         out[name] = {"mse_q": err / ref, "shape": [m, n], "seed": seed}
@@ -227,7 +227,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-samples", type=int, default=4_000_000, help="fresh N(0, I_p) vectors per grid MSE")
     ap.add_argument("--format-shape", default="512x3072", help="m x n of the N(0,1) matrix measuring mse_q")
     ap.add_argument("--workers", type=int, default=torch.get_num_threads())
+    ap.add_argument("--ggml", action="store_true",
+                    help="only measure the ggml formats' mse_q and add them to formats.json (no grids)")
     args = ap.parse_args(argv)
+    if args.ggml:
+        from .ggml import GGML_NAMES
+
+        m, n = (int(v) for v in args.format_shape.lower().split("x"))
+        table = json.loads((DATA_DIR / "formats.json").read_text())
+        table["formats"].update(measure_formats(m, n, FORMAT_SEED, names=list(GGML_NAMES)))
+        write_json(DATA_DIR / "formats.json", table)
+        return
     only = set(args.only.split(",")) if args.only else None
     t0 = time.time()
     res = generate(args.work, only, args.eval_samples, args.workers)
