@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BitplanError
-from ..formats import Format, all_formats, default_candidates, get_format
+from ..formats import Format, all_formats, default_candidates, get_format, ggml_candidates
 from ..profile.report import default_objective
 from ..profile.schema import OBJECTIVES, LayerRecord, Profile
 from .accounting import ExtrasAccount, codebook_key, codebooks, extras_account
@@ -56,7 +56,7 @@ def coefficient_name(profile: Profile, objective: str) -> str:
 
 
 def resolve_formats(spec: str | list | tuple | None, profile: Profile) -> list[Format]:
-    """Candidate formats from a comma list of names and named sets (profile, default, all, grid, int, kernel).
+    """Candidate formats from a comma list of names and named sets (profile, default, all, grid, int, kernel, ggml).
 
     None means the profile's own candidates (or the default set when it lists none). `grid`, `int` and `kernel`
     (formats with fast kernels: grids of p ≤ 2 and integer groups) select from the profile's and the default
@@ -78,6 +78,8 @@ def resolve_formats(spec: str | list | tuple | None, profile: Profile) -> list[F
             out += listed or default_candidates()
         elif key == "default":
             out += default_candidates()
+        elif key == "ggml":
+            out += ggml_candidates()
         elif key == "all":
             out += all_formats()
         elif key in ("grid", "int"):
