@@ -1,4 +1,5 @@
-"""`bitplan solve`: choose a format for every block linear layer under a budget, and explain the choice."""
+"""`bitplan solve`: choose a format for every block linear layer (and the embedding and head) under a budget, and
+explain the choice."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,8 +19,13 @@ _BPW_STYLE = [(2.5, "red"), (3.5, "yellow"), (5.0, "green"), (99.0, "cyan")]
 def solve_command(
     profile: str = typer.Argument(..., help="profile directory (or its profile.json) from `bitplan profile`"),
     budget: Optional[str] = typer.Option(None, "--budget", "-b",
-                                         help="3.25bpw (storage bits per weight over block linears), or a whole-file "
-                                              "size: 2.1GB, 1.8GiB, 500MB, 700MiB"),
+                                         help="3.25bpw (storage bits per weight over block linears; over every "
+                                              "planned weight with --scope all), or a whole-file size: 2.1GB, "
+                                              "1.8GiB, 500MB, 700MiB, 93510432B"),
+    scope: Optional[str] = typer.Option(None, "--scope",
+                                        help="all (the token embedding and an untied head are planned like any "
+                                             "layer) or blocks (they stay fp16 unless pinned) (default: all for a "
+                                             "file-size budget, blocks for bpw)"),
     out: str = typer.Option("plan.json", "--out", "-o", help="where to write the plan (and sweep files); a folder "
                                                                "(existing, or ending in /) gets plan.json"),
     solver: str = typer.Option("dp", "--solver", help="dp (exact dynamic program) or ilp (CBC; exact codebooks, "
@@ -66,7 +72,7 @@ def solve_command(
             check_writable(path, "file", "sweep file")
     kwargs = dict(solver=solver, objective=objective, formats=formats, pins=pin, min_bits=min_bits,
                   max_bits=max_bits, tie=tie, resource=resource, resource_limit=resource_limit,
-                  resolution=resolution, time_limit=time_limit)
+                  resolution=resolution, time_limit=time_limit, scope=scope)
     if sweep is not None:
         budgets = parse_sweep(sweep)
         rows, used_objective = run_sweep(profile, budgets, **kwargs)
@@ -108,6 +114,9 @@ def print_plan(plan, defaulted: bool, top: int) -> None:
     console.print(f"objective [bold]{plan.objective}[/]{coefficient} ({how}); solver {s['name']}{proof} in "
                   f"{s.get('seconds', 0):.2f} s; "
                   f"budget {plan.budget['given']} = {plan.budget['resolved']}")
+    console.print(f"scope [bold]{plan.scope}[/]: " + (
+        "the embedding and head are planned like any layer" if plan.scope == "all" else
+        "the block linears are planned; the embedding and head stay fp16 unless pinned"))
     console.print(f"rounding [bold]{plan.rounding}[/]: the plan's predicted ΔKL is for "
                   f"{_ROUNDING_WORDS[plan.rounding]}; "
                   "`bitplan apply` rounds with it unless given --rounding")
@@ -145,9 +154,13 @@ def print_plan(plan, defaulted: bool, top: int) -> None:
         worst.add_row(lp.name, lp.format, f"{lp.bpw:.2f}", f"{lp.predicted_dkl:.4g}", share)
     print_table(worst, console)
 
-    console.print(f"totals: nominal {t['nominal_bpw']:.4f} bpw, storage {t['storage_bpw']:.4f} bpw "
-                  f"(codebooks {t['codebook_bits']:,} bits), file {t['total_bytes']:,} bytes "
-                  f"(embedding/head fp16: {t['extras_bits'] // 8:,} bytes)")
+    outer = [lp for lp in plan.layers if lp.outer]
+    held = ", ".join(f"{lp.kind} {lp.format} {lp.storage_bits // 8:,} bytes" + (" (tied head)" if lp.ties else "")
+                     for lp in outer)
+    console.print(f"totals: block linears nominal {t['nominal_bpw']:.4f} bpw, storage {t['storage_bpw']:.4f} bpw "
+                  f"(codebooks {t['codebook_bits']:,} bits), file {t['total_bytes']:,} bytes ("
+                  + (f"{held}; other tensors fp16: {t['extras_bits'] // 8:,} bytes)" if outer else
+                     f"embedding/head fp16: {t['extras_bits'] // 8:,} bytes)"))
     console.print(report.comparison(plan))
 
 

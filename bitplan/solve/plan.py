@@ -20,7 +20,7 @@ from ..io import read_json, write_text
 from ..profile.hessians import HESSIAN_DIR
 from ..profile.schema import OUTER_KINDS, Profile, load_profile, profile_path
 from .accounting import codebook_key, extras_account
-from .problem import coefficient_name, layer_cost
+from .problem import applicable, coefficient_name, layer_cost
 
 SCHEMA = "bitplan.plan"
 VERSION = 1
@@ -86,6 +86,7 @@ class Plan:
     coefficient: str | None = None   # what the objective took in the profile, e.g. alpha_yaqa_judged
     created_by: str = f"bitplan {__version__}"
     rounding: str | None = None      # yaqa, ldlq or rtn; None: the objective's (`rounding_for`)
+    scope: str = "blocks"            # all: the embedding and head are chosen too; blocks: they stay fp16 unless pinned
 
     def __post_init__(self) -> None:
         if self.rounding is None:
@@ -114,7 +115,7 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "version": VERSION, "created_by": self.created_by, "profile": self.profile,
                 "budget": self.budget, "solver": self.solver, "objective": self.objective,
-                "rounding": self.rounding, "coefficient": self.coefficient,
+                "rounding": self.rounding, "coefficient": self.coefficient, "scope": self.scope,
                 "constraints": self.constraints, "totals": self.totals, "uniform": self.uniform,
                 "extras": self.extras, "codebooks": self.codebooks,
                 "layers": [lp.to_json() for lp in self.layers]}
@@ -192,13 +193,21 @@ def rounding_note(plan: Plan) -> str | None:
 
 def plan_totals(layers: list[LayerPlan], fmts: dict[str, Format], codebook_bits: int, extras_bits: int,
                 budget: dict) -> dict:
-    weights = sum(lp.params for lp in layers)
+    """nominal/storage bpw over the block linears (codebooks included), `planned_bpw` over every plan layer (the
+    embedding and an untied head too, a tied matrix once); layer_bits: every plan layer's storage."""
+    blocks = [lp for lp in layers if not lp.outer]
+    weights = sum(lp.params for lp in blocks)
+    block_storage = sum(lp.storage_bits for lp in blocks)
     storage = sum(lp.storage_bits for lp in layers)
-    nominal = sum(fmts[lp.format].nominal_bits * lp.params for lp in layers)
+    planned = sum(lp.params for lp in layers)
+    nominal = sum(fmts[lp.format].nominal_bits * lp.params for lp in blocks)
     dkl = [lp.predicted_dkl for lp in layers]
     total_bits = storage + codebook_bits + extras_bits
     out = {"block_weights": weights, "nominal_bpw": nominal / weights,
-           "storage_bpw": (storage + codebook_bits) / weights, "storage_bpw_without_codebooks": storage / weights,
+           "storage_bpw": (block_storage + codebook_bits) / weights,
+           "storage_bpw_without_codebooks": block_storage / weights,
+           "planned_weights": planned, "planned_bpw": (storage + codebook_bits) / planned,
+           "outer_bits": storage - block_storage,
            "layer_bits": storage, "codebook_bits": codebook_bits, "extras_bits": extras_bits,
            "total_bits": total_bits, "total_bytes": math.ceil(total_bits / 8),
            "predicted_dkl": None if any(d is None for d in dkl) else float(sum(dkl))}
@@ -266,7 +275,7 @@ def load_plan(path: str | Path, profile: Profile | str | Path | None = None) -> 
         if recorded and profile_path(recorded).exists():
             profile = recorded
     prof = load_profile(profile) if isinstance(profile, (str, Path)) else profile
-    by_name = {r.name: r for r in prof.layers} if prof is not None else {}
+    by_name = {r.name: r for r in prof.plannable} if prof is not None else {}
 
     layers: list[LayerPlan] = []
     seen: set[str] = set()
@@ -295,6 +304,9 @@ def load_plan(path: str | Path, profile: Profile | str | Path | None = None) -> 
             raise BitplanError(f"{path}: layer {name} has shape {list(shape)}; expected [out, in]")
         if rec is not None and tuple(rec.shape) != shape:
             raise BitplanError(f"{path}: layer {name} has shape {list(shape)} but the profile says {list(rec.shape)}")
+        if not applicable(fmt, shape, rec):
+            raise BitplanError(f"{path}: layer {name}: {fmt.name} cannot store a {shape[0]}×{shape[1]} matrix")
+        ties = [str(t) for t in entry.get("ties", rec.ties if rec is not None else [])]
         bits = int(fmt.storage_bits(*shape))
         if rec is not None:
             dkl = layer_cost(rec, fmt, objective)
@@ -303,9 +315,9 @@ def load_plan(path: str | Path, profile: Profile | str | Path | None = None) -> 
         else:
             dkl = None
         layers.append(LayerPlan(name=name, format=fmt.name, block=block, kind=kind, shape=shape,
-                                storage_bits=bits, predicted_dkl=dkl))
+                                storage_bits=bits, predicted_dkl=dkl, ties=ties))
     if prof is not None:
-        missing = [r.name for r in prof.layers if r.name not in seen]
+        missing = [r.name for r in prof.plannable if r.name not in seen]
         if missing:
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
             raise BitplanError(f"{path}: no format for layer {missing[0]}{more} of the profile")
@@ -321,5 +333,13 @@ def load_plan(path: str | Path, profile: Profile | str | Path | None = None) -> 
     return Plan(profile=dict(data["profile"]), budget=budget, solver=solver,
                 objective=objective, constraints=dict(data.get("constraints") or {}), layers=layers,
                 extras=extras, uniform=data.get("uniform"), created_by=str(data.get("created_by", "")),
-                rounding=rounding,
+                rounding=rounding, scope=_scope(data, path),
                 coefficient=coefficient_name(prof, objective) if prof is not None else data.get("coefficient"))
+
+
+def _scope(data: dict, path: Path) -> str:
+    """A plan's scope; plans written before the field planned the block linears only."""
+    scope = data.get("scope", "blocks")
+    if scope not in ("all", "blocks"):
+        raise BitplanError(f"{path}: unknown scope {scope!r}; choose all or blocks")
+    return scope

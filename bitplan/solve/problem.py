@@ -3,6 +3,11 @@
 Candidate formats, pins (`REGEX=FORMAT`), per-layer bounds on nominal bits and tie groups all shape the options
 of each item; a tie group (layers that must share one format) becomes a single item whose option bits and costs
 are the sums over its layers, which is exact and lets the DP handle ties as well as the ILP.
+
+The items are the profile's block linears and, when it has their records (`Profile.outer_layers`), the token
+embedding and an untied head. The scope says what a plan chooses for: `all` plans them like any layer; `blocks`
+keeps them in fp16 (or their pinned format) outside the choice. A format a layer's shape rules out
+(`Format.applicable`), or that its profile record lists as inapplicable, is never one of that layer's options.
 """
 from __future__ import annotations
 
@@ -29,6 +34,31 @@ TIE_GROUPS = {
     "block": None,  # every layer of a block
 }
 FORMAT_SETS = ("profile", "default", "all", "grid", "int", "kernel")
+SCOPES = ("all", "blocks")
+
+
+def applicable(fmt: Format, shape: tuple[int, int], record: LayerRecord | None = None) -> bool:
+    """Whether `fmt` can store a layer of `shape`: the format says so (a K-type needs an input width that is a
+    multiple of 256), and the profile did not record it as inapplicable to the layer."""
+    if record is not None and fmt.name in record.extra.get("inapplicable_formats", ()):
+        return False
+    return bool(getattr(fmt, "applicable", lambda m, n: True)(*shape))
+
+
+def resolve_scope(profile: Profile, scope: str | None, budget_kind: str) -> str:
+    """`all` (every planned weight, the embedding and an untied head included) or `blocks` (the block linears;
+    the embedding and head stay fp16 unless pinned). Default: `all` for a byte budget, `blocks` for bpw; a profile
+    without the embedding's records has only `blocks`, and `--scope all` on it says to remake it."""
+    if scope is not None:
+        scope = str(scope).lower()
+        if scope not in SCOPES:
+            raise BitplanError(f"unknown scope {scope!r}; choose all or blocks")
+        if scope == "all" and not profile.outer_layers:
+            raise BitplanError("--scope all: this profile has no records of the token embedding and output head "
+                               "(made before bitplan measured them), so it cannot plan them; remake it with "
+                               "`bitplan profile` to plan them, or solve with --scope blocks (they stay fp16)")
+        return scope
+    return "all" if budget_kind == "bytes" and profile.outer_layers else "blocks"
 
 
 def kind_family(kind: str) -> str:
@@ -42,15 +72,15 @@ def objective_for(profile: Profile, objective: str | None) -> str:
     if objective is not None:
         if objective not in OBJECTIVES:
             raise BitplanError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
-        for layer in profile.layers:
+        for layer in profile.plannable:
             layer.alpha(objective)  # a clear error naming the first layer without it
         return objective
     return default_objective(profile)
 
 
 def coefficient_name(profile: Profile, objective: str) -> str:
-    """The coefficient `objective` takes in this profile, e.g. alpha_yaqa_judged (names joined by " / " in the
-    objective's order if layers differ)."""
+    """The coefficient `objective` takes for the block linears in this profile, e.g. alpha_yaqa_judged (names
+    joined by " / " in the objective's order if layers differ; the embedding and head take their RTN α, schema.py)."""
     keys = {r.coefficient(objective) for r in profile.layers}
     return " / ".join(k for k in OBJECTIVES[objective] if k in keys)
 
@@ -211,16 +241,32 @@ class Instance:
     resource: Resource | None = None
     resource_use: list[np.ndarray] | None = None
     _bits_cache: dict = field(default_factory=dict, repr=False)
+    scope: str = "blocks"
+    layers: list[LayerRecord] = field(default_factory=list)   # the records the items index: profile.plannable
+    free: np.ndarray | None = None   # per layer: chosen by the plan (False: fixed outside the scope's budget)
+    fixed_bits: int = 0              # storage of the layers outside the scope (bits a bpw budget does not cover)
+
+    @property
+    def budget_weights(self) -> int:
+        """The weights a bpw budget is per: the block linears, or with scope `all` every planned weight (a tied
+        matrix once)."""
+        if self.scope == "blocks":
+            return self.block_weights
+        return sum(r.params for r in self.layers)
+
+    def bpw_bits(self, bits: int) -> float:
+        """A plan's bits (all its layers, codebooks) as bits per weight in the scope's sense."""
+        return (bits - self.fixed_bits) / self.budget_weights
 
     def problem(self, budget_bits: int) -> Problem:
         limit = None
         if self.resource is not None:
-            limit = self.resource.limit_per_weight * self.block_weights
+            limit = self.resource.limit_per_weight * self.budget_weights
         return Problem(self.bits, self.cost, budget_bits, codebook=self.codebook, codebook_bits=self.codebook_bits,
                        resource=self.resource_use, resource_limit=limit)
 
     def layer_bits(self, layer: int, fmt: Format) -> int:
-        return storage_bits(self._bits_cache, fmt, self.profile.layers[layer].shape)
+        return storage_bits(self._bits_cache, fmt, self.layers[layer].shape)
 
     def estimated(self) -> dict[str, int]:
         """Format → how many layers may take it at a t² the profile did not measure (the Gaussian mse_q
@@ -231,13 +277,13 @@ class Instance:
                 if fmt.kind == "fp16":
                     continue
                 for i in item:
-                    t2 = self.profile.layers[i].rel_err.get(fmt.name)
+                    t2 = self.layers[i].rel_err.get(fmt.name)
                     if t2 is None or not math.isfinite(t2):
                         out[fmt.name] = out.get(fmt.name, 0) + 1
         return out
 
     def layer_cost(self, layer: int, fmt: Format) -> float:
-        return layer_cost(self.profile.layers[layer], fmt, self.objective)
+        return layer_cost(self.layers[layer], fmt, self.objective)
 
 
 def storage_bits(cache: dict, fmt: Format, shape: tuple[int, int]) -> int:
@@ -262,9 +308,13 @@ def _t2(layer: LayerRecord, fmt: Format) -> float:
 
 def build_instance(profile: Profile, objective: str | None = None, formats=None, pins=(),
                    min_bits: float | None = None, max_bits: float | None = None, tie=None,
-                   resource: Resource | None = None) -> Instance:
+                   resource: Resource | None = None, scope: str = "blocks") -> Instance:
+    """The knapsack of `profile` under these constraints; `scope` (`resolve_scope`) says whether the embedding
+    and an untied head are chosen (`all`) or stay fp16 unless pinned (`blocks`)."""
     objective = objective_for(profile, objective)
-    layers = profile.layers
+    scope = resolve_scope(profile, scope, "bpw")
+    layers = profile.plannable
+    free = np.array([scope == "all" or not r.outer for r in layers], dtype=bool)
     if min_bits is not None and max_bits is not None and min_bits > max_bits:
         raise BitplanError(f"--min-bits {min_bits:g} is above --max-bits {max_bits:g}")
 
@@ -289,6 +339,9 @@ def build_instance(profile: Profile, objective: str | None = None, formats=None,
         if not hits:
             raise BitplanError(f"--pin {regex}={fmt.name} matches no layer (names look like {layers[0].name})")
         for i in hits:
+            if not applicable(fmt, layers[i].shape, layers[i]):
+                raise BitplanError(f"--pin {regex}={fmt.name}: {fmt.name} cannot store {layers[i].name} "
+                                   f"({layers[i].shape[0]}×{layers[i].shape[1]})")
             if i in pinned and pinned[i][1].name != fmt.name:
                 raise BitplanError(f"layer {layers[i].name} is pinned twice: {pinned[i][0]}={pinned[i][1].name} and "
                                    f"{regex}={fmt.name}; make the patterns disjoint")
@@ -309,9 +362,15 @@ def build_instance(profile: Profile, objective: str | None = None, formats=None,
                                f"{', '.join(_unique_str(missing))}; add them or restrict --formats")
     # Per-layer storage and predicted ΔKL of every candidate, once; items sum them over their layers.
     alpha = np.array([r.alpha(objective) for r in layers])
+    ok = np.array([[applicable(f, r.shape, r) for f in candidates] for r in layers], dtype=bool)
     cand_bits = np.array([[storage_bits(cache, f, r.shape) for f in candidates] for r in layers], dtype=np.int64)
-    cand_cost = alpha[:, None] * np.array([[_t2(r, f) for f in candidates] for r in layers])
+    # a format a layer cannot take costs inf there (only the uniform baseline reads it: items leave it out)
+    cand_cost = np.where(ok, alpha[:, None] * np.array([[_t2(r, f) if usable else 0.0
+                                                          for f, usable in zip(candidates, row)]
+                                                         for r, row in zip(layers, ok)]), np.inf)
     cand_cb = np.array([cb_index.get(codebook_key(f), -1) for f in candidates], dtype=np.int64)
+    fp16 = get_format("fp16")
+    fixed_bits = 0
     for group in groups:
         pins_here = {pinned[i][1].name: pinned[i] for i in group if i in pinned}
         if len(pins_here) > 1:
@@ -319,31 +378,40 @@ def build_instance(profile: Profile, objective: str | None = None, formats=None,
             raise BitplanError(f"pins contradict the tie group {', '.join(layers[i].name for i in group)}: "
                                f"{detail}; tied layers share one format")
         items.append(group)
+        if not pins_here and not free[group].all():
+            pins_here = {fp16.name: ("scope blocks", fp16)}   # outside the scope: fp16, as before it was planned
         if pins_here:
             f = next(iter(pins_here.values()))[1]
             opts = [f]
             bits.append(np.array([sum(storage_bits(cache, f, layers[i].shape) for i in group)], dtype=np.int64))
             cost.append(np.array([sum(alpha[i] * _t2(layers[i], f) for i in group)]))
             cbs.append(np.array([cb_index.get(codebook_key(f), -1)], dtype=np.int64))
+            if not free[group].all():
+                fixed_bits += int(bits[-1][0])
         else:
-            opts = candidates
-            bits.append(cand_bits[group].sum(axis=0))
-            cost.append(cand_cost[group].sum(axis=0))
-            cbs.append(cand_cb)
+            usable = np.flatnonzero(ok[group].all(axis=0))
+            if usable.size == 0:
+                raise BitplanError(f"no candidate format can store {layers[group[0]].name} "
+                                   f"({layers[group[0]].shape[0]}×{layers[group[0]].shape[1]}); add one to --formats "
+                                   "(fp16 always can)")
+            opts = [candidates[j] for j in usable]
+            bits.append(cand_bits[group][:, usable].sum(axis=0))
+            cost.append(cand_cost[group][:, usable].sum(axis=0))
+            cbs.append(cand_cb[usable])
         options.append(opts)
         if resource is not None:
             weights = sum(layers[i].params for i in group)
             res.append(np.array([resource.per_weight[f.name] * weights for f in opts]))
     constraints = {"formats": [f.name for f in candidates], "pins": [[r, f.name] for r, f in pin_list],
-                   "min_bits": min_bits, "max_bits": max_bits, "tie": ties,
+                   "min_bits": min_bits, "max_bits": max_bits, "tie": ties, "scope": scope,
                    "resource": resource.to_json() if resource is not None else None}
     return Instance(profile=profile, objective=objective, candidates=candidates, items=items, options=options,
                     bits=bits, cost=cost, codebook=cbs, codebook_names=cb_names, candidate_bits=cand_bits,
                     candidate_cost=cand_cost,
                     codebook_bits=np.array([cb_bits[k] for k in cb_names], dtype=np.int64),
-                    extras=extras_account(profile), block_weights=sum(r.params for r in layers),
+                    extras=extras_account(profile), block_weights=sum(r.params for r in profile.layers),
                     constraints=constraints, resource=resource, resource_use=res if resource is not None else None,
-                    _bits_cache=cache)
+                    _bits_cache=cache, scope=scope, layers=layers, free=free, fixed_bits=fixed_bits)
 
 
 def _tie_groups(layers: list[LayerRecord], ties: list[str]) -> list[list[int]]:

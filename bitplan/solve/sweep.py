@@ -14,7 +14,7 @@ from ..profile.schema import Profile
 from .api import DEFAULT_RESOLUTION, SOLVERS, _load, _resource, best_uniform, make_plan, resolve_budget, run_solver
 from .budget import Budget
 from .plan import Plan
-from .problem import build_instance
+from .problem import build_instance, resolve_scope
 
 
 @dataclass
@@ -36,14 +36,16 @@ class SweepRow:
 def sweep(profile: Profile | str | Path, budgets, solver: str = "dp", objective: str | None = None, formats=None,
           pins=(), min_bits: float | None = None, max_bits: float | None = None, tie=None, resource=None,
           resource_limit: float | None = None, resolution: float = DEFAULT_RESOLUTION,
-          time_limit: float | None = None) -> tuple[list[SweepRow], str]:
+          time_limit: float | None = None, scope: str | None = None) -> tuple[list[SweepRow], str]:
     """Solve at each bpw budget with one instance built once; an infeasible budget gets a row with a note.
+    `scope` as in `solve` (default `blocks`: bpw over the block linears).
 
     Returns the rows and the objective used."""
     if solver not in SOLVERS:
         raise BitplanError(f"unknown solver {solver!r}; choose dp or ilp")
     prof, identity = _load(profile)
-    inst = build_instance(prof, objective, formats, pins, min_bits, max_bits, tie, _resource(resource, resource_limit))
+    inst = build_instance(prof, objective, formats, pins, min_bits, max_bits, tie, _resource(resource, resource_limit),
+                          scope=resolve_scope(prof, scope, "bpw"))
     rows = []
     for value in budgets:
         value = Fraction(value)
@@ -55,7 +57,7 @@ def sweep(profile: Profile | str | Path, budgets, solver: str = "dp", objective:
             rows.append(SweepRow(float(value), None, None, None, None, None, note=str(e)))
             continue
         uni = best_uniform(inst, target.layer_bits)
-        rows.append(SweepRow(float(value), sol.bits / inst.block_weights, sol.cost,
+        rows.append(SweepRow(float(value), inst.bpw_bits(sol.bits), sol.cost,
                              uni["format"] if uni else None, uni["storage_bpw"] if uni else None,
                              uni["predicted_dkl"] if uni else None,
                              plan=make_plan(inst, sol, target, solver, identity)))
