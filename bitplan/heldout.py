@@ -36,8 +36,11 @@ SHRINK_TARGETS = ("identity", "diagonal")
 DEFAULT_SHRINK_TARGET = "identity"
 
 
-def rotate_factor(H: torch.Tensor, seed: int) -> torch.Tensor:
-    """R H Rᵀ for the randomized Hadamard R of `seed` (the factor seen by weights rotated with that seed)."""
+def rotate_factor(H: torch.Tensor, seed: int | None) -> torch.Tensor:
+    """R H Rᵀ for the randomized Hadamard R of `seed` (the factor seen by weights rotated with that seed);
+    seed None: H itself (float64), for formats quantized unrotated (ggml's)."""
+    if seed is None:
+        return H.to(torch.float64)
     had = RandomizedHadamard(H.shape[0], seed)
     return had.forward(had.forward(H.to(torch.float64), dim=0), dim=1)
 
@@ -56,9 +59,10 @@ def check_target(target: str) -> str:
     return target
 
 
-def rotated_target(H: torch.Tensor, seed: int, target: str) -> torch.Tensor | None:
+def rotated_target(H: torch.Tensor, seed: int | None, target: str) -> torch.Tensor | None:
     """The shrinkage target of a factor H given in the original basis, rotated like `rotate_factor(H, seed)`, at
-    H's scale (so `normalize` of the two agree: rotation keeps the trace). None stands for the identity."""
+    H's scale (so `normalize` of the two agree: rotation keeps the trace). None stands for the identity; seed None
+    leaves it unrotated."""
     if check_target(target) == "identity":
         return None
     return rotate_factor(torch.diag(H.to(torch.float64).diagonal()), seed)

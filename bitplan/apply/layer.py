@@ -1,5 +1,9 @@
 """One layer, start to finish: rotate, fix the scales, round with the chosen feedback, pack.
 
+ggml's block formats (`rotated = False`) skip the rotation: W and its factors stay in the original basis, the
+scale search is weighted by diag(H_in) (the layer's mean x² per input column, what an imatrix holds) when H_in is
+given, and the packed layer is ggml's blocks alone (no rotation seeds).
+
 Rounding methods:
 - `yaqa`: two-sided block LDLQ with the profile's Kronecker factors H_O ⊗ H_I;
 - `ldlq`: one-sided block LDLQ (GPTQ-equivalent): H_O = I, H_I = E[xxᵀ] of the layer's inputs;
@@ -40,9 +44,10 @@ def tile_width(fmt: Format) -> int:
     return TILE * fmt.vector_dim // math.gcd(TILE, fmt.vector_dim)
 
 
-def prepare_factor(H: torch.Tensor, seed: int, block: int, lam: float, name: str,
+def prepare_factor(H: torch.Tensor, seed: int | None, block: int, lam: float, name: str,
                    target: str = DEFAULT_SHRINK_TARGET):
-    """Rotate, normalize, shrink toward `target` by λ, and block-LDL a factor; returns (normalized H, LDL)."""
+    """Rotate (seed None: not), normalize, shrink toward `target` by λ, and block-LDL a factor; returns
+    (normalized H, LDL)."""
     Hn, T = normalized_pair(rotate_factor(H, seed), rotated_target(H, seed, target) if lam else None)
     Hn = shrink(Hn, lam, T)
     return Hn, block_ldl(Hn, block, sigma=LDL.sigma, name=name)
@@ -68,14 +73,26 @@ def quantize_layer(name: str, W: torch.Tensor, fmt: Format, rounding: str = "yaq
         w16 = W.to(torch.float16)
         return LayerResult(name, fmt.name, {"weight": w16}, w16.to(torch.float32), {"rel_err": _rel(W, w16.double())})
 
-    seed_out, seed_in = rotation_seeds(name, seed)
-    W_rot = rotate_weight(W, seed_out, seed_in)
-    params = fmt.fit(W_rot.to(torch.float32))
+    if not fmt.applicable(m, n):
+        raise BitplanError(f"{name}: {fmt.name} cannot store a {m}×{n} layer (rows must be whole "
+                           f"{getattr(fmt, 'block_size', 1)}-weight blocks); choose another format for it")
+    if fmt.rotated:
+        seed_out, seed_in = rotation_seeds(name, seed)
+        W_rot = rotate_weight(W, seed_out, seed_in)
+        params = fmt.fit(W_rot.to(torch.float32))
+    else:  # ggml: unrotated, the scales weighted by the inputs' second moments where known
+        seed_out = seed_in = None
+        W_rot = W
+        importance = H_in.detach().to(torch.float64).diagonal().cpu() if H_in is not None else None
+        params = fmt.fit(W.to(torch.float32), importance)
     scale, zero = fmt.per_weight(params, n)
     scale, zero = scale.double(), (zero.double() if zero is not None else None)
     stats: dict = {}
     if rounding == "rtn":
-        codes = fmt.quantize(W_rot.to(torch.float32)).codes  # fit is deterministic: the same params
+        if fmt.rotated:
+            codes = fmt.quantize(W_rot.to(torch.float32)).codes  # fit is deterministic: the same params
+        else:
+            codes = fmt.encode(W_rot.to(torch.float32), scale, zero)
     else:
         if H_in is None or (rounding == "yaqa" and H_out is None):
             raise BitplanError(f"{name}: {rounding} rounding needs the profile's Hessian factors for this layer")
@@ -94,10 +111,13 @@ def quantize_layer(name: str, W: torch.Tensor, fmt: Format, rounding: str = "yaq
                      proxy=proxy(E, Hi, Ho), proxy_rtn=proxy(W_rot - fmt.round(W_rot, scale, zero), Hi, Ho))
     qw = QuantizedWeight(fmt.name, (m, n), codes.to(torch.int32), params)
     tensors = fmt.pack(qw)
-    tensors["rotation_seeds"] = encode_seeds(seed_out, seed_in)
     # Dequantize from what is stored, so W_hat is exactly what a loaded checkpoint computes with.
-    W_hat_rot = fmt.dequantize(fmt.unpack({k: v for k, v in tensors.items() if k != "rotation_seeds"}, m, n))
-    W_hat = unrotate_weight(W_hat_rot.to(torch.float64), seed_out, seed_in)
+    W_hat_rot = fmt.dequantize(fmt.unpack(tensors, m, n))
+    if fmt.rotated:
+        tensors["rotation_seeds"] = encode_seeds(seed_out, seed_in)
+        W_hat = unrotate_weight(W_hat_rot.to(torch.float64), seed_out, seed_in)
+    else:
+        W_hat = W_hat_rot.to(torch.float64)
     stats["rel_err"] = _rel(W, W_hat)
     return LayerResult(name, fmt.name, tensors, W_hat.to(torch.float32), stats)
 

@@ -51,7 +51,7 @@ def layer_tables(layer, device: torch.device) -> LayerTables:
 def supports(layer, x: torch.Tensor) -> bool:
     """Whether `quantized_matmul` can compute this layer for these activations: an int or grid format,
     float16/bfloat16/float32 activations, on CUDA (or on the CPU under TRITON_INTERPRET=1), and no gradient
-    wanted (the ops have no backward; the PyTorch path has)."""
+    wanted (the ops have no backward; the PyTorch path has). ggml's block types are not covered."""
     return (layer.format.kind in ("int", "grid") and x.dtype in ACTIVATION_DTYPES
             and (x.is_cuda or (INTERPRETED and x.device.type == "cpu"))
             and not (x.requires_grad and torch.is_grad_enabled()))

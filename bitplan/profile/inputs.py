@@ -12,7 +12,7 @@ from rich.console import Console
 from torch import nn
 
 from ..errors import BitplanError
-from ..formats import Format, default_candidates, get_format
+from ..formats import Format, default_candidates, get_format, ggml_candidates
 from ..models import LoadedModel, load_model
 from .defaults import DEFAULT_HALVES, DEFAULT_JUDGE_SAMPLES, DEFAULT_SAMPLES, DEFAULT_SEQLEN, HALF_SPLITS
 from .judge import find_start_token
@@ -80,16 +80,18 @@ def calibration_windows(loaded: LoadedModel, calib: str | Path | torch.Tensor, s
 
 
 def candidate_formats(formats: str | list | None) -> list[Format]:
-    """The formats to measure: None or "default" for the default candidates, else names (a list, or one string
-    separated by commas or spaces)."""
+    """The formats to measure: None or "default" for the default candidates, else names and the named menus
+    `default` and `ggml` (ggml's block types and fp16), as a list or one string separated by commas or spaces."""
     if formats is None:
         return list(default_candidates())
     if isinstance(formats, str):
-        names = [f for f in re.split(r"[,\s]+", formats) if f]
-        if names == ["default"]:
-            return list(default_candidates())
-        formats = names
-    out = [get_format(f) for f in formats]
+        formats = [f for f in re.split(r"[,\s]+", formats) if f]
+    out: list[Format] = []
+    for f in formats:
+        key = f.lower() if isinstance(f, str) else None
+        new = (list(default_candidates()) if key == "default" else ggml_candidates() if key == "ggml"
+               else [get_format(f)])
+        out += new
     if not out:
         raise BitplanError("--formats names no format")
     return out

@@ -2,7 +2,8 @@
 
 W̃ is the weight rotated on both sides by randomized Hadamard transforms whose seeds are derived from the layer
 name (`rotation_seeds`), so a later `apply` rotates the same layer the same way. Formats with
-`rotated = False` (fp16) are measured on W itself. Grid formats are measured with `for_measuring()`, which
+`rotated = False` (fp16, ggml's block types) are measured on W itself; a format the layer's shape rules out
+(`Format.applicable`: a K-type on rows that are not whole 256-weight blocks) has no entry. Grid formats are measured with `for_measuring()`, which
 lets the k-d tree settle exact ties between equidistant codes (measure zero in real weights), 1.3–1.8× faster,
 and the grids of one group size and vector dimension share one `GridFormat.normalize` (the same scales and
 normalized vectors, computed once rather than once per grid; `benchmarks/relerr_bench.py`).
@@ -25,8 +26,12 @@ def rotation_seeds(name: str, seed: int = 0) -> tuple[int, int]:
     return one("out"), one("in")
 
 
-def relative_errors(W: torch.Tensor, name: str, formats: list[Format]) -> dict[str, float]:
+def relative_errors(W: torch.Tensor, name: str, formats: list[Format],
+                    importance: torch.Tensor | None = None) -> dict[str, float]:
+    """t² per applicable format; `importance` [n] (the layer's mean x² per input column) weights the scale
+    search of formats that use one (ggml's)."""
     W = W.detach().to(torch.float32)
+    formats = [f for f in formats if f.applicable(*W.shape)]
     rotated = rotate_weight(W, *rotation_seeds(name)) if any(f.rotated for f in formats) else None
     out: dict[str, float] = {}
     normalized: dict[tuple[int, int], NormalizedWeight] = {}   # grid formats are all rotated
@@ -41,6 +46,8 @@ def relative_errors(W: torch.Tensor, name: str, formats: list[Format]) -> dict[s
             if key not in normalized:
                 normalized[key] = measuring.normalize(src)
             q = measuring.round_normalized(normalized[key])
+        elif importance is not None and fmt.kind == "ggml":
+            q = measuring.dequantize(measuring.quantize(src, importance))
         else:
             q = measuring.dequantize(measuring.quantize(src))
         err = exact[fmt.rotated] - q.double()
