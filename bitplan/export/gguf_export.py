@@ -154,9 +154,9 @@ def export_gguf(checkpoint: str | Path, out: str | Path, embedding_type: str = "
         jobs.append((f"{name}.weight", f"{name}.blocks" if types[name] is not None else f"{name}.weight"))
         if f"{name}.bias" in tensors:
             jobs.append((f"{name}.bias", f"{name}.bias"))
-    quantized_keys = {k for _, k in jobs}
+    prefixes = tuple(f"{name}." for name in modules)
     for key in tensors:
-        if key in quantized_keys or key.startswith(CODEBOOK_PREFIX) or "rotary" in key or key.endswith("inv_freq"):
+        if key.startswith(prefixes) or key.startswith(CODEBOOK_PREFIX) or "rotary" in key or key.endswith("inv_freq"):
             continue
         jobs.append((key, key))
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -209,10 +209,8 @@ def export_gguf(checkpoint: str | Path, out: str | Path, embedding_type: str = "
                     stored, qtype = _store_float(data, want, gname, notes)
                     origin = "float" if qtype in (T.F32, T.F16, T.BF16) else "quantized"
                     shape = tuple(data.shape)
-                    if qtype == T.BF16:
-                        writer.add_tensor(gname, np.ascontiguousarray(stored), raw_dtype=T.BF16)
-                    else:
-                        writer.add_tensor(gname, np.ascontiguousarray(stored))
+                    writer.add_tensor(gname, np.ascontiguousarray(stored),
+                                      raw_dtype=None if qtype in (T.F32, T.F16) else qtype)
                     data_bytes = stored.nbytes
                 n = int(np.prod(shape))
                 params += n
