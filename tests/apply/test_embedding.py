@@ -61,8 +61,9 @@ def reference_w_hat(model_dir, formats):
                  for n, f in formats.items()}
 
 
-@pytest.mark.parametrize("fmt", ["int4-g32", "higgs-p2-n64-g64"])
+@pytest.mark.parametrize("fmt", ["int4-g32", "higgs-p2-n64-g64", "q8_0", "q4_0"])
 def test_quantized_embedding_round_trips_exactly(model_dir, tmp_path, fmt):
+    """Rotated formats (int, grid) dequantize the whole matrix; ggml's block types look up single rows."""
     folder, tied = model_dir
     lm = load_model(str(folder))
     formats = plan_formats(lm, fmt, None if tied else "int3-g32")
@@ -79,6 +80,8 @@ def test_quantized_embedding_round_trips_exactly(model_dir, tmp_path, fmt):
             assert isinstance(head, TiedQuantizedHead if tied else QuantizedLinear)
             assert torch.equal(emb.dequantized_weight(), W_hat[EMB])      # bit for bit apply's W_hat
             assert torch.equal(emb(ids), W_hat[EMB][ids])
+            # uncached and unrotated, a lookup dequantizes its rows alone, never the whole matrix
+            assert (emb._weight is None) == (not cache and not emb.format.rotated)
             if not tied:
                 assert torch.equal(head.effective_weight(), W_hat[HEAD])
             got = loaded(ids).logits.double()
@@ -111,7 +114,7 @@ def test_the_file_shrinks_by_the_embedding_s_saving(model_dir, tmp_path):
     folder, tied = model_dir
     lm = load_model(str(folder))
     base = plan_formats(lm, "fp16", None if tied else "fp16")
-    quant = plan_formats(lm, "int4-g32", None if tied else "higgs-p2-n64-g64")
+    quant = plan_formats(lm, "q4_0" if tied else "int4-g32", None if tied else "higgs-p2-n64-g64")
     apply_formats(lm, base, tmp_path / "a", rounding="rtn", progress=False)
     apply_formats(lm, quant, tmp_path / "b", rounding="rtn", progress=False)
     matrices = [EMB] if tied else [EMB, HEAD]
