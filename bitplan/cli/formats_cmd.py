@@ -13,7 +13,7 @@ from . import add_name_column, app, console, print_table
 def formats_command(
     json_out: bool = typer.Option(False, "--json", help="print machine-readable JSON instead of a table"),
     candidates: bool = typer.Option(False, "--candidates", help="only the solver's default candidates"),
-    kind: str = typer.Option("", "--kind", help="only this kind: grid, int or fp16"),
+    kind: str = typer.Option("", "--kind", help="only this kind: grid, int, ggml or fp16"),
     m: int = typer.Option(4096, "--m", help="out features of the layer used for storage bits per weight"),
     n: int = typer.Option(4096, "--n", help="in features of the layer used for storage bits per weight"),
 ) -> None:
@@ -22,11 +22,12 @@ def formats_command(
     from ..formats import all_formats, default_candidates
     from ..formats.registry import format_summary
 
-    if kind and kind not in ("grid", "int", "fp16"):
-        raise BitplanError(f"unknown kind {kind!r}; choose grid, int or fp16")
+    if kind and kind not in ("grid", "int", "ggml", "fp16"):
+        raise BitplanError(f"unknown kind {kind!r}; choose grid, int, ggml or fp16")
     default = {f.name for f in default_candidates()}
     rows = [format_summary(f, m, n) | {"default_candidate": f.name in default}
-            for f in (default_candidates() if candidates else all_formats()) if not kind or f.kind == kind]
+            for f in (default_candidates() if candidates else all_formats())
+            if (not kind or f.kind == kind) and f.applicable(m, n)]
     if json_out:
         console.print_json(json.dumps(rows))
         return
@@ -35,8 +36,9 @@ def formats_command(
 
 def formats_table(rows: list[dict], m: int, n: int) -> Table:
     table = Table(title=f"bitplan formats (bits per weight at a {m}×{n} layer; mse_q on i.i.d. N(0,1))",
-                  caption="bits: nominal bits per weight (what --min-bits and --max-bits bound); storage bpw: "
-                          "with scales, zeros and rotation seeds")
+                  caption="bits: nominal bits per weight (what --min-bits and --max-bits bound; for ggml's block "
+                          "types, all they store); storage bpw: with scales, zeros and rotation seeds. ggml types "
+                          "whose block does not fit the row length are left out")
     add_name_column(table, "name")
     for col, just in [("kind", "left"), ("bits", "right"), ("storage bpw", "right"), ("mse_q", "right"),
                       ("÷ 4^-bits", "right"), ("default", "center")]:

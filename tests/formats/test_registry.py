@@ -14,10 +14,10 @@ from bitplan.formats.base import SEED_BITS
 def test_catalogue():
     fmts = all_formats()
     names = [f.name for f in fmts]
-    assert len(names) == len(set(names)) == (7 + 10 + 9 + 7) * 3 + 7 * 3 + 1
+    assert len(names) == len(set(names)) == (7 + 10 + 9 + 7) * 3 + 7 * 3 + 12 + 1   # grids, ints, ggml, fp16
     for f in fmts:
         assert isinstance(f, Format) and get_format(f.name) is f
-        assert f.kind in {"grid", "int", "fp16"} and f.mse_q > 0 and math.isfinite(f.mse_q)
+        assert f.kind in {"grid", "int", "ggml", "fp16"} and f.mse_q > 0 and math.isfinite(f.mse_q)
 
 
 @pytest.mark.parametrize("name, kind, bits, g, p, code_bits, rotated, codebook_bits", [
