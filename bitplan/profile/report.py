@@ -17,14 +17,14 @@ REFERENCE_FORMATS = ("int4-g128", "int3-g128", "higgs-p2-n256-g128", "higgs-p2-n
 # sensitivity.csv, in this order (docs/sensitivity-csv.md has each column's unit and meaning). First what a reviewer
 # acts on: the layer, the coefficient `solve` spends the bits by (which one, and the gain behind it), and the two
 # independent measurements beside it; then every other figure of the profile, then `dkl_<format>`.
-# trace_h_in only on the embedding's and head's rows: for a block linear tr H_I = tr H_O = Σ_c ‖G_c‖² (an identity;
+# trace_h_in_outer only on the embedding's and head's rows: for a block linear tr H_I = tr H_O = Σ_c ‖G_c‖² (an identity;
 # the stored traces agree to float32 rounding).
 LEAD = ["name", "block", "kind", "out_features", "in_features", "params", "alpha_solver", "alpha_solver_name",
         "alpha_solver_gain", "alpha_noise", "alpha_noise_r2", "alpha_hessian"]
 REST = ["weight_sq_norm", "trace_h", "alpha_shaped", "alpha_yaqa", "yaqa_gain", "alpha_yaqa_heldout",
         "yaqa_gain_heldout", "yaqa_gain_heldout_raw", "ldlq_gain_heldout", "alpha_ldlq_heldout", "shrink_out",
         "shrink_in", "alpha_shaped_judge", "yaqa_gain_judged", "yaqa_gain_judged_raw", "ldlq_gain_judged",
-        "alpha_yaqa_judged", "alpha_ldlq_judged", "trace_h_in", "ties", "notes"]
+        "alpha_yaqa_judged", "alpha_ldlq_judged", "trace_h_in_outer", "ties", "notes"]
 COLUMNS = LEAD + REST
 JUDGED = ("alpha_shaped_judge", "yaqa_gain_judged", "yaqa_gain_judged_raw", "ldlq_gain_judged")
 
@@ -94,7 +94,7 @@ def sensitivity_frame(profile: Profile):
                "alpha_ldlq_judged": r.alpha_ldlq_judged,
                **{k: r.extra.get(k) for k in ("shrink_out", "shrink_in", "yaqa_gain_heldout_raw",
                                               "ldlq_gain_heldout", *JUDGED)},
-               "trace_h_in": r.trace_h_in if r.outer else None, "ties": " ".join(r.ties) or None,
+               "trace_h_in_outer": r.trace_h_in if r.outer else None, "ties": " ".join(r.ties) or None,
                "notes": OUTER_NOTES[r.kind] if r.outer else None}
         if r.outer:
             row["alpha_shaped"] = None   # no factors, no adaptive rounding: round-to-nearest's α only
@@ -108,9 +108,9 @@ def sensitivity_frame(profile: Profile):
 # What the embedding's and head's rows measure, and what they lack (docs/sensitivity-csv.md).
 OUTER_NOTES = {
     "embedding": "rounded to nearest: every objective takes its RTN alpha; alpha_hessian from whole-window "
-                 "gradients of the matrix (both roles if tied); trace_h_in = tokens (rows weighted by token count), "
+                 "gradients of the matrix (both roles if tied); trace_h_in_outer = tokens (rows weighted by token count), "
                  "trace_h = sum of squared gradients at the embedding output; no YAQA/LDLQ figures",
-    "head": "no Kronecker factors kept: every objective takes its RTN alpha; trace_h_in = sum |x|^2 of the final "
+    "head": "no Kronecker factors kept: every objective takes its RTN alpha; trace_h_in_outer = sum |x|^2 of the final "
             "hidden states, trace_h = sum of squared logit gradients; no YAQA/LDLQ figures",
 }
 

@@ -51,7 +51,10 @@ def test_outputs(tmp_path):
         assert r.rel_err["int3-g64"] > r.rel_err["int4-g32"] > r.rel_err["fp16"]
         assert r.extra["n_samples"] == 8 * 4  # 16 tokens in chunks of 4
     df = pd.read_csv(out / "sensitivity.csv")
-    assert list(df.columns[:len(COLUMNS)]) == COLUMNS and len(df) == len(infos)
+    # the untied tiny model's embedding and head follow the block linears
+    assert list(df.columns[:len(COLUMNS)]) == COLUMNS and len(df) == len(infos) + 2
+    assert df["kind"].tolist()[-2:] == ["embedding", "head"] and df["block"].tolist()[-2:] == [-1, 2]
+    df = df[:len(infos)]
     assert df["yaqa_gain"].tolist() == pytest.approx((df["alpha_yaqa"] / df["alpha_shaped"]).tolist(), rel=1e-5)
     f = load_factors(out, infos[0].name)
     assert f.tokens_a == f.tokens_b == 4 * 16 and f.samples == 32
@@ -116,11 +119,13 @@ def test_contiguous_halves_accumulate_each_half_of_the_rows(tmp_path):
 
 
 # 8 windows = 2 halves × 2 batches of 2, a checkpoint after every batch but a half's last (its files are written
-# then); 14 layers. `after` is the first event of the resumed run: finished work is not redone.
+# then); 14 layers, then the embedding and head (their gradient pass is one result: "outer", 2). `after` is the
+# first event of the resumed run: finished work is not redone.
 @pytest.mark.parametrize("phase,count,after", [("noise", 5, ("noise", 6)), ("factors-a", 1, ("factors-a-done", 2)),
                                                ("factors-a-done", 2, ("factors-b", 1)),
                                                ("factors-b", 1, ("factors-b-done", 2)),
-                                               ("factors-b-done", 2, ("layers", 1)), ("layers", 9, ("layers", 10)),
+                                               ("factors-b-done", 2, ("outer", 2)), ("outer", 2, ("layers", 1)),
+                                               ("noise", 15, ("noise", 16)), ("layers", 9, ("layers", 10)),
                                                ("formats", 3, ("formats", 4))])
 def test_resume_equals_uninterrupted(tmp_path, phase, count, after):
     ref = run(tmp_path / "ref")
@@ -152,9 +157,9 @@ def test_finished_profile_asked_for_other_formats_measures_only_those(tmp_path):
     first = run(out)
     calls = []
     second = run(out, formats="int4-g32,int2-g32", events=lambda p, c: calls.append(p))
-    assert set(calls) == {"formats"} and len(calls) == len(first.layers)
+    assert set(calls) == {"formats"} and len(calls) == len(first.plannable)
     assert second.formats == ["int4-g32", "int2-g32"]
-    for a, b in zip(first.layers, load_profile(out).layers):
+    for a, b in zip(first.plannable, load_profile(out).plannable):
         assert b.rel_err["int4-g32"] == a.rel_err["int4-g32"] and b.rel_err["int2-g32"] > a.rel_err["int3-g64"]
         assert b.alpha_hessian == a.alpha_hessian and b.alpha_noise == a.alpha_noise
 
@@ -280,7 +285,9 @@ def test_a_log_sees_every_phase_end(tmp_path, capsys):
     run(tmp_path / "prof", model, progress=True, judge_samples=2)
     err = capsys.readouterr().err
     n = len(find_linears(model))
-    for line in (f"noise injection: {n}/{n}", "factors, half a: 4/4", "factors, half b: 4/4",
-                 f"coefficients (block LDL): {n}/{n}", f"format errors: {n}/{n}", "judge: sampling from the model: 2/2",
+    a = n + 2   # the embedding and the untied head too
+    for line in (f"noise injection: {a}/{a}", "factors, half a: 4/4", "factors, half b: 4/4",
+                 "embedding and head gradients: 8/8",
+                 f"coefficients (block LDL): {n}/{n}", f"format errors: {a}/{a}", "judge: sampling from the model: 2/2",
                  "judge: factors: 2/2", f"judge: judging each layer's fit: {n}/{n}"):
         assert f"\n{line}, " in "\n" + err, line
