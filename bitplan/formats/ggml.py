@@ -141,6 +141,15 @@ class GgmlFormat(Format):
         q = torch.where(scale == 0, 0.0, t / torch.where(scale == 0, 1.0, scale))
         return self._nearest(q)
 
+    def _rtn_levels(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+        """Levels (float64) of the nearest codes: `levels()[_codes(...)]` without the integer round trip."""
+        s = self.spec
+        if s.nl:
+            return self.levels()[self._codes(x, scale, zero)]
+        t = x if zero is None else x - zero
+        q = t / torch.where(scale == 0, 1.0, scale)   # a zero scale decodes every level to 0 (or the zero)
+        return torch.round(q).clamp_(s.lo, s.hi)
+
     # -- Format interface ------------------------------------------------------------------------------
     def encode(self, T: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | None = None) -> torch.Tensor:
         if scale is None or tuple(scale.shape) != tuple(T.shape) or (self.has_zero and (
@@ -225,32 +234,40 @@ class GgmlFormat(Format):
 
     def _err(self, x, w, scale, zero):
         """Weighted squared error of RTN with the given (sub-block broadcast) scale / zero, summed over the last dim."""
-        c = self._codes(x, scale, zero)
-        lv = self.levels()[c]
+        lv = self._rtn_levels(x, scale, zero)
         v = lv * scale + (zero if zero is not None else 0.0)
         return (w * (x - v).pow(2)).sum(-1)
 
     def _sub_candidates(self, x: torch.Tensor, w: torch.Tensor):
-        """Trial (scale, zero) pairs [k, ...] for sub-blocks x, w [..., g] (float64, unstored)."""
+        """Candidate (scale, zero) pairs for sub-blocks x, w [..., g] (float64, not yet stored): the max-based
+        ones, and of a fan of trial scales the least-squares refit with the least weighted error for its codes
+        (judged in closed form from the weighted sums, so each trial costs one pass)."""
         s = self.spec
-        cands_s, cands_z = [], []
         if not s.has_min:
             amax_i = x.abs().argmax(-1, keepdim=True)
             mx = torch.gather(x, -1, amax_i).squeeze(-1)                    # the signed extreme
             safe = torch.where(mx == 0, 1.0, mx)
             lv = self.levels()
-            ends = (float(lv[0]), float(lv[-1]))
             step = 2.0 if s.nl else 0.1 * (s.hi - s.lo + 1) / 16
-            for end in ends:
-                for t in range(-7, 8):
+            wx = w * x
+            best_f = best_s = None
+            bases = []
+            for end in (float(lv[0]), float(lv[-1])):
+                bases.append(safe / end)
+                for t in range(-4, 5):
                     base = safe / (end + t * step)          # the extreme mapped to a level near `end`
-                    c = self._codes(x, base.unsqueeze(-1), None)
-                    l = lv[c]
-                    num, den = (w * x * l).sum(-1), (w * l * l).sum(-1)
-                    ls = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
-                    cands_s += [ls] + ([base] if t == 0 else [])
-            cands_s = [torch.where(mx == 0, 0.0, c) for c in cands_s]
-            return cands_s, [None] * len(cands_s)
+                    l = self._rtn_levels(x, base.unsqueeze(-1), None)
+                    num, den = (wx * l).sum(-1), (w * l * l).sum(-1)
+                    ok = den > 0
+                    fom = torch.where(ok, num * num / torch.where(ok, den, 1.0), -1.0)   # error = Σwx² − fom
+                    ls = torch.where(ok, num / torch.where(ok, den, 1.0), 0.0)
+                    if best_f is None:
+                        best_f, best_s = fom, ls
+                    else:
+                        better = fom > best_f
+                        best_f, best_s = torch.where(better, fom, best_f), torch.where(better, ls, best_s)
+            cands = [torch.where(mx == 0, 0.0, c) for c in bases + [best_s]]
+            return cands, [None] * len(cands)
         lo = x.amin(-1)
         hi = x.amax(-1)
         if s.block_size != s.sub:
@@ -258,16 +275,16 @@ class GgmlFormat(Format):
         rng = hi - lo
         safe = torch.where(rng == 0, 1.0, rng)
         nmax = s.hi
-        cands_s.append(rng / nmax)
-        cands_z.append(lo)
-        A = w.sum(-1)
-        for t in range(0, 21):
+        A, D = w.sum(-1), (w * x).sum(-1)
+        wx = w * x
+        best_f = best_s = best_z = None
+        for t in range(0, 21, 2):
             iscale = (nmax - 1.0 + 0.1 * t) / safe
             l = torch.round((x - lo.unsqueeze(-1)) * iscale.unsqueeze(-1)).clamp_(0, nmax)
-            B, C = (w * l).sum(-1), (w * l * l).sum(-1)
-            D, E = (w * x).sum(-1), (w * x * l).sum(-1)
+            wl = w * l
+            B, C, E = wl.sum(-1), (wl * l).sum(-1), (wx * l).sum(-1)
             det = A * C - B * B
-            ok = det > 1e-300 * (A * C).clamp_min(1e-300)
+            ok = det > 1e-12 * (A * C).clamp_min(1e-300)
             sd = torch.where(ok, (A * E - B * D) / torch.where(ok, det, 1.0), rng / nmax)
             zd = torch.where(ok, (C * D - B * E) / torch.where(ok, det, 1.0), lo)
             if s.block_size != s.sub:
@@ -275,9 +292,15 @@ class GgmlFormat(Format):
                 sd = torch.where(pos, torch.where(C > 0, E / torch.where(C > 0, C, 1.0), 0.0), sd)
                 zd = torch.where(pos, 0.0, zd)
                 sd = sd.clamp_min(0.0)
-            cands_s.append(sd)
-            cands_z.append(zd)
-        return cands_s, cands_z
+            # weighted error for these codes, less the constant Σwx²: −2sE − 2zD + s²C + 2szB + z²A
+            f = sd * sd * C + 2 * sd * zd * B + zd * zd * A - 2 * sd * E - 2 * zd * D
+            if best_f is None:
+                best_f, best_s, best_z = f, sd, zd
+            else:
+                better = f < best_f
+                best_f = torch.where(better, f, best_f)
+                best_s, best_z = torch.where(better, sd, best_s), torch.where(better, zd, best_z)
+        return [rng / nmax, best_s], [lo, best_z]
 
     def _best(self, x, w, cands_s, cands_z, store):
         """Per (sub-)block, the candidate whose stored form (`store`) gives the least weighted RTN error."""
