@@ -6,6 +6,7 @@ PyTorch path, for every device. With `cache=False` it keeps only the packed byte
 with `cache=True` (the default) it dequantizes once and keeps the weight in the original basis, R_mᵀ W_rot R_n,
 so a forward is one plain matmul (the rotations of every call cost more than the matmul itself on a CPU).
 On CUDA, int and grid formats go through the Triton kernels (bitplan/kernels/linear.py) instead when triton is installed.
+Unrotated formats (fp16, ggml's block types: one uint8 `blocks` tensor, no rotation seeds) dequantize and multiply.
 """
 from __future__ import annotations
 
