@@ -32,20 +32,22 @@ def gguf_command(
     """Write a checkpoint as one GGUF file that llama.cpp (`llama-cli -m`) and transformers run; ggml blocks are
     copied unchanged."""
     from ..export import export_gguf
+    from ..export.gguf_export import type_name
 
     result = export_gguf(checkpoint, out, embedding_type=embedding_type, output_type=output_type,
                          other_type=other_type)
-    table = Table(title=f"{result.path} ({result.arch}, pre-tokenizer {result.pre_tokenizer})")
+    table = Table(title="tensors by type")
     table.add_column("type", no_wrap=True)
     table.add_column("tensors", justify="right")
     table.add_column("bytes", justify="right")
     by_type: dict[str, int] = {}
     for t in result.tensors:
-        by_type[t.type.name.lower()] = by_type.get(t.type.name.lower(), 0) + t.nbytes
+        by_type[type_name(t.type)] = by_type.get(type_name(t.type), 0) + t.nbytes
     for name, count in result.type_counts().items():
         table.add_row(name, str(count), _size(by_type[name]))
     print_table(table)
-    console.print(f"file {_size(result.file_bytes)}: {result.file_bpw:.3f} bits per weight; block linears "
+    console.print(f"{result.path} ({result.arch}, pre-tokenizer {result.pre_tokenizer}): "
+                  f"{_size(result.file_bytes)}, {result.file_bpw:.3f} bits per weight; block linears "
                   f"{result.block_linear_bpw:.3f} bits per weight", highlight=False)
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)

@@ -38,6 +38,12 @@ _FILE_TYPE = {T.F32: "ALL_F32", T.F16: "MOSTLY_F16", T.BF16: "MOSTLY_BF16", T.Q4
               T.Q6_K: "MOSTLY_Q6_K", T.IQ4_NL: "MOSTLY_IQ4_NL", T.IQ4_XS: "MOSTLY_IQ4_XS"}
 
 
+def type_name(t: T) -> str:
+    """ggml's own spelling of a type (`q4_K`, `iq4_xs`, `f16`), as llama.cpp prints and parses it."""
+    name = t.name.lower()
+    return name[:-2] + "_K" if name.endswith("_k") else name
+
+
 def ggml_type(name: str) -> T:
     """A type name as the command line takes it (`q8_0`, `f16`) → the ggml type."""
     try:
@@ -92,7 +98,7 @@ class GgufExport:
         return self.file_bytes * 8 / max(self.params, 1)
 
     def type_counts(self) -> dict[str, int]:
-        return dict(Counter(t.type.name.lower() for t in self.tensors).most_common())
+        return dict(Counter(type_name(t.type) for t in self.tensors).most_common())
 
 
 def _as_numpy(t: torch.Tensor) -> np.ndarray:

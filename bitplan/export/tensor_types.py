@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import BitplanError
 from ..io import check_writable, write_text
 from .arch import ARCHITECTURES, TensorNames
-from .gguf_export import format_ggml_type
+from .gguf_export import format_ggml_type, type_name
 
 
 @dataclass
@@ -35,7 +35,7 @@ def tensor_type_lines(formats: dict[str, str]) -> tuple[list[str], dict[str, str
     lines, types = [], {}
     for module, fmt in formats.items():
         gname = names(f"{module}.weight")
-        t = "f16" if fmt == "fp16" else format_ggml_type(fmt).name.lower()
+        t = "f16" if fmt == "fp16" else type_name(format_ggml_type(fmt))
         types[gname] = t
         lines.append(f"^{re.escape(gname)}$={t}")
     return lines, types
