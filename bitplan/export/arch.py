@@ -85,14 +85,19 @@ def rope_theta(config) -> float:
     return float(theta if theta is not None else getattr(config, "rope_theta", 10000.0))
 
 
-def write_hyperparameters(writer: gguf.GGUFWriter, config) -> None:
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+def check_config(config) -> None:
+    """Refuse, before any work, what the GGUF written here cannot express."""
     window = getattr(config, "sliding_window", None)
     if window is not None and getattr(config, "use_sliding_window", True) and \
             window < config.max_position_embeddings:
         raise BitplanError(f"this model attends through a sliding window of {window} tokens, which GGUF's llama "
                            "architecture does not express; exporting it would change its outputs")
+    rope_theta(config)
+
+
+def write_hyperparameters(writer: gguf.GGUFWriter, config) -> None:
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)

@@ -23,7 +23,7 @@ from ..errors import BitplanError
 from ..formats import get_format
 from ..io import atomic_path, check_writable
 from ..progress import Progress
-from .arch import TensorNames, gguf_arch, permute_rows, qk_heads, write_hyperparameters
+from .arch import TensorNames, check_config, gguf_arch, permute_rows, qk_heads, write_hyperparameters
 from .vocab import write_tokenizer
 
 T = gguf.GGMLQuantizationType
@@ -137,6 +137,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, embedding_type: str = "
     with _quiet_transformers():
         config = AutoConfig.from_pretrained(folder)
     arch = gguf_arch(config)
+    check_config(config)
 
     modules: dict[str, str] = dict(qc["modules"])
     types: dict[str, T | None] = {}

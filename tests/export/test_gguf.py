@@ -207,6 +207,14 @@ def test_unsupported_architecture_and_bad_types(tmp_path, tiny_tokenizer):
     with pytest.raises(BitplanError, match="--embedding-type q4_K"):
         export_gguf(ckpt, tmp_path / "a.gguf", embedding_type="q4_K", progress=False)
     config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "architectures": ["MistralForCausalLM"],
+                                                  "sliding_window": 16}))
+    with pytest.raises(BitplanError, match="sliding window of 16 tokens"):
+        export_gguf(ckpt, tmp_path / "a.gguf", progress=False)
+    (ckpt / "config.json").write_text(json.dumps({**config, "rope_parameters": {"rope_type": "yarn",
+                                                                                "rope_theta": 1e4, "factor": 2.0}}))
+    with pytest.raises(BitplanError, match="'yarn' rope scaling"):
+        export_gguf(ckpt, tmp_path / "a.gguf", progress=False)
     config["architectures"] = ["GPTNeoXForCausalLM"]
     (ckpt / "config.json").write_text(json.dumps(config))
     with pytest.raises(BitplanError, match="supports LlamaForCausalLM.*GPTNeoXForCausalLM"):
