@@ -363,7 +363,8 @@ def build_instance(profile: Profile, objective: str | None = None, formats=None,
     # Per-layer storage and predicted ΔKL of every candidate, once; items sum them over their layers.
     alpha = np.array([r.alpha(objective) for r in layers])
     ok = np.array([[applicable(f, r.shape, r) for f in candidates] for r in layers], dtype=bool)
-    cand_bits = np.array([[storage_bits(cache, f, r.shape) for f in candidates] for r in layers], dtype=np.int64)
+    cand_bits = np.array([[storage_bits(cache, f, r.shape) if usable else 0 for f, usable in zip(candidates, row)]
+                          for r, row in zip(layers, ok)], dtype=np.int64)
     # a format a layer cannot take costs inf there (only the uniform baseline reads it: items leave it out)
     cand_cost = np.where(ok, alpha[:, None] * np.array([[_t2(r, f) if usable else 0.0
                                                           for f, usable in zip(candidates, row)]
