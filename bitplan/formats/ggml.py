@@ -248,7 +248,7 @@ class GgmlFormat(Format):
             mx = torch.gather(x, -1, amax_i).squeeze(-1)                    # the signed extreme
             safe = torch.where(mx == 0, 1.0, mx)
             lv = self.levels()
-            step = 2.0 if s.nl else 0.1 * (s.hi - s.lo + 1) / 16
+            step = 2.0 if s.nl else 0.1 * max(1.0, (s.hi - s.lo + 1) / 16)   # llama.cpp's 0.1 for ≤ 4 bits
             wx = w * x
             best_f = best_s = None
             bases = []
@@ -356,6 +356,21 @@ class GgmlFormat(Format):
                 best[2] = torch.where(better, dmin, best[2])
                 best[4] = torch.where(better.unsqueeze(-1), mn, best[4])
         _, d, dmin, sc, mn = best
+        # then each sub-block's integer scale (and min) one step either way, where that lowers its weighted error
+        zero_of = lambda mn_: -(dmin.unsqueeze(-1).float() * mn_.float()).double().unsqueeze(-1)  # noqa: E731
+        scale_of = lambda sc_: (d.unsqueeze(-1).float() * sc_.float()).double().unsqueeze(-1)     # noqa: E731
+        cur = self._err(x, wb, scale_of(sc), zero_of(mn) if s.has_min else None)
+        for which in (("sc", "mn") if s.has_min else ("sc",)):
+            lo, hi = (s.sc_lo, s.sc_hi) if which == "sc" else (0, s.sc_hi)
+            for step in (-1, 1):
+                sc_t = (sc + step).clamp(lo, hi) if which == "sc" else sc
+                mn_t = (mn + step).clamp(lo, hi) if which == "mn" else mn
+                e = self._err(x, wb, scale_of(sc_t), zero_of(mn_t) if s.has_min else None)
+                better = e < cur
+                cur = torch.where(better, e, cur)
+                sc = torch.where(better, sc_t, sc)
+                if s.has_min:
+                    mn = torch.where(better, mn_t, mn)
         return {"d": d, "dmin": dmin, "sc": sc.reshape(r, B * per), "mn": mn.reshape(r, B * per) if mn is not None else None}
 
     def _quantize_scales(self, v: torch.Tensor, k: float, signed: bool):
