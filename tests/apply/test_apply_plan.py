@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bitplan.apply import apply_plan, load_quantized
+from bitplan.apply.embedding import QuantizedEmbedding
 from bitplan.apply.module import QuantizedLinear
 from bitplan.errors import BitplanError
 from bitplan.models import load_model
@@ -33,9 +34,13 @@ def test_plan_becomes_a_checkpoint(tiny_plan, tmp_path, rounding):
     result = apply_plan(plan_path, tmp_path / "q", model=lm, rounding=rounding, progress=False)
     assert result.formats == plan.formats
     loaded = load_quantized(tmp_path / "q")
-    for name, fmt in plan.formats.items():
-        module = loaded.model.get_submodule(name)
-        assert isinstance(module, QuantizedLinear) and module.format.name == fmt
+    for layer in plan.layers:
+        module = loaded.model.get_submodule(layer.name)
+        if layer.kind in ("embedding", "head") and layer.format == "fp16":   # kept as the model's own fp16 tensor
+            assert isinstance(module, (torch.nn.Embedding, torch.nn.Linear))
+            continue
+        quantized = QuantizedEmbedding if layer.kind == "embedding" else QuantizedLinear
+        assert isinstance(module, quantized) and module.format.name == layer.format
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert qc["rounding"] == rounding and qc["plan"]["budget"] == "3.5bpw"
     # The stored bytes of the quantized layers are what the plan accounted for (codes, scales, zeros, seeds).
@@ -74,9 +79,9 @@ def test_auto_shrink_records_the_lambda_chosen_per_layer(tiny_plan, tmp_path):
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     in_profile = {r.name: (r.extra["shrink_out"], r.extra["shrink_in"]) for r in load_profile(tmp_path / "prof").layers}
     for name, fmt in plan.formats.items():
-        stats = qc["layers"][name]
         if fmt == "fp16":
             continue
+        stats = qc["layers"][name]
         expected = auto_shrink(load_factors(tmp_path / "prof", name), name)
         # the CSV shows what apply used
         assert (stats["shrink_out"], stats["shrink_in"]) == (expected.out, expected.inp) == in_profile[name]

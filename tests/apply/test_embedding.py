@@ -166,3 +166,35 @@ def test_eval_runs_a_checkpoint_with_a_quantized_embedding(model_dir, tmp_path, 
     want = evaluate(str(folder), ref, **kw)
     assert got.kl_mean > 0
     assert got.kl_mean == pytest.approx(want.kl_mean, rel=1e-4)
+
+
+def test_a_solved_plan_with_the_embedding_and_head_becomes_a_checkpoint(tmp_path, tiny_tokenizer):
+    """profile → solve (whole model, the embedding pinned to q4_0) → apply: the planned embedding and head are
+    stored in exactly their planned bits, the head rounded to nearest (the profile has no factors for it)."""
+    from safetensors.torch import load_file
+
+    from bitplan.apply import apply_plan
+    from bitplan.profile import profile_model
+    from bitplan.solve import solve
+
+    folder = tmp_path / "tiny"
+    tiny_llama(VOCAB).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    lm = load_model(str(folder))
+    windows = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(0))
+    profile_model(lm, windows, out_dir=tmp_path / "prof", noise_samples=0, judge_samples=0, progress=False,
+                  formats=["int3-g32", "int4-g32", "q4_0", "q8_0", "fp16"])
+    plan = solve(tmp_path / "prof", "4.5bpw", scope="all", pins=[f"{EMB}=q4_0"], notes_to_stderr=False)
+    planned = {lp.name: lp for lp in plan.layers if lp.kind in ("embedding", "head")}
+    assert set(planned) == {EMB, HEAD} and planned[EMB].format == "q4_0" and planned[HEAD].format != "fp16"
+    plan.save(tmp_path / "plan.json")
+    result = apply_plan(tmp_path / "plan.json", tmp_path / "q", model=lm, rounding="yaqa", progress=False)
+    assert result.stats[HEAD]["rounding"] == "rtn" and result.stats[EMB]["rounding"] == "rtn"
+    tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
+    for name, lp in planned.items():
+        stored = sum(t.numel() * t.element_size() * 8 for k, t in tensors.items() if k.startswith(name + "."))
+        assert stored == lp.storage_bits, name
+    loaded = load_quantized(tmp_path / "q").model
+    assert isinstance(loaded.get_submodule(EMB), QuantizedEmbedding)
+    assert isinstance(loaded.get_submodule(HEAD), QuantizedLinear)
+    assert loaded.get_submodule(HEAD).format.name == planned[HEAD].format
