@@ -13,7 +13,7 @@ import torch
 from bitplan.apply import apply_formats, load_quantized
 from bitplan.evaluate import evaluate
 from bitplan.export import export_gguf
-from bitplan.models import BUILTIN_MODELS, find_linears
+from bitplan.models import BUILTIN_MODELS, find_linears, load_model
 
 pytestmark = pytest.mark.model
 MIX = ["q4_0", "q8_0", "q5_1", "q4_1", "q5_0", "iq4_nl", "q4_0"]   # 576-wide rows: 32-weight blocks
@@ -40,7 +40,7 @@ def tokenizer_fields(path: Path) -> dict:
     return {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
 
 
-def test_tokenizer_metadata_and_eval_equal(exported):
+def test_tokenizer_metadata_and_eval_equal(exported, tmp_path, monkeypatch):
     ckpt, path = exported
     ours, source = tokenizer_fields(path), tokenizer_fields(source_gguf())
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
@@ -49,9 +49,12 @@ def test_tokenizer_metadata_and_eval_equal(exported):
         assert ours.get(key) == source[key], key
     assert ours["tokenizer.ggml.pre"] == "smollm"
 
+    reference = load_model("smollm2-135m")
+    # the GGUF is converted into the cache once per file: a temporary cache, not the shared one
+    monkeypatch.setenv("BITPLAN_CACHE", str(tmp_path / "cache"))
     kw = dict(data="wikitext2", windows=2, seqlen=128, progress=False, cache=False)
-    a = evaluate("smollm2-135m", str(path), **kw)
-    b = evaluate("smollm2-135m", str(ckpt), **kw)
+    a = evaluate(reference, str(path), **kw)
+    b = evaluate(reference, str(ckpt), **kw)
     assert a.kl_mean > 0 and abs(a.kl_mean - b.kl_mean) <= 1e-4 * b.kl_mean
     assert a.top1_agreement == b.top1_agreement
     assert abs(a.ppl_candidate - b.ppl_candidate) <= 1e-4 * b.ppl_candidate
