@@ -198,3 +198,35 @@ def test_a_solved_plan_with_the_embedding_and_head_becomes_a_checkpoint(tmp_path
     assert isinstance(loaded.get_submodule(EMB), QuantizedEmbedding)
     assert isinstance(loaded.get_submodule(HEAD), QuantizedLinear)
     assert loaded.get_submodule(HEAD).format.name == planned[HEAD].format
+
+
+@pytest.mark.parametrize("rounding", ["ldlq", "yaqa"])
+def test_an_untied_head_with_factors_gets_the_plan_s_rounding(tmp_path, tiny_tokenizer, rounding):
+    """When the profile holds the head's factors, the head is rounded by the plan's rounding with them: its W_hat
+    equals quantize_layer's with those factors (and differs from round-to-nearest's); the embedding stays RTN."""
+    from bitplan.profile.factors import FactorSums
+    from bitplan.profile.hessians import HALVES, factors_path, load_factors, save_half_factors
+
+    from tests.apply.test_ldlq import spd
+
+    folder = tmp_path / "tiny"
+    tiny_llama(VOCAB).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    lm = load_model(str(folder))
+    hidden = lm.model.config.hidden_size
+    for i, half in enumerate(HALVES):
+        sums = FactorSums(spd(VOCAB, 10 + i), spd(hidden, 20 + i), spd(hidden, 30 + i), 1.0, 4, 64, 1.0)
+        save_half_factors(factors_path(tmp_path / "prof", HEAD, half), HEAD, half, sums, sketch_chunk=1)
+    formats = {EMB: "int4-g32", HEAD: "int4-g32"}
+    result = apply_formats(lm, formats, tmp_path / "q", rounding=rounding, profile_dir=tmp_path / "prof",
+                           shrink=0.0, progress=False)
+    assert result.stats[HEAD]["rounding"] == rounding and result.stats[HEAD]["rounding_note"] is None
+    assert result.stats[EMB]["rounding"] == "rtn"
+    f = load_factors(tmp_path / "prof", HEAD)
+    W = load_model(str(folder)).model.get_submodule(HEAD).weight
+    fmt = get_format("int4-g32")
+    expected = quantize_layer(HEAD, W, fmt, rounding, H_in=f.xtx if rounding == "ldlq" else f.h_in,
+                              H_out=f.h_out if rounding == "yaqa" else None).W_hat
+    got = load_quantized(tmp_path / "q").model.get_submodule(HEAD).effective_weight()
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, quantize_layer(HEAD, W, fmt, "rtn").W_hat)
