@@ -276,3 +276,20 @@ def test_relative_errors_skip_inapplicable():
     f = get_format("q4_0")
     ref = float((f.dequantize(f.quantize(W)).double() - W.double()).pow(2).sum() / W.double().pow(2).sum())
     assert out["q4_0"] == pytest.approx(ref, rel=1e-12)      # measured on W itself, not a rotation of it
+
+
+def test_solve_menu_offers_only_fitting_types():
+    """`solve --formats ggml`: the menu resolves, and a 576-wide layer is never offered a K-type while a 1536-wide one is."""
+    from bitplan.solve.problem import build_instance, resolve_formats
+    from bitplan.solve.synthetic import synthetic_profile
+
+    shapes = {"q_proj": (576, 576), "down_proj": (576, 1536)}
+    profile = synthetic_profile(blocks=1, shapes=shapes, formats=ggml_candidates(), seed=3, vocab=100, hidden=576)
+    assert [f.name for f in resolve_formats("ggml", profile)] == [f.name for f in ggml_candidates()]
+    inst = build_instance(profile, formats="ggml")
+    offered = {inst.layers[item[0]].name.split(".")[-1]: {f.name for f in opts}
+               for item, opts in zip(inst.items, inst.options)}
+    q = next(v for k, v in offered.items() if "q_proj" in k)
+    down = next(v for k, v in offered.items() if "down_proj" in k)
+    assert q == set(SMALL_TYPES) | {"fp16"}
+    assert down == set(GGML_NAMES) | {"fp16"}
