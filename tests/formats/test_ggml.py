@@ -293,3 +293,22 @@ def test_solve_menu_offers_only_fitting_types():
     down = next(v for k, v in offered.items() if "down_proj" in k)
     assert q == set(SMALL_TYPES) | {"fp16"}
     assert down == set(GGML_NAMES) | {"fp16"}
+
+
+@pytest.mark.parametrize("name", GGML_NAMES)
+def test_degenerate_blocks(name):
+    """Zero rows, constant blocks, an outlier and columns no input reaches: still gguf-exact, zeros exact, a
+    constant block within one fp16 step of its value."""
+    f = get_format(name)
+    W = torch.randn(4, 512, generator=torch.Generator().manual_seed(8))
+    W[0] = 0
+    W[1, :256] = 0.5
+    W[3, 5] = 100.0
+    imp = torch.rand(512, generator=torch.Generator().manual_seed(9))
+    imp[:64] = 0
+    for importance in (None, imp):
+        qw = f.quantize(W, importance)
+        d = f.dequantize(qw)
+        assert np.array_equal(gguf_dequant(f, f.pack(qw)["blocks"]), d.numpy())
+        assert torch.equal(d[0], torch.zeros(512))
+        assert float((d[1, :256] - 0.5).abs().max()) < 2e-4
