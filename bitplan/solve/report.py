@@ -67,7 +67,10 @@ def top_layers(plan: Plan, k: int = 8) -> list[LayerPlan]:
 
 def comparison(plan: Plan) -> str:
     t, u = plan.totals, plan.uniform
-    mine = f"plan {t['storage_bpw']:.4f} bpw, predicted ΔKL {t['predicted_dkl']:.4g}"
+    # the uniform baseline's bpw is in the scope's sense: over every planned weight with scope all
+    bpw = t["planned_bpw"] if plan.scope == "all" and "planned_bpw" in t else t["storage_bpw"]
+    mine = f"plan {bpw:.4f} bpw{' (all planned weights)' if plan.scope == 'all' else ''}, " \
+           f"predicted ΔKL {t['predicted_dkl']:.4g}"
     if not u:
         return mine + "; no single candidate format fits this budget"
     ratio = u["predicted_dkl"] / t["predicted_dkl"] if t["predicted_dkl"] else math.inf
