@@ -197,7 +197,8 @@ def test_default_types_and_metadata(tmp_path, tiny_tokenizer):
 def test_rotated_formats_are_refused(tmp_path, tiny_tokenizer):
     folder, ckpt, formats = build(tmp_path, tiny_tokenizer, False, mix=["q4_0", "int4-g32", "higgs-p2-n64-g64"])
     out = tmp_path / "model.gguf"
-    with pytest.raises(BitplanError, match=r"^9 module\(s\) are in rotated bitplan formats.*k_proj \(int4-g32\).*v_proj \(higgs-p2-n64-g64\).*and 6 more.*--formats ggml"):
+    with pytest.raises(BitplanError, match=r"^9 module\(s\) are in rotated bitplan formats.*k_proj \(int4-g32\)"
+                                           r".*v_proj \(higgs-p2-n64-g64\).*and 6 more.*--formats ggml"):
         export_gguf(ckpt, out, progress=False)
     assert not out.exists() and not list(tmp_path.glob(".model.gguf.*"))
 
