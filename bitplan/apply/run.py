@@ -243,6 +243,11 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
                     task.advance()
     finally:
         torch.set_num_threads(threads)
+    for name in formats:   # an embedding or head planned fp16: its stats as the fp16 tensor the file keeps
+        if name not in work:
+            W = lm.model.get_submodule(name).weight.detach().double()
+            err = float((W - W.half().double()).pow(2).sum() / W.pow(2).sum().clamp_min(1e-300))
+            stats[name] = {"format": fmts[name].name, "rounding": "rtn", "kind": vocab[name], "rel_err": err}
     ranks.barrier()
     if not ranks.main:
         ranks.barrier()  # rank 0 assembles the checkpoint
@@ -255,7 +260,7 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
                 raise BitplanError(f"the part file of {name} from another process is missing or damaged ({part})")
             layers[name], stats[name] = cached
     layers = {n: layers[n] for n in work}
-    stats = {n: stats[n] for n in work}
+    stats = {n: stats[n] for n in formats}
 
     meta = {"rounding": rounding, "source_model": {"id": lm.model_id, "weights_sha256": weights_hash},
             "layers": stats, "vocab_modules": {n: vocab[n] for n in work if n in vocab},

@@ -198,6 +198,19 @@ def test_a_solved_plan_with_the_embedding_and_head_becomes_a_checkpoint(tmp_path
     assert isinstance(loaded.get_submodule(EMB), QuantizedEmbedding)
     assert isinstance(loaded.get_submodule(HEAD), QuantizedLinear)
     assert loaded.get_submodule(HEAD).format.name == planned[HEAD].format
+    # the CLI on a plan keeping them fp16 (scope blocks): reported as the fp16 tensors the file keeps
+    from typer.testing import CliRunner
+
+    from bitplan.cli import app
+
+    kept = solve(tmp_path / "prof", "4.5bpw", scope="blocks", notes_to_stderr=False)
+    assert {lp.format for lp in kept.layers if lp.kind in ("embedding", "head")} == {"fp16"}
+    kept.save(tmp_path / "kept.json")
+    run = CliRunner().invoke(app, ["apply", str(tmp_path / "kept.json"), "-o", str(tmp_path / "k"), "--model",
+                                   str(folder), "--rounding", "rtn"])
+    assert run.exit_code == 0, run.output
+    qc = json.loads((tmp_path / "k" / "config.json").read_text())["quantization_config"]
+    assert EMB not in qc["modules"] and qc["layers"][EMB]["format"] == "fp16"
 
 
 @pytest.mark.parametrize("rounding", ["ldlq", "yaqa"])
