@@ -57,11 +57,13 @@ def gguf_command(
 def tensor_types_command(
     plan: Path = typer.Argument(..., help="plan.json from `bitplan solve` (ggml formats)"),
     out: Path = typer.Option(..., "--out", "-o", help="file for llama-quantize --tensor-type-file"),
+    map_formats: str = typer.Option("none", "--map", help="none (refuse layers in formats without a ggml type) or "
+                                    "nearest (the ggml type of the nearest bits per weight)"),
 ) -> None:
     """Write a plan as llama-quantize's tensor-type file: one anchored `^NAME$=type` per tensor."""
     from ..export import export_tensor_types
 
-    result = export_tensor_types(plan, out)
+    result = export_tensor_types(plan, out, map_formats=map_formats)
     counts: dict[str, int] = {}
     for t in result.types.values():
         counts[t] = counts.get(t, 0) + 1

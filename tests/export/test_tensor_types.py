@@ -68,3 +68,29 @@ def test_non_ggml_formats_are_refused(tmp_path):
     with pytest.raises(BitplanError, match=r"^2 layer\(s\).*k_proj \(int4-g32\).*down_proj.*--formats ggml"):
         export_tensor_types(write_plan(tmp_path / "plan.json", formats, shapes), out)
     assert not out.exists()
+
+
+def test_map_nearest_picks_the_ggml_type_of_the_nearest_storage(tmp_path):
+    from bitplan.formats import GGML_NAMES, get_format
+
+    formats = {"model.layers.0.self_attn.q_proj": "int4-g32", "model.layers.0.self_attn.k_proj": "int3-g128",
+               "model.layers.1.mlp.down_proj": "int2-g64", "model.layers.1.mlp.up_proj": "q6_K"}
+    shapes = {"model.layers.0.self_attn.q_proj": (576, 576), "model.layers.0.self_attn.k_proj": (192, 576),
+              "model.layers.1.mlp.down_proj": (576, 1536), "model.layers.1.mlp.up_proj": (1536, 512)}
+    out = tmp_path / "types.txt"
+    result = export_tensor_types(write_plan(tmp_path / "plan.json", formats, shapes), out, map_formats="nearest")
+    chosen = dict(parse_like_llama_quantize(out.read_text()))
+    assert len(chosen) == 4 and chosen[r"^blk\.1\.ffn_up\.weight$"] == gguf.GGMLQuantizationType.Q6_K
+    for name, gname in (("model.layers.0.self_attn.q_proj", r"^blk\.0\.attn_q\.weight$"),
+                        ("model.layers.0.self_attn.k_proj", r"^blk\.0\.attn_k\.weight$"),
+                        ("model.layers.1.mlp.down_proj", r"^blk\.1\.ffn_down\.weight$")):
+        m, n = shapes[name]
+        want = get_format(formats[name]).storage_bits(m, n)
+        # brute force over every ggml type whose blocks fit the rows: the chosen one is at the least distance
+        dist = {g: abs(get_format(g).storage_bits(m, n) - want)
+                for g in GGML_NAMES if n % get_format(g).block_size == 0}
+        best = min(dist.values())
+        assert dist[next(g for g in dist if gguf.GGMLQuantizationType[g.upper()] == chosen[gname])] == best
+    assert chosen[r"^blk\.1\.ffn_down\.weight$"] == gguf.GGMLQuantizationType.Q2_K   # 1536 wide: K-types apply
+    assert chosen[r"^blk\.0\.attn_k\.weight$"] != gguf.GGMLQuantizationType.Q3_K     # 576 wide: they do not
+    assert result.types["blk.0.attn_q.weight"] == "q4_1"
