@@ -92,6 +92,11 @@ def test_scope_and_pins(profiles):
     assert {lp.format for lp in outer(every).values()} != {"fp16"}
     pinned_all = solve(folder, "6bpw", scope="all", pins=["embed_tokens=int4-g32"], notes_to_stderr=False)
     assert outer(pinned_all)["model.embed_tokens"].format == "int4-g32"
+    # a tie group of whole blocks: the block's linears share one format, the embedding and head are items apart
+    tied_blocks = solve(folder, "6bpw", scope="all", tie="block", formats="int4-g32,q8_0,fp16",
+                        notes_to_stderr=False)
+    assert len({lp.format for lp in tied_blocks.layers if not lp.outer}) == 1
+    assert tied_blocks.totals["layer_bits"] <= 6 * tied_blocks.totals["planned_weights"]
 
 
 @pytest.mark.parametrize("budget", ["7.7bpw", "8.5bpw", "12bpw"])
