@@ -22,3 +22,8 @@ DEFAULT_HALVES = "contiguous"
 # every model that names a BOS or EOS token to start the samples from; the default profile with it stays inside
 # its 30 minutes since the rotations and the format errors were sped up (README, "Choosing the profile's defaults").
 DEFAULT_JUDGE_SAMPLES = 64
+# The embedding's and head's α_hessian (profile/outer.py) takes one forward/backward per window with the whole
+# matrix's gradient (a tied or large vocabulary's is the largest tensor in the model): the first 32 windows (8K
+# tokens at the default seqlen) estimate its per-token mean, as α_noise's single window does, at an eighth of a
+# pass over the default calibration.
+DEFAULT_OUTER_WINDOWS = 32

@@ -6,8 +6,8 @@
            one half's float64 sums are in memory), checkpointed every few batches; each half's
            hessians/<half>/<layer>.safetensors as soon as the half is complete;
   layers   per layer: predicted coefficients from the factors (block LDL, held-out gains);
-  outer    the embedding's and an untied head's α_hessian and traces: one forward/backward per calibration window
-           (outer.py);
+  outer    the embedding's and an untied head's α_hessian and traces: one forward/backward per window on the first
+           DEFAULT_OUTER_WINDOWS calibration windows (outer.py);
   formats  per layer: the relative error of every candidate format applicable to its shape (the candidate list is
            not part of the job's fingerprint: a finished profile asked for other formats measures only those,
            `update_formats`).

@@ -17,7 +17,7 @@ from ..distributed import Ranks
 from ..linalg import LDL
 from ..models import LoadedModel, find_linears, find_outer, weights_sha256
 from ..progress import Progress
-from .defaults import DEFAULT_CHUNK, DEFAULT_HALVES, DEFAULT_NOISE_SAMPLES
+from .defaults import DEFAULT_CHUNK, DEFAULT_HALVES, DEFAULT_NOISE_SAMPLES, DEFAULT_OUTER_WINDOWS
 from .inputs import (calibration_windows, candidate_formats, check_finite, check_options, judge_size,
                      resolve_model, split_halves)
 from .job import Job
@@ -136,7 +136,7 @@ def _run_job(job, complete, loaded, infos, fmts, cal, split, fingerprint, judge_
         add_time("factors.forward_backward", sketch_times.forward_backward)
         add_time("factors.accumulate", sketch_times.accumulate)
         clock.start("outer")
-        outer = outer_phase(work, cal.windows, seed)
+        outer = outer_phase(work, cal.windows[:DEFAULT_OUTER_WINDOWS], seed)
         clock.start("layers")
         results = coefficient_phase(work)
         clock.start("formats")
