@@ -50,7 +50,12 @@ def test_profile_real_weights_end_to_end(smollm2, tmp_path):
     fits = [r.alpha_noise_r2 for r in loaded.layers if r.alpha_noise_r2 is not None]
     assert sorted(fits)[len(fits) // 2] > 0.9            # ΔKL grows linearly in t² for the typical layer
     df = pd.read_csv(out / "sensitivity.csv")
-    assert len(df) == 28 and {"dkl_int4-g128", "dkl_higgs-p2-n64-g128"} <= set(df.columns)
+    assert len(df) == 29 and {"dkl_int4-g128", "dkl_higgs-p2-n64-g128"} <= set(df.columns)
+    # the tied embedding: one record for both roles; ΔKL linear in t², and α_noise near α_hessian as for the linears
+    (emb,) = loaded.outer_layers
+    assert (emb.name, emb.kind, emb.ties, emb.shape) == ("model.embed_tokens", "embedding", ["lm_head"], (49152, 576))
+    assert df["kind"].iloc[-1] == "embedding" and df["ties"].iloc[-1] == "lm_head"
+    assert emb.alpha_noise_r2 > 0.9 and 0.5 < emb.alpha_noise / emb.alpha_hessian < 2
     f = load_factors(out, infos[-1].name)                  # a down_proj: H_in is 1536 × 1536
     assert f.h_in_a.shape == (1536, 1536) and f.h_out_b.shape == (576, 576)
     assert torch.allclose(f.h_in_a, f.h_in_a.T) and float(torch.linalg.eigvalsh(f.h_in).min()) > -1e-3 * float(f.h_in.diagonal().mean())
