@@ -129,8 +129,8 @@ def main() -> None:
             rtn_kl = r.kl_mean if method == "rtn" else rtn_kl
             ratio = f"{r.kl_mean / rtn_kl:.3f}" if rtn_kl else ""
             table.add_row(fmt.name, f"{fmt.storage_bits(*W.shape) / W.numel():.3f}", method,
-                          f"{res.stats['rel_err']:.5f}", f"{r.kl_mean:.5f}", f"{r.kl_se:.5f}", ratio)
-            console.print(f"{fmt.name} {method}: KL {r.kl_mean:.5f} ({time.time() - start:.0f} s)")
+                          f"{res.stats['rel_err']:.4g}", f"{r.kl_mean:.4g}", f"{r.kl_se:.2g}", ratio)
+            console.print(f"{fmt.name} {method}: KL {r.kl_mean:.4g} ± {r.kl_se:.2g} ({time.time() - start:.0f} s)")
     with torch.no_grad():
         emb.weight.copy_(W)
     console.print(table)
