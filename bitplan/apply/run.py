@@ -85,14 +85,16 @@ def has_factors(profile: ProfileDir | None, name: str) -> bool:
 
 def vocab_rounding(kind: str, rounding: str, has_factors: bool) -> tuple[str, str | None]:
     """How the embedding or the untied head is rounded under the plan's `rounding`, and why when not that way.
-    The embedding is a lookup table: no input passes through it, so one-sided LDLQ has no input covariance and
-    YAQA no input factor; it is rounded to nearest (experiments/embedding_rounding.py measures error feedback
-    along the hidden dimension against it). The head is a linear layer and gets the plan's rounding from its
-    factors, to nearest when the profile has none."""
+    The embedding is a lookup table: no input passes through it, so it has no input covariance of its own, and
+    it is rounded to nearest. (Error feedback along the hidden dimension under a tied head's input second moment
+    E[hhᵀ] measured 0.70 × round-to-nearest's KL in q4_0, docs/results.md; the profile keeps no such factor.)
+    The head is a linear layer and gets the plan's rounding from its factors, to nearest when the profile has
+    none."""
     if rounding == "rtn":
         return "rtn", None
     if kind == "embedding":
-        return "rtn", "the embedding is a lookup table (no input covariance): rounded to nearest"
+        return "rtn", ("the embedding is a lookup table, and the profile holds no hidden × hidden factor for it: "
+                      "rounded to nearest")
     if not has_factors:
         return "rtn", f"the profile has no factors for the head: rounded to nearest instead of {rounding}"
     return rounding, None
