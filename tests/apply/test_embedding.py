@@ -243,3 +243,28 @@ def test_an_untied_head_with_factors_gets_the_plan_s_rounding(tmp_path, tiny_tok
     got = load_quantized(tmp_path / "q").model.get_submodule(HEAD).effective_weight()
     assert torch.equal(got, expected)
     assert not torch.equal(got, quantize_layer(HEAD, W, fmt, "rtn").W_hat)
+
+
+@pytest.mark.architectures
+@pytest.mark.parametrize("family", ["qwen2-qkv-bias-tied", "gemma3-scalar-buffer-scaled-embedding-tied-qk-norm-extra-"
+                                    "norms-sliding-window", "gpt_neox-fused-query_key_value-biases-parallel-residual"])
+def test_other_families_embeddings_round_trip(family, tmp_path, tiny_tokenizer):
+    """Other module names (gpt_neox.embed_in), a tied head with biases elsewhere, Gemma's scaled embedding (the
+    scale kept as a buffer): the loaded checkpoint's logits equal the simulated model's."""
+    from tests.architectures.test_families import FAMILIES, build
+    from bitplan.apply.embedding import vocab_matrices
+
+    model_type, extra, _, tied = FAMILIES[family]
+    folder = tmp_path / "m"
+    build(model_type, extra, VOCAB).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    lm = load_model(str(folder))
+    formats = {name: "q4_0" for name in vocab_matrices(lm.model)}
+    assert len(formats) == (1 if tied else 2)
+    apply_formats(lm, formats, tmp_path / "q", rounding="rtn", progress=False)
+    ref, W_hat = reference_w_hat(folder, formats)
+    simulate(ref.model, W_hat)
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        got, want = load_quantized(tmp_path / "q").model(ids).logits.double(), ref.model(ids).logits.double()
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
