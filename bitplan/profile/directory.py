@@ -61,6 +61,9 @@ class ProfileDir:
     def factors(self, layer: str, rounding: str) -> LayerFactors:
         """Both calibration halves' factors of `layer`, with Σxxᵀ when `rounding` is ldlq (one-sided LDLQ's H_I)."""
         f = load_factors(self.path, layer)
+        if f.one_sided and rounding != "ldlq":
+            raise BitplanError(f"the profile keeps only Σxxᵀ for {layer} (its output side would be vocabulary-sized): "
+                               f"it is rounded with ldlq, not {rounding}")
         if rounding == "ldlq" and f.xtx is None:
             raise BitplanError(f"the profile's factors for {layer} lack Σxxᵀ (needed by --rounding ldlq): the profile "
                                "was made by an older bitplan; re-run `bitplan profile`")

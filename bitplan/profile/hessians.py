@@ -8,6 +8,11 @@ metadata "bitplan" (JSON): format, name, half, sketch_chunk, grad_sq (Σ_c‖G_c
 whole windows: the Fisher's trace; absent in older profiles), samples (chunks), tokens.
 A half's files are written as soon as that half is accumulated, straight from memory. Rounding uses the sum of
 the halves; the halves are kept for cross-validation (held-out predictions, shrinkage chosen on the other half).
+
+The matrix that computes the logits (a tied embedding, under the embedding's name, or an untied head) has a
+one-sided file of the same name: `xtx` alone, Σ_t h_t h_tᵀ of the final hidden states (the head's input) over
+the outer phase's windows of that half, with metadata format, name, half, samples (windows), tokens and
+"sides": "input". Its output side would be vocab × vocab, and is never kept.
 """
 from __future__ import annotations
 
@@ -31,10 +36,10 @@ HALVES = ("a", "b")
 @dataclass
 class LayerFactors:
     name: str
-    h_out_a: torch.Tensor
-    h_in_a: torch.Tensor
-    h_out_b: torch.Tensor
-    h_in_b: torch.Tensor
+    h_out_a: torch.Tensor | None   # None, with h_in_*, in a one-sided file (Σxxᵀ alone)
+    h_in_a: torch.Tensor | None
+    h_out_b: torch.Tensor | None
+    h_in_b: torch.Tensor | None
     xtx_a: torch.Tensor | None
     xtx_b: torch.Tensor | None
     grad_sq_a: float
@@ -48,12 +53,17 @@ class LayerFactors:
     window_grad_sq_b: float | None = None
 
     @property
-    def h_out(self) -> torch.Tensor:
-        return self.h_out_a + self.h_out_b
+    def one_sided(self) -> bool:
+        """Only Σxxᵀ is kept (the head's input second moment): one-sided LDLQ's factor, no Kronecker pair."""
+        return self.h_out_a is None or self.h_out_b is None
 
     @property
-    def h_in(self) -> torch.Tensor:
-        return self.h_in_a + self.h_in_b
+    def h_out(self) -> torch.Tensor | None:
+        return None if self.one_sided else self.h_out_a + self.h_out_b
+
+    @property
+    def h_in(self) -> torch.Tensor | None:
+        return None if self.one_sided else self.h_in_a + self.h_in_b
 
     @property
     def xtx(self) -> torch.Tensor | None:
@@ -102,14 +112,44 @@ def save_half_factors(path: str | Path, name: str, half: str, sums: FactorSums, 
                   metadata={"bitplan": json.dumps(meta)})
 
 
+def save_input_moment(path: str | Path, name: str, half: str, xtx: torch.Tensor, tokens: int, samples: int) -> None:
+    """A one-sided file: Σ_t h_t h_tᵀ (float64 sums, stored float32 and symmetrized as the block linears' xtx)."""
+    meta = {"format": FORMAT, "name": name, "half": half, "sides": "input", "samples": samples, "tokens": tokens}
+    with atomic_path(path) as tmp:
+        save_file({"xtx": ((xtx + xtx.T) / 2).to(torch.float32).contiguous()}, str(tmp),
+                  metadata={"bitplan": json.dumps(meta)})
+
+
+def stored_sides(profile_dir: str | Path, name: str) -> str | None:
+    """What the profile keeps of `name` in both halves: "both" (the Kronecker factors), "input" (Σxxᵀ alone) or
+    None (no file in a half). Reads the files' headers only; a damaged file counts as "both" (loading it then
+    says what is wrong)."""
+    paths = [factors_path(profile_dir, name, half) for half in HALVES]
+    if not all(p.is_file() for p in paths):
+        return None
+    try:
+        for p in paths:
+            with safe_open(str(p), framework="pt") as fh:
+                if "h_out" not in fh.keys():
+                    return "input"
+    except (SafetensorError, OSError):
+        return "both"
+    return "both"
+
+
 def read_half_factors(path: str | Path, dtype: torch.dtype = torch.float64) -> tuple[FactorSums, dict]:
+    """One half's sums; a one-sided file (Σxxᵀ alone) gives h_out and h_in None and grad_sq 0."""
     path = Path(path)
     if not path.is_file():
         raise BitplanError(f"Hessian factors not found: {path} (a profile without hessians/? re-run `bitplan profile`)")
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = json.loads((fh.metadata() or {})["bitplan"])
-            h_out, h_in = fh.get_tensor("h_out").to(dtype), fh.get_tensor("h_in").to(dtype)
+            if meta.get("sides") == "input":
+                h_out = h_in = None
+                meta = {"grad_sq": 0.0, "sketch_chunk": 0, **meta}
+            else:
+                h_out, h_in = fh.get_tensor("h_out").to(dtype), fh.get_tensor("h_in").to(dtype)
             xtx = fh.get_tensor("xtx").to(dtype) if "xtx" in fh.keys() else None
     except SafetensorError as e:   # truncated (a full disk, a copy cut short) or overwritten
         profile = path.parent.parent.parent

@@ -57,7 +57,8 @@ def layer_record(info: LinearInfo, res: dict, fit: dict | None, rel_err: dict[st
 def outer_record(info: LinearInfo, res: dict, fit: dict | None, rel_err: dict[str, float],
                  fmts: list[Format]) -> LayerRecord:
     """The embedding's or an untied head's record from its gradient pass (`res`, outer.py), noise and formats.
-    No Kronecker factors are kept for it (apply rounds it without them), so it has no adaptive-rounding figures."""
+    No Kronecker factors are kept for it (at most the head input's Σxxᵀ, for one-sided LDLQ), so it has no
+    adaptive-rounding figures."""
     rec = LayerRecord(
         name=info.name, block=info.block, kind=info.kind, shape=info.shape, weight_sq_norm=res["weight_sq_norm"],
         trace_h_in=res["trace_h_in"], trace_h_out=res["trace_h_out"],

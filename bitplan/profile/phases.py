@@ -7,7 +7,8 @@
            hessians/<half>/<layer>.safetensors as soon as the half is complete;
   layers   per layer: predicted coefficients from the factors (block LDL, held-out gains);
   outer    the embedding's and an untied head's α_hessian and traces: one forward/backward per window on the first
-           DEFAULT_OUTER_WINDOWS calibration windows (outer.py);
+           DEFAULT_OUTER_WINDOWS calibration windows (outer.py), and the head input's second moment per half
+           (hessians/<half>/<name>.safetensors, Σxxᵀ alone: the tied embedding's or the untied head's);
   formats  per layer: the relative error of every candidate format applicable to its shape (the candidate list is
            not part of the job's fingerprint: a finished profile asked for other formats measures only those,
            `update_formats`).
@@ -34,7 +35,7 @@ from ..models import LinearInfo, get_module
 from ..progress import Progress
 from .coefficients import layer_coefficients
 from .factors import ChunkStats, FactorSums
-from .hessians import HALVES, factors_path, load_factors, save_half_factors
+from .hessians import HALVES, factors_path, load_factors, save_half_factors, save_input_moment
 from .job import Job
 from .noise import NoiseMeter, build_cache
 from .output import format_table, write_profile
@@ -94,10 +95,13 @@ def noise_phase(work: Work, windows: torch.Tensor, levels: tuple[float, ...], se
     return {i.name: job.result("noise", i.name) for i in work.all_infos}
 
 
-def outer_phase(work: Work, windows: torch.Tensor, seed: int) -> dict[str, dict]:
+def outer_phase(work: Work, windows: torch.Tensor, seed: int,
+                split: tuple[list[int], list[int]] | None = None) -> dict[str, dict]:
     """The embedding's and an untied head's α_hessian and traces (outer.py) on `windows`, rank 0's work (one
-    result for them all, one pass over the windows)."""
-    from .outer import outer_gradients
+    result for them all, one pass over the windows). With `split` (the calibration halves' window indices; the
+    windows are the calibration's first ones) the same pass writes the head input's second moment per half
+    before the results, so a job killed between the two redoes both."""
+    from .outer import InputMoment, outer_pass
 
     job = work.job
     if not work.outer:
@@ -106,7 +110,19 @@ def outer_phase(work: Work, windows: torch.Tensor, seed: int) -> dict[str, dict]
     work.ranks.barrier()
     if left and work.ranks.main:
         task = work.progress.task("embedding and head gradients", windows.shape[0])
-        for name, res in outer_gradients(work.net, work.outer, windows, seed, task).items():
+        halves = None
+        if split is not None:
+            half_of = {k: h for h, idx in zip(HALVES, split) for k in idx}
+            halves = [half_of[k] for k in range(windows.shape[0])]
+        done = outer_pass(work.net, work.outer, windows, seed, task, halves)
+        if done.moment_of is not None:
+            info = next(i for i in work.outer if i.name == done.moment_of)
+            for half in HALVES:
+                m = done.moments.get(half) or InputMoment(torch.zeros(info.in_features, info.in_features,
+                                                                      dtype=torch.float64))
+                save_input_moment(factors_path(job.out, info.name, half), info.name, half, m.xtx, m.tokens,
+                                  m.samples)
+        for name, res in done.records.items():
             job.save_result("outer", name, res)
         work.emit("outer", len(work.outer))
     work.ranks.barrier()

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from bitplan.errors import BitplanError
 from bitplan.models import find_outer
 from bitplan.profile.noise import NoiseMeter, build_cache
 from bitplan.profile.outer import outer_gradients
@@ -108,3 +109,46 @@ def test_alpha_hessian_from_per_window_gradients_assembled_by_hand(is_tied):
         assert got["lm_head"]["trace_h_in"] == pytest.approx(head_in_sq, rel=1e-8)
         assert got["lm_head"]["trace_h_out"] == pytest.approx(head_out_sq, rel=1e-8)
     assert not emb.requires_grad and emb.grad is None   # the model is left as it was
+
+
+@pytest.mark.parametrize("is_tied", [False, True])
+def test_the_profile_keeps_the_head_input_second_moment_per_half(tmp_path, is_tied):
+    """hessians/<half>/<name>.safetensors of the tied embedding (or the untied head) holds Σ h hᵀ of the final
+    hidden states over that half's outer windows, equal to a float64 sum from whole-model forwards; an untied
+    embedding gets none. A job killed after the outer phase resumes to the same files."""
+    from bitplan.profile import profile_model
+    from bitplan.profile.defaults import DEFAULT_OUTER_WINDOWS
+    from bitplan.profile.directory import ProfileDir
+    from bitplan.profile.hessians import HALVES, factors_path, read_half_factors, stored_sides
+    from bitplan.profile.inputs import split_halves
+    from tests.profile.helpers import Interrupt, stop_at
+
+    model = tiny_llama()
+    if is_tied:
+        tied(model)
+    n = DEFAULT_OUTER_WINDOWS + 4   # the outer windows are the first 32: the last 4 must not count
+    ids = token_ids(n, 8)
+    kw = dict(out_dir=tmp_path / "prof", sketch_chunk=4, noise_samples=0, formats="int4-g32,fp16", batch_size=4,
+              progress=False, judge_samples=0)
+    with pytest.raises(Interrupt):
+        profile_model(model, ids, **kw, events=stop_at("outer", len(find_outer(model))))
+    profile_model(model, ids, **kw)
+    owner = "model.embed_tokens" if is_tied else "lm_head"
+    split = split_halves(n, 0)
+    with torch.no_grad():
+        h = model(input_ids=ids[:DEFAULT_OUTER_WINDOWS], output_hidden_states=True).hidden_states[-1].double()
+    for half, idx in zip(HALVES, split):
+        mine = [k for k in idx if k < DEFAULT_OUTER_WINDOWS]
+        x = h[mine].reshape(-1, h.shape[-1])
+        sums, meta = read_half_factors(factors_path(tmp_path / "prof", owner, half))
+        assert sums.h_out is None and sums.h_in is None and meta["sides"] == "input"
+        assert meta["tokens"] == x.shape[0] == sums.tokens and meta["samples"] == len(mine)
+        assert torch.allclose(sums.xtx, x.T @ x, rtol=1e-5, atol=1e-5 * float((x.T @ x).abs().max()))
+    assert stored_sides(tmp_path / "prof", owner) == "input"
+    if not is_tied:
+        assert stored_sides(tmp_path / "prof", "model.embed_tokens") is None
+    f = ProfileDir(tmp_path / "prof").factors(owner, "ldlq")
+    assert f.one_sided and torch.allclose(f.xtx, h.reshape(-1, h.shape[-1]).T @ h.reshape(-1, h.shape[-1]),
+                                          rtol=1e-5, atol=1e-5 * float(f.xtx.abs().max()))
+    with pytest.raises(BitplanError, match="only Σxxᵀ"):
+        ProfileDir(tmp_path / "prof").factors(owner, "yaqa")
