@@ -68,36 +68,46 @@ def layer_factors(profile: ProfileDir | None, name: str, rounding: str, shape: t
         raise BitplanError(f"{rounding} rounding needs a profile with Hessian factors (hessians/); "
                            "pass the profile, or use --rounding rtn")
     f = profile.factors(name, rounding)
-    if shape is not None and (f.h_out_a.shape[0], f.h_in_a.shape[0]) != tuple(shape):
+    if shape is not None and f.one_sided and f.xtx_a.shape[0] != shape[1]:
+        raise BitplanError(f"the factor of {name} in {profile.path} is {f.xtx_a.shape[0]}×{f.xtx_a.shape[0]}, the "
+                           f"model's weight has {shape[1]} columns: the profile is of another model; "
+                           "pass this model's profile with --profile")
+    if shape is not None and not f.one_sided and (f.h_out_a.shape[0], f.h_in_a.shape[0]) != tuple(shape):
         raise BitplanError(f"the factors of {name} in {profile.path} are {f.h_out_a.shape[0]}×{f.h_in_a.shape[0]}, "
                            f"the model's weight is {shape[0]}×{shape[1]}: the profile is of another model; "
                            "pass this model's profile with --profile")
     return f
 
 
-def has_factors(profile: ProfileDir | None, name: str) -> bool:
-    """Whether the profile holds both calibration halves' factors of `name` (the head's exist only when the
-    profile measured it)."""
-    from ..profile.hessians import HALVES, factors_path
+def factor_sides(profile: ProfileDir | None, name: str) -> str | None:
+    """What the profile keeps for `name`: "both" (Kronecker factors), "input" (the head input's Σhhᵀ alone, for
+    one-sided LDLQ) or None."""
+    from ..profile.hessians import stored_sides
 
-    return profile is not None and all(factors_path(profile.path, name, half).is_file() for half in HALVES)
+    return stored_sides(profile.path, name) if profile is not None else None
 
 
-def vocab_rounding(kind: str, rounding: str, has_factors: bool) -> tuple[str, str | None]:
-    """How the embedding or the untied head is rounded under the plan's `rounding`, and why when not that way.
-    The embedding is a lookup table: no input passes through it, so it has no input covariance of its own, and
-    it is rounded to nearest. (Error feedback along the hidden dimension under a tied head's input second moment
-    E[hhᵀ] measured 0.70 × round-to-nearest's KL in q4_0, docs/results.md; the profile keeps no such factor.)
-    The head is a linear layer and gets the plan's rounding from its factors, to nearest when the profile has
-    none."""
+def vocab_rounding(kind: str, rounding: str, sides: str | None, tied: bool = False) -> tuple[str, str | None]:
+    """How the embedding or the untied head is rounded under the plan's `rounding` (yaqa or ldlq), given what
+    the profile keeps for it (`factor_sides`), and why when not that way.
+    The embedding is a lookup table: no input passes through it. Tied to the head, it is rounded with one-sided
+    LDLQ along the hidden dimension under the head's input second moment E[hhᵀ] when the profile holds it
+    (measured 0.70 × round-to-nearest's KL in q4_0, 0.46 × in int4-g128, docs/results.md), else to nearest;
+    untied, to nearest (error feedback under its output gradient measured worse than rounding to nearest).
+    The head is a linear layer: the plan's rounding from its Kronecker factors, one-sided LDLQ from its input
+    moment alone, to nearest when the profile has neither."""
     if rounding == "rtn":
         return "rtn", None
     if kind == "embedding":
+        if tied and sides == "input":
+            return "ldlq", None
         return "rtn", ("the embedding is a lookup table, and the profile holds no hidden × hidden factor for it: "
                       "rounded to nearest")
-    if not has_factors:
-        return "rtn", f"the profile has no factors for the head: rounded to nearest instead of {rounding}"
-    return rounding, None
+    if sides == "both":
+        return rounding, None
+    if sides == "input":
+        return "ldlq", None
+    return "rtn", f"the profile has no factors for the head: rounded to nearest instead of {rounding}"
 
 
 def check_workers(workers: int | None) -> None:
@@ -182,6 +192,8 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
     check_profile_model(profile, weights_hash)
     jobs = job_dir(out_dir)
     mark_owned(jobs)
+    tied = is_tied(lm.model)
+    sides = {n: factor_sides(profile, n) for n in vocab if n in formats}
 
     def settings(name: str):
         """(method, λ, part file, key) of a layer; the key changes with anything that changes the part."""
@@ -189,7 +201,7 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
         lam = shrink.get(name, "auto") if isinstance(shrink, dict) else shrink
         method = rounding if fmt.kind != "fp16" else "rtn"
         if name in vocab:
-            method = vocab_rounding(vocab[name], method, has_factors(profile, name))[0]
+            method = vocab_rounding(vocab[name], method, sides[name], tied)[0]
         # without a profile there is no key to match; `one` then fails with layer_factors's clear error
         ident = profile.factors_id(name) if method != "rtn" and profile is not None else "none"
         key = _part_key(weights_hash, name, fmt.name, method, f"{lam}:{shrink_target}" if method == "yaqa" else 0.0,
@@ -216,15 +228,16 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
                                           shrink_in=lams.inp, target=shrink_target)
         stats = {**res.stats, **lams.stats(), "format": fmt.name, "rounding": method}
         if name in vocab:
-            stats.update(kind=vocab[name], rounding_note=vocab_rounding(vocab[name], rounding,
-                                                                         has_factors(profile, name))[1])
+            stats.update(kind=vocab[name], rounding_note=vocab_rounding(vocab[name], rounding, sides[name], tied)[1])
+            if method == "ldlq" and f.one_sided:
+                stats["h_in"] = "the head input's second moment E[hhᵀ]"
         with atomic_path(part) as tmp:
             save_file({k: v.contiguous() for k, v in res.tensors.items()}, str(tmp),
                       metadata={"bitplan": json.dumps({"key": key, "stats": stats})})
         return name, res.tensors, stats
 
     notes = [f"{n}: {note}" for n in work if n in vocab
-             for note in [vocab_rounding(vocab[n], rounding, has_factors(profile, n))[1]] if note]
+             for note in [vocab_rounding(vocab[n], rounding, sides[n], tied)[1]] if note]
     if notes and progress:
         from rich.console import Console
         from rich.markup import escape

@@ -170,7 +170,8 @@ def test_eval_runs_a_checkpoint_with_a_quantized_embedding(model_dir, tmp_path, 
 
 def test_a_solved_plan_with_the_embedding_and_head_becomes_a_checkpoint(tmp_path, tiny_tokenizer):
     """profile → solve (whole model, the embedding pinned to q4_0) → apply: the planned embedding and head are
-    stored in exactly their planned bits, the head rounded to nearest (the profile has no factors for it)."""
+    stored in exactly their planned bits, the untied head rounded with one-sided LDLQ under the input moment the
+    profile kept for it, the untied embedding to nearest."""
     from safetensors.torch import load_file
 
     from bitplan.apply import apply_plan
@@ -189,7 +190,7 @@ def test_a_solved_plan_with_the_embedding_and_head_becomes_a_checkpoint(tmp_path
     assert set(planned) == {EMB, HEAD} and planned[EMB].format == "q4_0" and planned[HEAD].format != "fp16"
     plan.save(tmp_path / "plan.json")
     result = apply_plan(tmp_path / "plan.json", tmp_path / "q", model=lm, rounding="yaqa", progress=False)
-    assert result.stats[HEAD]["rounding"] == "rtn" and result.stats[EMB]["rounding"] == "rtn"
+    assert result.stats[HEAD]["rounding"] == "ldlq" and result.stats[EMB]["rounding"] == "rtn"
     tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
     for name, lp in planned.items():
         stored = sum(t.numel() * t.element_size() * 8 for k, t in tensors.items() if k.startswith(name + "."))
@@ -268,3 +269,81 @@ def test_other_families_embeddings_round_trip(family, tmp_path, tiny_tokenizer):
     with torch.inference_mode():
         got, want = load_quantized(tmp_path / "q").model(ids).logits.double(), ref.model(ids).logits.double()
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def tied_model_dir(tmp_path, tiny_tokenizer, tie: bool = True):
+    model = tiny_llama(VOCAB)
+    if tie:
+        from transformers import LlamaForCausalLM
+
+        model.config.tie_word_embeddings = True
+        tied = LlamaForCausalLM(model.config).eval()
+        tied.load_state_dict({k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}, strict=False)
+        tied.tie_weights()
+        model = tied
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_moment(prof, name: str, hidden: int) -> torch.Tensor:
+    """A one-sided factor file per half (Σhhᵀ alone, as the profile's outer phase writes it); returns the sum."""
+    from bitplan.profile.hessians import HALVES, factors_path, save_input_moment
+
+    from tests.apply.test_ldlq import spd
+
+    total = torch.zeros(hidden, hidden, dtype=torch.float64)
+    for i, half in enumerate(HALVES):
+        h = spd(hidden, 40 + i)
+        save_input_moment(factors_path(prof, name, half), name, half, h, tokens=64, samples=4)
+        total += ((h + h.T) / 2).float().double()   # stored float32
+    return total
+
+
+@pytest.mark.parametrize("rounding", ["ldlq", "yaqa", "rtn"])
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_the_head_input_moment_rounds_the_tied_embedding_and_an_untied_head_with_ldlq(tmp_path, tiny_tokenizer,
+                                                                                      rounding, tie):
+    """With the profile's E[hhᵀ] (tied: under the embedding's name; untied: the head's), a yaqa or ldlq plan
+    rounds that matrix with one-sided LDLQ under it: bit for bit quantize_layer(..., "ldlq", H_in=Σhhᵀ), not
+    round-to-nearest's. rtn stays rtn; an untied embedding stays rtn."""
+    folder = tied_model_dir(tmp_path, tiny_tokenizer, tie)
+    lm = load_model(str(folder))
+    hidden = lm.model.config.hidden_size
+    owner = EMB if tie else HEAD
+    H = write_moment(tmp_path / "prof", owner, hidden)
+    formats = {EMB: "int4-g32"} if tie else {EMB: "int4-g32", HEAD: "q4_0"}
+    result = apply_formats(lm, formats, tmp_path / "q", rounding=rounding, profile_dir=tmp_path / "prof",
+                           shrink=0.0, progress=False)
+    fmt = get_format(formats[owner])
+    W = load_model(str(folder)).model.get_submodule(owner).weight
+    rtn = quantize_layer(owner, W, fmt, "rtn").W_hat
+    loaded = load_quantized(tmp_path / "q").model
+    got = (loaded.get_submodule(EMB).dequantized_weight() if tie
+           else loaded.get_submodule(HEAD).effective_weight())
+    st = result.stats[owner]
+    if rounding == "rtn":
+        assert st["rounding"] == "rtn" and "h_in" not in st and torch.equal(got, rtn)
+        return
+    assert st["rounding"] == "ldlq" and st["rounding_note"] is None and "E[hhᵀ]" in st["h_in"]
+    assert torch.equal(got, quantize_layer(owner, W, fmt, "ldlq", H_in=H).W_hat)
+    assert not torch.equal(got, rtn)
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qc["layers"][owner]["rounding"] == "ldlq"
+    if not tie:   # an untied embedding: no factor of its own, to nearest with the note
+        assert result.stats[EMB]["rounding"] == "rtn" and "lookup table" in result.stats[EMB]["rounding_note"]
+        _, W_hat = reference_w_hat(folder, {EMB: "int4-g32"})
+        assert torch.equal(loaded.get_submodule(EMB).dequantized_weight(), W_hat[EMB])
+
+
+def test_an_untied_embedding_stays_rtn_even_beside_a_moment_file(tmp_path, tiny_tokenizer):
+    """A moment file under an untied embedding's name (never written by the profile) does not make it LDLQ."""
+    folder = tied_model_dir(tmp_path, tiny_tokenizer, tie=False)
+    lm = load_model(str(folder))
+    write_moment(tmp_path / "prof", EMB, lm.model.config.hidden_size)
+    result = apply_formats(lm, {EMB: "int4-g32"}, tmp_path / "q", rounding="ldlq", profile_dir=tmp_path / "prof",
+                           progress=False)
+    assert result.stats[EMB]["rounding"] == "rtn"
+    _, W_hat = reference_w_hat(folder, {EMB: "int4-g32"})
+    assert torch.equal(load_quantized(tmp_path / "q").model.get_submodule(EMB).dequantized_weight(), W_hat[EMB])
