@@ -136,7 +136,7 @@ def _run_job(job, complete, loaded, infos, fmts, cal, split, fingerprint, judge_
         add_time("factors.forward_backward", sketch_times.forward_backward)
         add_time("factors.accumulate", sketch_times.accumulate)
         clock.start("outer")
-        outer = outer_phase(work, cal.windows[:DEFAULT_OUTER_WINDOWS], seed)
+        outer = outer_phase(work, cal.windows[:DEFAULT_OUTER_WINDOWS], seed, split)
         clock.start("layers")
         results = coefficient_phase(work)
         clock.start("formats")
