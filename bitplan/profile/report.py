@@ -107,10 +107,10 @@ def sensitivity_frame(profile: Profile):
 
 # What the embedding's and head's rows measure, and what they lack (docs/sensitivity-csv.md).
 OUTER_NOTES = {
-    "embedding": "rounded to nearest: every objective takes its RTN alpha; alpha_hessian from whole-window "
+    "embedding": "every objective takes its RTN alpha (an upper bound where apply uses LDLQ); alpha_hessian from whole-window "
                  "gradients of the matrix (both roles if tied); trace_h_in_outer = tokens (rows weighted by token count), "
                  "trace_h = sum of squared gradients at the embedding output; no YAQA/LDLQ figures",
-    "head": "no Kronecker factors kept: every objective takes its RTN alpha; trace_h_in_outer = sum |x|^2 of the final "
+    "head": "no two-sided factors kept: every objective takes its RTN alpha (an upper bound where apply uses LDLQ); trace_h_in_outer = sum |x|^2 of the final "
             "hidden states, trace_h = sum of squared logit gradients; no YAQA/LDLQ figures",
 }
 

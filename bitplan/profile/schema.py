@@ -38,9 +38,10 @@ OBJECTIVES = {
 
 # Kinds of the records outside the decoder blocks (`Profile.outer_layers`).
 OUTER_KINDS = ("embedding", "head")
-# Their coefficient under each objective. The embedding is rounded to nearest (a lookup table has no input
-# Hessian for LDLQ to use), and no profile measures an adaptive rounding's gain on the head, so every objective
-# takes their round-to-nearest α: the measured α_noise, or α_hessian under `hessian` (each the other's stand-in).
+# Their coefficient under each objective. No profile measures an adaptive rounding's gain on these matrices (apply
+# rounds a tied embedding and an untied head with one-sided LDLQ under E[hhᵀ] where the profile holds it, an untied
+# embedding to nearest), so every objective takes their round-to-nearest α, an upper bound for LDLQ: the measured
+# α_noise, or α_hessian under `hessian` (each the other's stand-in).
 OUTER_OBJECTIVES = {objective: ("alpha_hessian", "alpha_noise") if objective == "hessian"
                     else ("alpha_noise", "alpha_hessian") for objective in OBJECTIVES}
 
