@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--imatrix", choices=("profile", "llama"), default="profile",
                     help="llama.cpp's importance matrix: the profile's calibration second moments (bitplan export "
                          "imatrix) or llama-imatrix run on the profile's calibration text (64K tokens)")
+    ap.add_argument("--json", type=Path, default=None, help="where the results go (default OUT/results.json)")
     ap.add_argument("--rounding", default=None, help="bitplan apply --rounding (default: the plan's)")
     ap.add_argument("--fp16-embedding", type=Path, default=None, metavar="PROFILE",
                     help="also solve each budget with the embedding kept fp16 (--scope blocks), from PROFILE's "
@@ -199,9 +200,10 @@ def main(argv: list[str] | None = None) -> None:
     console.print(table)
     result = {"llama_cpp": commit, "model": args.model, "profile": str(args.profile), "windows": args.windows,
               "seqlen": args.seqlen, "f32_kl": mean_kl(reference), "rows": rows}
-    tmp = args.out / "results.json.tmp"
+    target = args.json or args.out / "results.json"
+    tmp = target.with_name(target.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(args.out / "results.json")
+    tmp.replace(target)
 
 
 if __name__ == "__main__":
