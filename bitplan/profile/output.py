@@ -71,10 +71,19 @@ def outer_record(info: LinearInfo, res: dict, fit: dict | None, rel_err: dict[st
     return rec
 
 
-def set_inapplicable(rec: LayerRecord, fmts: list[Format]) -> None:
-    from .phases import set_inapplicable as note   # phases imports this module
+def applicable(fmt: Format, shape: tuple[int, int]) -> bool:
+    """Whether `fmt` can store a matrix of `shape` (a super-block format needs the input width a multiple of its
+    block, e.g. 256 for the K-types)."""
+    return bool(fmt.applicable(*shape))
 
-    note(rec, fmts)
+
+def set_inapplicable(rec: LayerRecord, fmts: list[Format]) -> None:
+    """Note in the record the candidates its shape rules out (no rel_err: the solver never offers them)."""
+    ruled_out = [f.name for f in fmts if not applicable(f, rec.shape)]
+    if ruled_out:
+        rec.extra["inapplicable_formats"] = ruled_out
+    else:
+        rec.extra.pop("inapplicable_formats", None)
 
 
 def assemble_profile(loaded: LoadedModel, infos: list[LinearInfo], fmts: list[Format], cal: Calibration,

@@ -38,7 +38,7 @@ from .factors import ChunkStats, FactorSums
 from .hessians import HALVES, factors_path, load_factors, save_half_factors, save_input_moment
 from .job import Job
 from .noise import NoiseMeter, build_cache
-from .output import format_table, write_profile
+from .output import applicable, format_table, set_inapplicable, write_profile
 from .relerr import relative_errors
 from .schema import Profile
 from .sketch import SketchTimes, accumulate_batch
@@ -70,12 +70,6 @@ def deal_unfinished(work: Work, kind: str, infos: list[LinearInfo] | None = None
     left = [i for i in infos if work.job.result(kind, i.name) is None]
     work.ranks.barrier()
     return work.ranks.share(left), len(infos) - len(left)
-
-
-def applicable(fmt: Format, shape: tuple[int, int]) -> bool:
-    """Whether `fmt` can store a matrix of `shape` (a super-block format needs the input width a multiple of its
-    block, e.g. 256 for the K-types)."""
-    return bool(getattr(fmt, "applicable", lambda m, n: True)(*shape))
 
 
 def noise_phase(work: Work, windows: torch.Tensor, levels: tuple[float, ...], seed: int) -> dict[str, dict]:
@@ -247,15 +241,6 @@ def format_phase(work: Work, fmts: list[Format]) -> dict[str, dict[str, float]]:
     work.ranks.barrier()
     return {i.name: {f.name: job.result("formats", i.name)[f.name] for f in fmts if applicable(f, i.shape)}
             for i in work.all_infos}
-
-
-def set_inapplicable(rec, fmts: list[Format]) -> None:
-    """Note in the record the candidates its shape rules out (no rel_err: the solver never offers them)."""
-    ruled_out = [f.name for f in fmts if not applicable(f, rec.shape)]
-    if ruled_out:
-        rec.extra["inapplicable_formats"] = ruled_out
-    else:
-        rec.extra.pop("inapplicable_formats", None)
 
 
 def update_formats(profile: Profile, out: Path, net: nn.Module, fmts: list[Format], progress: Progress,
