@@ -25,19 +25,7 @@ EMB, HEAD = "model.embed_tokens", "lm_head"
 @pytest.fixture(params=[True, False], ids=["tied", "untied"])
 def model_dir(request, tmp_path, tiny_tokenizer):
     """A tiny random Llama with a 384-token vocabulary, its head tied to the embedding or not."""
-    model = tiny_llama(VOCAB)
-    if request.param:
-        from transformers import LlamaForCausalLM
-
-        model.config.tie_word_embeddings = True
-        tied = LlamaForCausalLM(model.config).eval()
-        tied.load_state_dict({k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}, strict=False)
-        tied.tie_weights()
-        model = tied
-    folder = tmp_path / "tiny"
-    model.save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return folder, request.param
+    return tied_model_dir(tmp_path, tiny_tokenizer, tie=request.param), request.param
 
 
 def plan_formats(lm, emb: str, head: str | None, linears: str = "int4-g32") -> dict[str, str]:
