@@ -31,6 +31,7 @@ def test_a_flipped_byte_is_detected_and_the_entry_dropped(tmp_path):
 
 def test_a_damaged_entry_is_recomputed_and_the_kl_unchanged(tiny_model_dir, tiny_text, tmp_path, monkeypatch):
     noisy = noisy_copy_dir(tiny_model_dir, tmp_path / "noisy", 0.1)
+    monkeypatch.setenv("BITPLAN_CACHE", str(tmp_path / "cache"))   # only this test's entries: others share the worker's
     args = (str(tiny_model_dir), str(noisy), str(tiny_text))
     first = evaluate(*args, windows=2, seqlen=32, progress=False)
     entries = sorted((cache_dir() / "logits").glob("*.safetensors"))
