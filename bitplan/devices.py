@@ -1,0 +1,72 @@
+"""`--device` and `--dtype`: what a user asks for, as a torch.device and a torch.dtype.
+
+`auto` device is the first CUDA device when torch sees one, else the CPU. `auto` dtype keeps a checkpoint's own
+weight dtype (bf16 for most current models) on a GPU, and float32 on the CPU, where bf16 matmuls are slow on most
+processors and float32 reproduces profiles and checkpoints made before devices existed.
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import BitplanError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """`auto`, `cpu`, `cuda` or `cuda:N` → a device torch can use here, or a BitplanError saying what is."""
+    if isinstance(spec, torch.device):
+        spec = str(spec)
+    spec = (spec or "auto").strip().lower()
+    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if spec == "auto":
+        return torch.device("cuda:0" if cuda_count else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        index = 0 if spec == "cuda" else spec.split(":", 1)[1]
+        try:
+            index = int(index)
+        except ValueError:
+            raise BitplanError(f"--device {spec!r}: the CUDA index must be a number, as in cuda:0") from None
+        if cuda_count == 0:
+            raise BitplanError(f"--device {spec}: torch sees no CUDA device here (torch {torch.__version__}); "
+                               "use --device cpu, or install a CUDA build of torch")
+        if not 0 <= index < cuda_count:
+            raise BitplanError(f"--device {spec}: torch sees {cuda_count} CUDA device(s), cuda:0 to "
+                               f"cuda:{cuda_count - 1}")
+        return torch.device(f"cuda:{index}")
+    raise BitplanError(f"unknown --device {spec!r}; use one of {', '.join(DEVICE_CHOICES)}")
+
+
+def checkpoint_dtype(config: dict | None) -> torch.dtype | None:
+    """The weight dtype a Hugging Face config.json names (`dtype`, or the older `torch_dtype`), if a float one."""
+    if not config:
+        return None
+    name = str(config.get("dtype") or config.get("torch_dtype") or "").replace("torch.", "")
+    return DTYPES.get(name)
+
+
+def resolve_dtype(spec: str | torch.dtype | None = "auto", device: torch.device | str = "cpu",
+                  config: dict | None = None) -> torch.dtype:
+    """`auto`, `float32`, `bfloat16` or `float16` → the dtype the model's weights are held in on `device`."""
+    if isinstance(spec, torch.dtype):
+        if spec not in DTYPES.values():
+            raise BitplanError(f"dtype {spec} is not one of {', '.join(DTYPES)}")
+        return spec
+    spec = (spec or "auto").strip().lower().replace("torch.", "")
+    if spec == "auto":
+        if torch.device(device).type == "cpu":
+            return torch.float32
+        return checkpoint_dtype(config) or torch.bfloat16
+    if spec in ("fp32", "float"):
+        spec = "float32"
+    if spec in ("bf16",):
+        spec = "bfloat16"
+    if spec in ("fp16", "half"):
+        spec = "float16"
+    if spec not in DTYPES:
+        raise BitplanError(f"unknown --dtype {spec!r}; use one of {', '.join(DTYPE_CHOICES)}")
+    return DTYPES[spec]
