@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .devices import resolve_device, resolve_dtype
 from .errors import BitplanError
 
 
@@ -95,12 +96,15 @@ def cache_dir() -> Path:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(spec: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
+               device: torch.device | str = "cpu") -> LoadedModel:
     """Load a causal LM and its tokenizer from a built-in name, folder, .gguf file or cached hub id
-    (a bitplan checkpoint: `bitplan.loading.open_model`)."""
+    (a bitplan checkpoint: `bitplan.loading.open_model`), its weights in `dtype` on `device` (both as
+    `bitplan.devices` resolves them: "auto" dtype is the checkpoint's own on a GPU, float32 on the CPU)."""
     spec = str(spec)
+    device = resolve_device(device)
     path = resolve_model_path(spec)
-    model, tokenizer = _load_folder(path, spec, dtype)
+    model, tokenizer = _load_folder(path, spec, dtype, device)
     model_id = spec if spec in BUILTIN_MODELS else (path.name if Path(spec).exists() else spec)
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, model_id=model_id, path=path)
 
@@ -193,7 +197,7 @@ def _hub_folder(repo_id: str) -> Path:
                            f"downloadable here ({type(e).__name__})") from None
 
 
-def _load_folder(path: Path, spec: str, dtype: torch.dtype):
+def _load_folder(path: Path, spec: str, dtype: torch.dtype | str, device: torch.device = torch.device("cpu")):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     with _quiet_transformers():
@@ -210,8 +214,12 @@ def _load_folder(path: Path, spec: str, dtype: torch.dtype):
                 archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)):
             raise BitplanError(f"{spec} has no causal-LM head (architecture {', '.join(archs) or config.model_type}); "
                                "bitplan quantizes decoder-only causal language models")
+        dtype = resolve_dtype(dtype, device, config.to_dict())
+        # Off the CPU the weights go straight to the device (accelerate's device_map), never through a host copy
+        # of the whole model; on the CPU the plain load, as before devices existed.
+        placement = {} if device.type == "cpu" else {"device_map": {"": device}}
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placement)
         except Exception as e:
             raise BitplanError(f"could not load {spec}: {type(e).__name__}: {e}") from None
         try:
