@@ -263,7 +263,7 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     while before < N:
         f = min(FWHT_TILE, N // before)
         after = N // (before * f)
-        Hf = _sylvester_tile(f, x.dtype)   # symmetric, so applying it on either side is the same
+        Hf = _sylvester_tile(f, x.dtype).to(x.device)   # symmetric, so applying it on either side is the same
         y = y.reshape(-1, f) @ Hf if after == 1 else torch.matmul(Hf, y.reshape(rows * before, f, after))
         before *= f
     return y.reshape(*lead, N)
@@ -302,7 +302,7 @@ class RandomizedHadamard:
         B = x.shape[0]
         if p.kind == "kronecker":
             y = fwht(x.reshape(B, p.K, p.block))  # Sylvester part is symmetric
-            Hk = self._dense_k.to(x.dtype)
+            Hk = self._dense_k.to(x.device, x.dtype)
             y = torch.matmul(Hk.T if transpose else Hk, y)
         else:
             y = fwht(x.reshape(B, self.n // p.block, p.block))
@@ -322,7 +322,7 @@ class RandomizedHadamard:
         moved = work.movedim(dim, -1)
         shape = moved.shape
         flat = moved.reshape(-1, self.n)
-        signs = self.signs.to(flat.dtype)
+        signs = self.signs.to(flat.device, flat.dtype)
         if inverse:  # (H S)^-1 = S Hᵀ
             flat = self._apply(flat, transpose=True) * signs
         else:
