@@ -28,7 +28,8 @@ from .errors import BitplanError
 from .io import check_writable, write_json
 from .logit_cache import LogitCache, default_cap
 from .loading import open_model
-from .models import LoadedModel, cache_dir, same_tokenizer, weights_sha256
+from .devices import resolve_device, resolve_dtype
+from .models import LoadedModel, cache_dir, model_device, same_tokenizer, weights_sha256
 from .progress import Progress
 
 TOKEN_CHUNK = 128  # positions per float64 softmax: bounds memory at 128 × vocab × 8 bytes per model
@@ -79,7 +80,8 @@ def token_stats(ref_logits: torch.Tensor, cand_logits: torch.Tensor, window: tor
     if ref_logits.shape != cand_logits.shape:
         raise BitplanError(f"reference and candidate disagree on the vocabulary size "
                            f"({ref_logits.shape[-1]} vs {cand_logits.shape[-1]})")
-    targets = window[1:]
+    cand_logits = cand_logits.to(ref_logits.device)
+    targets = window[1:].to(ref_logits.device)
     parts: list[list[np.ndarray]] = [[], [], [], [], []]
     n = targets.shape[0]
     for s in range(0, n, TOKEN_CHUNK):
@@ -94,7 +96,7 @@ def token_stats(ref_logits: torch.Tensor, cand_logits: torch.Tensor, window: tor
         nll_p, nll_q = -lp.gather(-1, t)[:, 0], -lq.gather(-1, t)[:, 0]
         dp = torch.exp(-nll_q) - torch.exp(-nll_p)
         for bucket, value in zip(parts, (kl, agree, nll_p, nll_q, dp)):
-            bucket.append(value.numpy())
+            bucket.append(value.cpu().numpy())
     return TokenStats(*(np.concatenate(p) for p in parts))
 
 
@@ -129,25 +131,32 @@ def _context_length(model) -> int | None:
 
 @torch.inference_mode()
 def _logits(model, window: torch.Tensor) -> torch.Tensor:
-    return model(window[None]).logits[0].float()
+    """Float32 logits [T, V] on the model's device."""
+    return model(window[None].to(model_device(model))).logits[0].float()
 
 
 def evaluate(reference: str | LoadedModel, candidate: str | LoadedModel, data: str, windows: int = 32,
              seqlen: int = 512, seed: int = 0, cache: bool = True, cache_gb: float | None = None,
              json_out: str | Path | None = None, progress: bool = True, exclude_calibration: bool = False,
-             exclude: list[tuple[int, int]] | None = None) -> EvalResult:
+             exclude: list[tuple[int, int]] | None = None, device: str | torch.device = "auto",
+             dtype: str | torch.dtype = "auto") -> EvalResult:
     """Compare `candidate` with `reference` on `windows` held-out windows of `data` (see module docstring).
     `exclude` lists (start, length) spans of the data's token stream no window may touch; `exclude_calibration`
     adds the candidate's calibration windows when `data` is its calibration text. `cache_gb` caps the
-    reference-logit cache in GiB; None: enough for this evaluation's reference logits, at least 2."""
+    reference-logit cache in GiB; None: enough for this evaluation's reference logits, at least 2. Both models run
+    on `device` with their plain weights in `dtype` (bitplan.devices; "auto" is the checkpoint's dtype on a GPU,
+    float32 on the CPU); the per-token statistics are float64 on that device."""
     if windows <= 0:
         raise BitplanError(f"--windows must be positive (got {windows})")
     if json_out is not None:  # a bad path costs a second, not the whole evaluation's figures
         check_writable(json_out, "file", "--json file")
     source = describe_source(data)  # a missing or empty file fails here, before any model is loaded
-    ref = open_model(reference)
+    device = resolve_device(device)
+    if not isinstance(dtype, torch.dtype):
+        resolve_dtype(dtype, device)  # a bad name fails before any model is loaded
+    ref = open_model(reference, dtype, device)
     same_spec = isinstance(reference, str) and isinstance(candidate, str) and reference == candidate
-    cand = ref if same_spec else open_model(candidate)
+    cand = ref if same_spec else open_model(candidate, dtype, device)
     if not same_tokenizer(ref.tokenizer, cand.tokenizer):
         raise BitplanError(f"{ref.spec} and {cand.spec} use different tokenizers; KL needs the same vocabulary")
     context = min(c for c in (_context_length(ref.model), _context_length(cand.model), 10**9) if c)
@@ -174,6 +183,10 @@ def evaluate(reference: str | LoadedModel, candidate: str | LoadedModel, data: s
         cap = int(cache_gb * 2**30)
     logit_cache = LogitCache(cache_dir() / "logits", cap) if cache else None
     ref_hash = weights_sha256(ref.model) if logit_cache else ""
+    ref_dtype = next(ref.model.parameters()).dtype
+    if logit_cache and ref_dtype != torch.float32:
+        # the hash is the weights' (dtype-free: bf16 hashes as its float32 upcast); logits in another dtype differ
+        ref_hash += f"|{ref_dtype}"
     stats: list[TokenStats] = []
     with Progress(progress) as bars:
         task = bars.task(f"eval {cand.model_id} vs {ref.model_id}", windows)
@@ -183,9 +196,9 @@ def evaluate(reference: str | LoadedModel, candidate: str | LoadedModel, data: s
             if ref_logits is None:
                 ref_logits = _logits(ref.model, window)
                 if logit_cache:
-                    logit_cache.put(key, ref_logits)
+                    logit_cache.put(key, ref_logits.cpu())
             cand_logits = ref_logits if cand is ref else _logits(cand.model, window)
-            stats.append(token_stats(ref_logits[:-1], cand_logits[:-1], window))
+            stats.append(token_stats(ref_logits[:-1].to(cand_logits.device), cand_logits[:-1], window))
             task.advance()
 
     result = EvalResult(reference=ref.spec, candidate=cand.spec, data=data, windows=windows, seqlen=seqlen,

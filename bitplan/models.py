@@ -371,17 +371,29 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
 
 
 def weights_sha256(model: nn.Module) -> str:
-    """A hash of every parameter and buffer (name, shape, dtype, bytes): the model's identity in profiles and plans."""
+    """A hash of every parameter and buffer (name, shape, dtype, bytes): the model's identity in profiles and plans.
+
+    bfloat16 and float16 tensors are hashed as their (exact) float32 upcast, one tensor at a time, so a bf16
+    checkpoint held in bf16 on a GPU has the identity it has loaded in float32 on the CPU."""
     h = hashlib.sha256()
     seen: set[int] = set()
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if id(t) in seen or "rotary" in name or name.endswith("inv_freq"):
             continue
         seen.add(id(t))
+        t = t.detach()
+        if t.dtype in (torch.bfloat16, torch.float16):
+            t = t.float()
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
         # reshape(-1): a 0-dim (scalar) buffer cannot be viewed as bytes, a 1-element vector can.
-        h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's weights are (its first parameter's device; the CPU for a model without parameters)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def same_tokenizer(a, b) -> bool:

@@ -28,6 +28,10 @@ def eval_command(
     exclude_calibration: bool = typer.Option(False, "--exclude-calibration",
                                              help="when --data is the candidate's calibration text, draw only "
                                                   "windows its calibration did not touch"),
+    device: str = typer.Option("auto", "--device", help="where both models run: auto (the first CUDA device, else "
+                               "the CPU), cpu, cuda or cuda:N"),
+    dtype: str = typer.Option("auto", "--dtype", help="their weights' dtype: auto (the checkpoint's on a GPU, "
+                              "float32 on the CPU), float32, bfloat16 or float16"),
 ) -> None:
     """Compare a candidate with its reference on held-out text."""
     from ..evaluate import evaluate
@@ -36,7 +40,8 @@ def eval_command(
     if json_out is not None:  # before the evaluation, whose figures a bad path would lose
         check_writable(json_out, "file", "--json file")
     result = evaluate(reference, candidate, data, windows=windows, seqlen=seqlen, seed=seed, cache=cache,
-                      cache_gb=cache_gb, json_out=json_out, exclude_calibration=exclude_calibration)
+                      cache_gb=cache_gb, json_out=json_out, exclude_calibration=exclude_calibration,
+                      device=device, dtype=dtype)
     for note in result.warnings:
         err_console.print(f"[yellow]warning:[/] {note}")
     console.print(eval_table(result))
