@@ -3,8 +3,9 @@
 Layout of a checkpoint folder:
     config.json          the model's config with `quantization_config` = {quant_method: "bitplan", version,
                          modules: {name: format}, files: {name: sha256}, plan, calibration, rounding, ...}
-    model.safetensors    per quantized module `<name>.codes` (int32 packed), `<name>.scale` / `.zero` (fp16),
-                         `<name>.rotation_seeds` (2 × uint64 stored as int64); fp16 modules `<name>.weight`;
+    model.safetensors    per quantized module `<name>.codes` (int32 packed), `<name>.scale` / `.zero` (fp16; the
+                         integer zero point of a uint format uint8), `<name>.rotation_seeds` (2 × uint64 stored
+                         as int64); fp16 modules `<name>.weight`;
                          each grid's codebook once as `bitplan.codebook.grid-p{p}-n{n}`; every other tensor fp16
                          (norm weights fp32: they are tiny and sensitive). A quantized token embedding is stored
                          like a linear's weight [vocab, hidden] under its module name, once: a head tied to it
@@ -154,7 +155,6 @@ def write_checkpoint(out_dir: str | Path, model: nn.Module, tokenizer, layers: d
     """Write a checkpoint of `model` whose modules in `layers` (name → packed tensors) are replaced.
     An existing checkpoint in `out_dir` is refused unless `overwrite`; then only the files bitplan wrote there
     are replaced."""
-    out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite)
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
@@ -171,21 +171,85 @@ def write_checkpoint(out_dir: str | Path, model: nn.Module, tokenizer, layers: d
     for name, packed in layers.items():
         for key, t in packed.items():
             tensors[f"{name}.{key}"] = t.contiguous()
+    tensors.update(_codebooks(formats))
+
+    def weights(path: Path) -> str:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+        return file_sha256(path)
+
+    return _write_folder(out_dir, weights, model.config, tokenizer, formats, metadata)
+
+
+def _codebooks(formats: dict[str, str]) -> dict[str, torch.Tensor]:
+    out = {}
     for fmt_name in sorted(set(formats.values())):  # one table per grid, shared by its group sizes
         fmt = get_format(fmt_name)
         table = fmt.codebook()
         if table is not None:
-            tensors[CODEBOOK_PREFIX + codebook_key(fmt)] = table.to(torch.float32).contiguous()
+            out[CODEBOOK_PREFIX + codebook_key(fmt)] = table.to(torch.float32).contiguous()
+    return out
 
+
+def _stored_dtype(dtype: torch.dtype, ndim: int) -> torch.dtype:
+    """The dtype `_keep_precision` gives a tensor of `dtype` and `ndim` dimensions."""
+    if not dtype.is_floating_point:
+        return dtype
+    return torch.float32 if ndim == 1 else torch.float16
+
+
+def write_checkpoint_parts(out_dir: str | Path, source, parts: dict[str, Path], formats: dict[str, str],
+                           metadata: dict[str, Any], overwrite: bool = False) -> Path:
+    """`write_checkpoint` with the model read one tensor at a time from `source` (a lazy
+    `bitplan.apply.source.WeightSource`) and each quantized module's packed tensors from its part file
+    (`parts`: module name → safetensors file): the same bytes, with one tensor in memory at a time."""
+    from ..shards import read_header
+    from .stream import Entry, save_streamed
+
+    check_out_dir(out_dir, overwrite)
+    model = source.model
+    entries: list[Entry] = []
+    seen: set[int] = set()
+    quantized_weights = {f"{name}.weight" for name in parts}
+    quantized_ids = {id(model.get_submodule(name).weight) for name in parts}
+    for key, t in model.state_dict(keep_vars=True).items():   # keep_vars: a tied weight is one object
+        if key in quantized_weights or id(t) in quantized_ids or "rotary" in key or key.endswith("inv_freq"):
+            continue
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        dtype, shape = source.tensor_info(key)
+        entries.append(Entry(key, _stored_dtype(dtype, len(shape)), shape,
+                             lambda key=key: _keep_precision(key, source.tensor(key)).contiguous()))
+    for name, part in parts.items():
+        for key, info in read_header(part)[0].items():
+            entries.append(Entry(f"{name}.{key}", info.dtype, info.shape,
+                                 lambda part=part, key=key: _part_tensor(part, key)))
+    entries += [Entry(k, t.dtype, tuple(t.shape), lambda t=t: t) for k, t in _codebooks(formats).items()]
+    return _write_folder(out_dir, lambda path: save_streamed(entries, path, {"format": "pt"}), model.config,
+                         source.tokenizer, formats, metadata)
+
+
+def _part_tensor(part: Path, key: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(part), framework="pt") as f:
+        return f.get_tensor(key)
+
+
+def _write_folder(out_dir: str | Path, weights, config, tokenizer, formats: dict[str, str],
+                  metadata: dict[str, Any]) -> Path:
+    """The checkpoint folder around its weights file, written under a temporary name and moved into place;
+    `weights(path)` writes model.safetensors at `path` and returns its sha256."""
+    out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        digest = weights(tmp / WEIGHTS)
         tokenizer.save_pretrained(tmp)
         qc = {"quant_method": QUANT_METHOD, "version": CHECKPOINT_VERSION, "modules": dict(formats),
-              "files": {WEIGHTS: file_sha256(tmp / WEIGHTS)},
+              "files": {WEIGHTS: digest},
               "written_files": sorted({p.name for p in tmp.iterdir()} | {"config.json"}), **metadata}
-        config = model.config.to_dict()
+        config = config.to_dict()
         config["quantization_config"] = qc
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
         if out_dir.is_dir() and any(out_dir.iterdir()):

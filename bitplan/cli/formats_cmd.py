@@ -8,12 +8,14 @@ from rich.table import Table
 
 from . import add_name_column, app, console, print_table
 
+KINDS = ("grid", "int", "sint", "uint", "ggml", "fp16")
+
 
 @app.command("formats")
 def formats_command(
     json_out: bool = typer.Option(False, "--json", help="print machine-readable JSON instead of a table"),
     candidates: bool = typer.Option(False, "--candidates", help="only the solver's default candidates"),
-    kind: str = typer.Option("", "--kind", help="only this kind: grid, int, ggml or fp16"),
+    kind: str = typer.Option("", "--kind", help="only this kind: grid, int, sint, uint, ggml or fp16"),
     m: int = typer.Option(4096, "--m", help="out features of the layer used for storage bits per weight"),
     n: int = typer.Option(4096, "--n", help="in features of the layer used for storage bits per weight"),
 ) -> None:
@@ -22,8 +24,8 @@ def formats_command(
     from ..formats import all_formats, default_candidates
     from ..formats.registry import format_summary
 
-    if kind and kind not in ("grid", "int", "ggml", "fp16"):
-        raise BitplanError(f"unknown kind {kind!r}; choose grid, int, ggml or fp16")
+    if kind and kind not in KINDS:
+        raise BitplanError(f"unknown kind {kind!r}; choose {', '.join(KINDS)}")
     default = {f.name for f in default_candidates()}
     rows = [format_summary(f, m, n) | {"default_candidate": f.name in default}
             for f in (default_candidates() if candidates else all_formats())
@@ -37,7 +39,8 @@ def formats_command(
 def formats_table(rows: list[dict], m: int, n: int) -> Table:
     table = Table(title=f"bitplan formats (bits per weight at a {m}×{n} layer; mse_q on i.i.d. N(0,1))",
                   caption="bits: nominal bits per weight (what --min-bits and --max-bits bound; for ggml's block "
-                          "types, all they store); storage bpw: with scales, zeros and rotation seeds. ggml types "
+                          "types, all they store); storage bpw: with scales, zeros and rotation seeds. sint and uint "
+                          "(unrotated, integer zero points) are the integer formats vLLM runs. ggml types "
                           "whose block does not fit the row length are left out")
     add_name_column(table, "name")
     for col, just in [("kind", "left"), ("bits", "right"), ("storage bpw", "right"), ("mse_q", "right"),

@@ -1,6 +1,7 @@
 """Generate the Gaussian grids and measure every format's mse_q (package data).
 
     python -m bitplan.formats.generate_grids [--work DIR] [--only p2_n256,...] [--eval-samples N]
+    python -m bitplan.formats.generate_grids --measure 'sint*,uint*'   # only these formats' mse_q, no grids
 
 Writes `bitplan/formats/data/grids.npz` (float32 [n, p] tables), `grids.json` (each grid's Gaussian MSE measured
 on fresh samples, not the training ones) and `formats.json` (every format's relative MSE on i.i.d. N(0, 1)
@@ -211,6 +212,19 @@ def measure_formats(m: int, n: int, seed: int, log=print, names: list[str] | Non
     return out
 
 
+def select_names(patterns: str) -> list[str]:
+    """Format names matching a comma list of names or shell patterns, in catalogue order."""
+    from fnmatch import fnmatchcase
+
+    from .registry import all_format_names
+
+    pats = [p.strip() for p in patterns.split(",") if p.strip()]
+    names = [n for n in all_format_names() if any(fnmatchcase(n, p) for p in pats)]
+    if not names:
+        raise SystemExit(f"--measure {patterns!r} matches no format name")
+    return names
+
+
 def _default_work() -> Path:
     import os
 
@@ -229,13 +243,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=torch.get_num_threads())
     ap.add_argument("--ggml", action="store_true",
                     help="only measure the ggml formats' mse_q and add them to formats.json (no grids)")
+    ap.add_argument("--measure", default=None,
+                    help="only measure these formats' mse_q (comma list, shell patterns such as 'sint*') and "
+                         "add or replace them in formats.json (no grids); other entries are kept as they are")
     args = ap.parse_args(argv)
-    if args.ggml:
+    if args.ggml or args.measure:
         from .ggml import GGML_NAMES
 
         m, n = (int(v) for v in args.format_shape.lower().split("x"))
+        names = list(GGML_NAMES) if args.ggml else select_names(args.measure)
         table = json.loads((DATA_DIR / "formats.json").read_text())
-        table["formats"].update(measure_formats(m, n, FORMAT_SEED, names=list(GGML_NAMES)))
+        table["formats"].update(measure_formats(m, n, FORMAT_SEED, names=names))
         write_json(DATA_DIR / "formats.json", table)
         return
     only = set(args.only.split(",")) if args.only else None

@@ -18,18 +18,20 @@ from .ggml import GGML_NAMES, GgmlFormat
 from .grids import GRID_SIZES
 from .higgs import GridFormat
 from .integer import IntFormat
+from .vllm_int import SymIntFormat, ZeroPointIntFormat
 
 GRID_GROUPS = (64, 128, 256)
 INT_BITS = tuple(range(2, 9))
 INT_GROUPS = (32, 64, 128)
 
 _GRID_RE = re.compile(r"higgs-p(\d+)-n(\d+)-g(\d+)")
-_INT_RE = re.compile(r"int(\d+)-g(\d+)")
+_INT_RE = re.compile(r"(s|u|)int(\d+)-g(\d+)")
+_INT_CLASSES = {"": IntFormat, "s": SymIntFormat, "u": ZeroPointIntFormat}
 
 
 def all_format_names() -> list[str]:
     names = [f"higgs-p{p}-n{n}-g{g}" for p, ns in GRID_SIZES.items() for n in ns for g in GRID_GROUPS]
-    names += [f"int{b}-g{g}" for b in INT_BITS for g in INT_GROUPS]
+    names += [f"{kind}int{b}-g{g}" for kind in ("", "s", "u") for b in INT_BITS for g in INT_GROUPS]
     return names + list(GGML_NAMES) + ["fp16"]
 
 
@@ -59,8 +61,8 @@ def build_format(name: str, mse_q: float) -> Format:
     if m:
         p, n, g = map(int, m.groups())
         return GridFormat.make(p, n, g, mse_q)
-    b, g = map(int, _INT_RE.fullmatch(name).groups())
-    return IntFormat.make(b, g, mse_q)
+    kind, b, g = _INT_RE.fullmatch(name).groups()
+    return _INT_CLASSES[kind].make(int(b), int(g), mse_q)
 
 
 def _unknown(name) -> BitplanError:
@@ -69,6 +71,7 @@ def _unknown(name) -> BitplanError:
     return BitplanError(
         f"unknown format {name!r}{hint} Valid names: higgs-p{{p}}-n{{n}}-g{{64,128,256}} (p=1: n=4..256, "
         "p=2: n=8..4096, p=3: n=16..4096, p=4: n=64..4096, n a power of two), int{2..8}-g{32,64,128}, "
+        "sint{2..8}-g{32,64,128}, uint{2..8}-g{32,64,128}, "
         f"the ggml types {', '.join(GGML_NAMES)}, fp16 (`bitplan formats` lists them)"
     )
 

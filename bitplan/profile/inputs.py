@@ -11,9 +11,10 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from ..devices import resolve_device, resolve_dtype
 from ..errors import BitplanError
-from ..formats import Format, default_candidates, get_format, ggml_candidates
-from ..models import LoadedModel, load_model
+from ..formats import Format, default_candidates, get_format, ggml_candidates, vllm_candidates
+from ..models import LoadedModel, load_model, model_device
 from .defaults import DEFAULT_HALVES, DEFAULT_JUDGE_SAMPLES, DEFAULT_SAMPLES, DEFAULT_SEQLEN, HALF_SPLITS
 from .judge import find_start_token
 from .seeds import generator
@@ -26,14 +27,26 @@ class Calibration:
     positions: torch.Tensor        # [samples] where each window starts in the source (row order for token ids)
 
 
-def resolve_model(model: str | Path | LoadedModel | nn.Module) -> LoadedModel:
-    if isinstance(model, LoadedModel):
-        return model
-    if isinstance(model, nn.Module):
-        model.eval()
-        return LoadedModel(model=model, tokenizer=None, spec=type(model).__name__, model_id=type(model).__name__,
-                           path=Path("."))
-    return load_model(str(model))
+def resolve_model(model: str | Path | LoadedModel | nn.Module, device: str | torch.device = "auto",
+                  dtype: str | torch.dtype = "auto") -> LoadedModel:
+    """A model named by a path or name is loaded in `dtype` on `device`; a model passed in memory is profiled where
+    it is, in its own dtype (a `device` or `dtype` other than "auto" must then agree with it)."""
+    if not isinstance(model, (LoadedModel, nn.Module)):
+        return load_model(str(model), dtype, device)
+    loaded = model if isinstance(model, LoadedModel) else LoadedModel(
+        model=model, tokenizer=None, spec=type(model).__name__, model_id=type(model).__name__, path=Path("."))
+    loaded.model.eval()
+    have_device, have_dtype = model_device(loaded.model), next(loaded.model.parameters()).dtype
+    want_device = resolve_device(device)
+    want_dtype = resolve_dtype(dtype, want_device)
+    if str(device or "auto").lower() != "auto" and (want_device.type, want_device.index or 0) != (
+            have_device.type, have_device.index or 0):
+        raise BitplanError(f"the model passed to profile_model is on {have_device}, not {want_device}; move it "
+                           f"there first (model.to(...)) or pass device='auto'")
+    if not (isinstance(dtype, str) and dtype.lower() == "auto") and dtype is not None and want_dtype != have_dtype:
+        raise BitplanError(f"the model passed to profile_model holds {have_dtype} weights, not {want_dtype}; "
+                           "cast it first or pass dtype='auto'")
+    return loaded
 
 
 def check_finite(net: nn.Module, infos) -> None:
@@ -81,7 +94,8 @@ def calibration_windows(loaded: LoadedModel, calib: str | Path | torch.Tensor, s
 
 def candidate_formats(formats: str | list | None) -> list[Format]:
     """The formats to measure: None or "default" for the default candidates, else names and the named menus
-    `default` and `ggml` (ggml's block types and fp16), as a list or one string separated by commas or spaces."""
+    `default`, `ggml` (ggml's block types and fp16) and `vllm` (the formats vLLM runs), as a list or one string
+    separated by commas or spaces; a format named twice is measured once."""
     if formats is None:
         return list(default_candidates())
     if isinstance(formats, str):
@@ -89,12 +103,11 @@ def candidate_formats(formats: str | list | None) -> list[Format]:
     out: list[Format] = []
     for f in formats:
         key = f.lower() if isinstance(f, str) else None
-        new = (list(default_candidates()) if key == "default" else ggml_candidates() if key == "ggml"
-               else [get_format(f)])
-        out += new
+        menus = {"default": default_candidates, "ggml": ggml_candidates, "vllm": vllm_candidates}
+        out += list(menus[key]()) if key in menus else [get_format(f)]
     if not out:
         raise BitplanError("--formats names no format")
-    return out
+    return list({f.name: f for f in out}.values())
 
 
 def split_halves(n: int, seed: int, how: str = DEFAULT_HALVES,

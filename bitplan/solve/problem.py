@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BitplanError
-from ..formats import Format, all_formats, default_candidates, get_format, ggml_candidates
+from ..formats import Format, all_formats, default_candidates, get_format, ggml_candidates, vllm_candidates
 from ..profile.report import default_objective
 from ..profile.schema import OBJECTIVES, LayerRecord, Profile
 from .accounting import ExtrasAccount, codebook_key, codebooks, extras_account
@@ -86,7 +86,8 @@ def coefficient_name(profile: Profile, objective: str) -> str:
 
 
 def resolve_formats(spec: str | list | tuple | None, profile: Profile) -> list[Format]:
-    """Candidate formats from a comma list of names and named sets (profile, default, all, grid, int, kernel, ggml).
+    """Candidate formats from a comma list of names and named sets (profile, default, all, grid, int, kernel, ggml,
+    vllm).
 
     None means the profile's own candidates (or the default set when it lists none). `grid`, `int` and `kernel`
     (formats with fast kernels: grids of p ≤ 2 and integer groups) select from the profile's and the default
@@ -110,6 +111,8 @@ def resolve_formats(spec: str | list | tuple | None, profile: Profile) -> list[F
             out += default_candidates()
         elif key == "ggml":
             out += ggml_candidates()
+        elif key == "vllm":
+            out += vllm_candidates()
         elif key == "all":
             out += all_formats()
         elif key in ("grid", "int"):

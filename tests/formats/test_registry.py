@@ -14,10 +14,10 @@ from bitplan.formats.base import SEED_BITS
 def test_catalogue():
     fmts = all_formats()
     names = [f.name for f in fmts]
-    assert len(names) == len(set(names)) == (7 + 10 + 9 + 7) * 3 + 7 * 3 + 12 + 1   # grids, ints, ggml, fp16
+    assert len(names) == len(set(names)) == (7 + 10 + 9 + 7) * 3 + 3 * 7 * 3 + 12 + 1   # grids, int/sint/uint, ggml, fp16
     for f in fmts:
         assert isinstance(f, Format) and get_format(f.name) is f
-        assert f.kind in {"grid", "int", "ggml", "fp16"} and f.mse_q > 0 and math.isfinite(f.mse_q)
+        assert f.kind in {"grid", "int", "sint", "uint", "ggml", "fp16"} and f.mse_q > 0 and math.isfinite(f.mse_q)
 
 
 @pytest.mark.parametrize("name, kind, bits, g, p, code_bits, rotated, codebook_bits", [
@@ -27,6 +27,8 @@ def test_catalogue():
     ("higgs-p1-n16-g128", "grid", 4.0, 128, 1, 4, True, 16 * 32),
     ("int3-g128", "int", 3.0, 128, 1, 3, True, 0),
     ("int8-g32", "int", 8.0, 32, 1, 8, True, 0),
+    ("sint3-g64", "sint", 3.0, 64, 1, 3, False, 0),
+    ("uint8-g128", "uint", 8.0, 128, 1, 8, False, 0),
     ("fp16", "fp16", 16.0, 0, 1, 16, False, 0),
 ])
 def test_attributes(name, kind, bits, g, p, code_bits, rotated, codebook_bits):
