@@ -1,4 +1,5 @@
-"""`bitplan export gguf | tensor-types | imatrix`: files for llama.cpp from a checkpoint, a plan or a profile."""
+"""`bitplan export gguf | tensor-types | imatrix | compressed-tensors`: files for llama.cpp from a checkpoint, a plan
+or a profile, and a checkpoint as a compressed-tensors folder for vLLM."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +10,8 @@ from rich.table import Table
 from . import _Command, _Group, app, console, print_table
 
 export_app = typer.Typer(cls=_Group, name="export", no_args_is_help=True, add_completion=False,
-                         help="Files for llama.cpp: a checkpoint as GGUF, a plan as a tensor-type list, a profile "
-                              "as an imatrix.")
+                         help="Files for llama.cpp (a checkpoint as GGUF, a plan as a tensor-type list, a profile "
+                              "as an imatrix) and vLLM (a checkpoint as a compressed-tensors folder).")
 app.add_typer(export_app, name="export")
 
 
@@ -83,3 +84,30 @@ def imatrix_command(
     result = export_imatrix(profile, out)
     console.print(f"{result.path}: {result.entries} tensors, {result.tokens} tokens "
                   f"({result.chunk_count} chunks of {result.chunk_size})", highlight=False)
+
+
+@export_app.command("compressed-tensors", cls=_Command)
+def compressed_tensors_command(
+    checkpoint: Path = typer.Argument(..., help="checkpoint folder from `bitplan apply` (a plan solved with "
+                                      "--runtime vllm)"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder to write (new or empty)"),
+) -> None:
+    """Write a checkpoint as a compressed-tensors folder (pack-quantized) that vLLM serves and transformers loads;
+    the integer codes are repacked, not requantized."""
+    from ..export import export_compressed_tensors
+
+    result = export_compressed_tensors(checkpoint, out)
+    table = Table(title=f"compressed-tensors {result.version} config groups")
+    table.add_column("scheme", no_wrap=True)
+    table.add_column("bits", justify="right")
+    table.add_column("group", justify="right")
+    table.add_column("zero point")
+    table.add_column("layers", justify="right")
+    for name, args in result.scheme_args().items():
+        table.add_row(name, str(args["num_bits"]), str(args["group_size"]),
+                      "no" if args["symmetric"] else "integer", str(len(result.schemes[name])))
+    table.add_row("fp16 (ignore)", "16", "", "", str(len(result.ignored)))
+    print_table(table)
+    console.print(f"{result.path}: {len(result.shards)} safetensors file(s), {_size(result.file_bytes)}",
+                  highlight=False)
+    console.print(f"serve it with: vllm serve {result.path} --dtype float16", highlight=False)
