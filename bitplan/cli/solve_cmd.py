@@ -37,7 +37,11 @@ def solve_command(
                                                  "--rounding ldlq) (default: the best the profile has)"),
     formats: Optional[str] = typer.Option(None, "--formats",
                                           help="comma list of format names and sets: profile (default), default, "
-                                               "all, grid, int, kernel"),
+                                               "all, grid, int, kernel, ggml, vllm"),
+    runtime: str = typer.Option("any", "--runtime",
+                                help="any (bitplan's own loader) or vllm: only formats vLLM runs (default menu "
+                                     "vllm), q/k/v and gate/up tied, embedding and head fp16; the plan records it "
+                                     "and the compressed-tensors export checks it"),
     pin: List[str] = typer.Option([], "--pin", help="REGEX=FORMAT: layers whose name matches get FORMAT "
                                                     "(repeatable)"),
     min_bits: Optional[float] = typer.Option(None, "--min-bits", help="lowest nominal bits per weight of any layer"),
@@ -72,7 +76,7 @@ def solve_command(
             check_writable(path, "file", "sweep file")
     kwargs = dict(solver=solver, objective=objective, formats=formats, pins=pin, min_bits=min_bits,
                   max_bits=max_bits, tie=tie, resource=resource, resource_limit=resource_limit,
-                  resolution=resolution, time_limit=time_limit, scope=scope)
+                  resolution=resolution, time_limit=time_limit, scope=scope, runtime=runtime)
     if sweep is not None:
         budgets = parse_sweep(sweep)
         rows, used_objective = run_sweep(profile, budgets, **kwargs)
@@ -117,6 +121,8 @@ def print_plan(plan, defaulted: bool, top: int) -> None:
     console.print(f"scope [bold]{plan.scope}[/]: " + (
         "the embedding and head are planned like any layer" if plan.scope == "all" else
         "the block linears are planned; the embedding and head stay fp16 unless pinned"))
+    if plan.runtime != "any":
+        console.print(f"runtime [bold]{plan.runtime}[/]: only formats it runs, q/k/v and gate/up tied per block")
     console.print(f"rounding [bold]{plan.rounding}[/]: the plan's predicted ΔKL is for "
                   f"{_ROUNDING_WORDS[plan.rounding]}; "
                   "`bitplan apply` rounds with it unless given --rounding")

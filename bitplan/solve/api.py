@@ -220,7 +220,8 @@ def make_plan(inst: Instance, solution: Solution, target: Target, solver: str, p
     plan = Plan(profile=profile_id, budget=target.to_json(inst), solver=solver_info, objective=inst.objective,
                 constraints=inst.constraints, layers=entries, extras=inst.extras.to_json(),
                 uniform=best_uniform(inst, target.layer_bits),
-                coefficient=coefficient_name(inst.profile, inst.objective), scope=inst.scope)
+                coefficient=coefficient_name(inst.profile, inst.objective), scope=inst.scope,
+                runtime=inst.constraints.get("runtime", "any"))
     if plan.totals["layer_bits"] + plan.totals["codebook_bits"] > target.layer_bits:
         raise AssertionError("solver returned a plan over its budget")
     return plan
@@ -243,26 +244,29 @@ def solve(profile: Profile | str | Path, budget: str | float | Budget, solver: s
           objective: str | None = None, formats=None, pins=(), min_bits: float | None = None,
           max_bits: float | None = None, tie=None, resource: Resource | str | Path | None = None,
           resource_limit: float | None = None, resolution: float = DEFAULT_RESOLUTION,
-          time_limit: float | None = None, notes_to_stderr: bool = True, scope: str | None = None) -> Plan:
+          time_limit: float | None = None, notes_to_stderr: bool = True, scope: str | None = None,
+          runtime: str = "any") -> Plan:
     """Choose a format for every block linear layer of `profile` within `budget`, minimizing predicted ΔKL.
 
     budget: `3.25bpw`, `2.1GB`, `1.8GiB`, `500MB`, `700MiB` (or a number of bpw). solver: `dp` (exact dynamic
     program; `resolution` bpw cells) or `ilp` (CBC; needed for a second `resource`). objective: yaqa (the judge's
     coefficient when the profile has one, else the halves'), yaqa-halves, hessian or noise; None picks the best the
     profile has. formats: comma list of names and sets (profile, default, all,
-    grid, int, kernel). pins: `REGEX=FORMAT` strings. min_bits/max_bits bound each layer's nominal bits.
+    grid, int, kernel, ggml, vllm). pins: `REGEX=FORMAT` strings. min_bits/max_bits bound each layer's nominal bits.
     tie: comma list of qkv, gateup, attn, mlp, block. resource: a Resource or a JSON/CSV table path.
     `notes_to_stderr` prints `notes` (a budget the formats cannot use, unmeasured formats' estimates) to stderr.
     scope: `all` (the embedding and an untied head are planned like any layer, and a bpw budget is per planned
     weight) or `blocks` (they stay fp16 unless pinned; a bpw budget is per block-linear weight); None: `all` for a
     byte budget on a profile that measured them, else `blocks`.
+    runtime: `any` (bitplan's own loader runs every format) or `vllm`: candidates narrowed to what vLLM runs (its
+    menu when `formats` is None), q/k/v and gate/up tied per block, scope `blocks` (embedding and head fp16).
     """
     if solver not in SOLVERS:
         raise BitplanError(f"unknown solver {solver!r}; choose dp or ilp")
     prof, identity = _load(profile)
-    scope = resolve_scope(prof, scope, parse_budget(budget).kind)
+    scope = resolve_scope(prof, scope, parse_budget(budget).kind, runtime)
     inst = build_instance(prof, objective, formats, pins, min_bits, max_bits, tie, _resource(resource, resource_limit),
-                          scope=scope)
+                          scope=scope, runtime=runtime)
     target = resolve_budget(inst, budget)
     solution = run_solver(inst, target.layer_bits, solver, resolution, time_limit)
     plan = make_plan(inst, solution, target, solver, identity)

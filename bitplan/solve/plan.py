@@ -2,7 +2,8 @@
 
 A person may edit a plan (change a layer's "format"); `load_plan` re-checks it: every format must exist, every
 layer of the profile must be there, and storage, predicted ΔKL and totals are recomputed from the formats so an
-edited plan never carries stale numbers.
+edited plan never carries stale numbers. A plan solved for a runtime (`"runtime": "vllm"`) must still be one the
+runtime runs (`bitplan.solve.runtime`).
 """
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from typing import Any
 from .. import __version__
 from ..errors import BitplanError
 from ..formats import Format, get_format
+from ..formats.runtimes import RUNTIMES
 from ..io import read_json, write_text
 from ..profile.hessians import HESSIAN_DIR
 from ..profile.schema import OUTER_KINDS, Profile, load_profile, profile_path
 from .accounting import codebook_key, extras_account
 from .problem import applicable, coefficient_name, layer_cost
+from .runtime import check_plan_runtime
 
 SCHEMA = "bitplan.plan"
 VERSION = 1
@@ -87,6 +90,7 @@ class Plan:
     created_by: str = f"bitplan {__version__}"
     rounding: str | None = None      # yaqa, ldlq or rtn; None: the objective's (`rounding_for`)
     scope: str = "blocks"            # all: the embedding and head are chosen too; blocks: they stay fp16 unless pinned
+    runtime: str = "any"             # any: bitplan's own loader; vllm: only what vLLM runs (bitplan.solve.runtime)
 
     def __post_init__(self) -> None:
         if self.rounding is None:
@@ -116,7 +120,7 @@ class Plan:
         return {"schema": SCHEMA, "version": VERSION, "created_by": self.created_by, "profile": self.profile,
                 "budget": self.budget, "solver": self.solver, "objective": self.objective,
                 "rounding": self.rounding, "coefficient": self.coefficient, "scope": self.scope,
-                "constraints": self.constraints, "totals": self.totals, "uniform": self.uniform,
+                "runtime": self.runtime, "constraints": self.constraints, "totals": self.totals, "uniform": self.uniform,
                 "extras": self.extras, "codebooks": self.codebooks,
                 "layers": [lp.to_json() for lp in self.layers]}
 
@@ -321,6 +325,10 @@ def load_plan(path: str | Path, profile: Profile | str | Path | None = None) -> 
         if missing:
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
             raise BitplanError(f"{path}: no format for layer {missing[0]}{more} of the profile")
+    runtime = data.get("runtime", "any")   # plans written before the field: any
+    if runtime not in RUNTIMES:
+        raise BitplanError(f"{path}: unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    check_plan_runtime(layers, runtime, str(path))
     extras = data.get("extras")
     if prof is not None:
         extras = extras_account(prof).to_json()
@@ -333,7 +341,7 @@ def load_plan(path: str | Path, profile: Profile | str | Path | None = None) -> 
     return Plan(profile=dict(data["profile"]), budget=budget, solver=solver,
                 objective=objective, constraints=dict(data.get("constraints") or {}), layers=layers,
                 extras=extras, uniform=data.get("uniform"), created_by=str(data.get("created_by", "")),
-                rounding=rounding, scope=_scope(data, path),
+                rounding=rounding, scope=_scope(data, path), runtime=runtime,
                 coefficient=coefficient_name(prof, objective) if prof is not None else data.get("coefficient"))
 
 

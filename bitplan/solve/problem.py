@@ -20,11 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BitplanError
-from ..formats import Format, all_formats, default_candidates, get_format, ggml_candidates, vllm_candidates
+from ..formats import (Format, all_formats, default_candidates, get_format, ggml_candidates, unsupported_reason,
+                       vllm_candidates)
+from ..formats.runtimes import check_runtime
 from ..profile.report import default_objective
 from ..profile.schema import OBJECTIVES, LayerRecord, Profile
 from .accounting import ExtrasAccount, codebook_key, codebooks, extras_account
 from .mckp import Problem
+from .runtime import forced_ties
 
 TIE_GROUPS = {
     "qkv": ("q", "k", "v"),
@@ -45,10 +48,16 @@ def applicable(fmt: Format, shape: tuple[int, int], record: LayerRecord | None =
     return bool(getattr(fmt, "applicable", lambda m, n: True)(*shape))
 
 
-def resolve_scope(profile: Profile, scope: str | None, budget_kind: str) -> str:
+def resolve_scope(profile: Profile, scope: str | None, budget_kind: str, runtime: str = "any") -> str:
     """`all` (every planned weight, the embedding and an untied head included) or `blocks` (the block linears;
     the embedding and head stay fp16 unless pinned). Default: `all` for a byte budget, `blocks` for bpw; a profile
-    without the embedding's records has only `blocks`, and `--scope all` on it says to remake it."""
+    without the embedding's records has only `blocks`, and `--scope all` on it says to remake it. A runtime other
+    than `any` has only `blocks` (vLLM runs the embedding and head unquantized)."""
+    if check_runtime(runtime) != "any":
+        if scope is not None and str(scope).lower() != "blocks":
+            raise BitplanError(f"--runtime {runtime} plans the block linears only (--scope blocks): its "
+                               "compressed-tensors path runs the token embedding and output head unquantized")
+        return "blocks"
     if scope is not None:
         scope = str(scope).lower()
         if scope not in SCOPES:
@@ -122,6 +131,29 @@ def resolve_formats(spec: str | list | tuple | None, profile: Profile) -> list[F
         else:
             out.append(get_format(t))
     return _unique(out)
+
+
+def runtime_candidates(spec: str | list | tuple | None, profile: Profile, runtime: str) -> list[Format]:
+    """`resolve_formats` for a runtime: None means the runtime's own menu (`vllm`); named sets are narrowed to
+    what it runs, and a format named on its own that it cannot run is refused, saying why."""
+    runtime = check_runtime(runtime)
+    if runtime == "any":
+        return resolve_formats(spec, profile)
+    if spec is None:
+        spec = runtime
+    tokens = [t for t in re.split(r"[,\s]+", spec) if t] if isinstance(spec, str) else [str(t) for t in spec]
+    for t in tokens:
+        if t.lower() in FORMAT_SETS + ("ggml", "vllm", "profile"):
+            continue
+        reason = unsupported_reason(get_format(t), runtime)
+        if reason:
+            raise BitplanError(f"--formats {t}: --runtime {runtime} cannot run it: {reason}")
+    given = resolve_formats(spec, profile)
+    out = [f for f in given if unsupported_reason(f, runtime) is None]
+    if not out or (all(f.kind == "fp16" for f in out) and any(f.kind != "fp16" for f in given)):
+        raise BitplanError(f"--formats {','.join(tokens)} holds no quantized format {runtime} runs; "
+                           f"leave --formats out for the {runtime} menu (`--formats {runtime}`)")
+    return out
 
 
 def _unique(formats: list[Format]) -> list[Format]:
@@ -311,11 +343,13 @@ def _t2(layer: LayerRecord, fmt: Format) -> float:
 
 def build_instance(profile: Profile, objective: str | None = None, formats=None, pins=(),
                    min_bits: float | None = None, max_bits: float | None = None, tie=None,
-                   resource: Resource | None = None, scope: str = "blocks") -> Instance:
+                   resource: Resource | None = None, scope: str = "blocks", runtime: str = "any") -> Instance:
     """The knapsack of `profile` under these constraints; `scope` (`resolve_scope`) says whether the embedding
-    and an untied head are chosen (`all`) or stay fp16 unless pinned (`blocks`)."""
+    and an untied head are chosen (`all`) or stay fp16 unless pinned (`blocks`). `runtime` (`vllm`) narrows the
+    candidates to what it runs, ties the layers it fuses and keeps the embedding and head fp16."""
+    runtime = check_runtime(runtime)
     objective = objective_for(profile, objective)
-    scope = resolve_scope(profile, scope, "bpw")
+    scope = resolve_scope(profile, scope, "bpw", runtime)
     layers = profile.plannable
     free = np.array([scope == "all" or not r.outer for r in layers], dtype=bool)
     if min_bits is not None and max_bits is not None and min_bits > max_bits:
@@ -325,7 +359,7 @@ def build_instance(profile: Profile, objective: str | None = None, formats=None,
         return (min_bits is None or f.nominal_bits >= min_bits - 1e-9) and \
                (max_bits is None or f.nominal_bits <= max_bits + 1e-9)
 
-    all_candidates = resolve_formats(formats, profile)
+    all_candidates = runtime_candidates(formats, profile, runtime)
     candidates = [f for f in all_candidates if in_bounds(f)]
     if not candidates:
         raise BitplanError(f"no candidate format has nominal bits within [{min_bits}, {max_bits}] "
@@ -341,6 +375,13 @@ def build_instance(profile: Profile, objective: str | None = None, formats=None,
         hits = [i for i, r in enumerate(layers) if re.search(regex, r.name)]
         if not hits:
             raise BitplanError(f"--pin {regex}={fmt.name} matches no layer (names look like {layers[0].name})")
+        reason = unsupported_reason(fmt, runtime)
+        if reason:
+            raise BitplanError(f"--pin {regex}={fmt.name}: --runtime {runtime} cannot run it: {reason}")
+        outer = next((layers[i] for i in hits if layers[i].outer), None)
+        if runtime != "any" and outer is not None and fmt.kind != "fp16":
+            raise BitplanError(f"--pin {regex}={fmt.name}: --runtime {runtime} keeps {outer.name} ({outer.kind}) "
+                               "fp16; its compressed-tensors path runs the embedding and head unquantized")
         for i in hits:
             if not applicable(fmt, layers[i].shape, layers[i]):
                 raise BitplanError(f"--pin {regex}={fmt.name}: {fmt.name} cannot store {layers[i].name} "
@@ -350,7 +391,7 @@ def build_instance(profile: Profile, objective: str | None = None, formats=None,
                                    f"{regex}={fmt.name}; make the patterns disjoint")
             pinned[i] = (regex, fmt)
 
-    ties = parse_ties(tie)
+    ties = _unique_str(parse_ties(tie) + forced_ties(runtime))
     groups = _tie_groups(layers, ties)
 
     cache: dict = {}
@@ -407,7 +448,7 @@ def build_instance(profile: Profile, objective: str | None = None, formats=None,
             weights = sum(layers[i].params for i in group)
             res.append(np.array([resource.per_weight[f.name] * weights for f in opts]))
     constraints = {"formats": [f.name for f in candidates], "pins": [[r, f.name] for r, f in pin_list],
-                   "min_bits": min_bits, "max_bits": max_bits, "tie": ties, "scope": scope,
+                   "min_bits": min_bits, "max_bits": max_bits, "tie": ties, "scope": scope, "runtime": runtime,
                    "resource": resource.to_json() if resource is not None else None}
     return Instance(profile=profile, objective=objective, candidates=candidates, items=items, options=options,
                     bits=bits, cost=cost, codebook=cbs, codebook_names=cb_names, candidate_bits=cand_bits,

@@ -36,16 +36,17 @@ class SweepRow:
 def sweep(profile: Profile | str | Path, budgets, solver: str = "dp", objective: str | None = None, formats=None,
           pins=(), min_bits: float | None = None, max_bits: float | None = None, tie=None, resource=None,
           resource_limit: float | None = None, resolution: float = DEFAULT_RESOLUTION,
-          time_limit: float | None = None, scope: str | None = None) -> tuple[list[SweepRow], str]:
+          time_limit: float | None = None, scope: str | None = None,
+          runtime: str = "any") -> tuple[list[SweepRow], str]:
     """Solve at each bpw budget with one instance built once; an infeasible budget gets a row with a note.
-    `scope` as in `solve` (default `blocks`: bpw over the block linears).
+    `scope` and `runtime` as in `solve` (default `blocks`: bpw over the block linears).
 
     Returns the rows and the objective used."""
     if solver not in SOLVERS:
         raise BitplanError(f"unknown solver {solver!r}; choose dp or ilp")
     prof, identity = _load(profile)
     inst = build_instance(prof, objective, formats, pins, min_bits, max_bits, tie, _resource(resource, resource_limit),
-                          scope=resolve_scope(prof, scope, "bpw"))
+                          scope=resolve_scope(prof, scope, "bpw", runtime), runtime=runtime)
     rows = []
     for value in budgets:
         value = Fraction(value)
