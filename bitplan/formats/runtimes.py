@@ -33,19 +33,24 @@ def vllm_candidates() -> list[Format]:
     return sorted((get_format(n) for n in vllm_format_names()), key=lambda f: (f.bits_per_weight(4096, 4096), f.name))
 
 
-def unsupported_reason(fmt: Format | str, runtime: str) -> str | None:
-    """Why `runtime` cannot run `fmt`, or None where it can."""
+def unsupported_reason(fmt: Format | str, runtime: str, shape: tuple[int, int] | None = None) -> str | None:
+    """Why `runtime` cannot run `fmt` (on a layer of `shape` [out, in], when given), or None where it can."""
     runtime = check_runtime(runtime)
     fmt = get_format(fmt)
-    if runtime == "any" or fmt.name in vllm_format_names():
+    if runtime == "any":
         return None
-    if fmt.rotated:
-        return "it rotates each layer with its own random Hadamard transforms, which vLLM cannot apply"
-    if fmt.kind == "uint":
-        return "vLLM runs integer zero points only at 4 and 8 bits; use a sint format"
-    if fmt.kind == "ggml":
-        return "ggml's block types are llama.cpp's, not compressed-tensors'"
-    return f"vLLM's compressed-tensors path has no {fmt.kind} scheme"
+    if fmt.name not in vllm_format_names():
+        if fmt.rotated:
+            return "it rotates each layer with its own random Hadamard transforms, which vLLM cannot apply"
+        if fmt.kind == "uint":
+            return "vLLM runs integer zero points only at 4 and 8 bits; use a sint format"
+        if fmt.kind == "ggml":
+            return "ggml's block types are llama.cpp's, not compressed-tensors'"
+        return f"vLLM's compressed-tensors path has no {fmt.kind} scheme"
+    if shape is not None and fmt.group_size and shape[1] % fmt.group_size:
+        return (f"its {shape[1]} inputs are not a whole number of groups of {fmt.group_size}, which "
+                "compressed-tensors and vLLM need; use a group size that divides them")
+    return None
 
 
 def runtime_formats(runtime: str) -> list[Format]:

@@ -383,6 +383,10 @@ def build_instance(profile: Profile, objective: str | None = None, formats=None,
             raise BitplanError(f"--pin {regex}={fmt.name}: --runtime {runtime} keeps {outer.name} ({outer.kind}) "
                                "fp16; its compressed-tensors path runs the embedding and head unquantized")
         for i in hits:
+            reason = unsupported_reason(fmt, runtime, layers[i].shape) if fmt.kind != "fp16" else None
+            if reason:
+                raise BitplanError(f"--pin {regex}={fmt.name}: --runtime {runtime} cannot run it on {layers[i].name}: "
+                                   f"{reason}")
             if not applicable(fmt, layers[i].shape, layers[i]):
                 raise BitplanError(f"--pin {regex}={fmt.name}: {fmt.name} cannot store {layers[i].name} "
                                    f"({layers[i].shape[0]}×{layers[i].shape[1]})")
@@ -406,7 +410,8 @@ def build_instance(profile: Profile, objective: str | None = None, formats=None,
                                f"{', '.join(_unique_str(missing))}; add them or restrict --formats")
     # Per-layer storage and predicted ΔKL of every candidate, once; items sum them over their layers.
     alpha = np.array([r.alpha(objective) for r in layers])
-    ok = np.array([[applicable(f, r.shape, r) for f in candidates] for r in layers], dtype=bool)
+    ok = np.array([[applicable(f, r.shape, r) and unsupported_reason(f, runtime, r.shape) is None
+                    for f in candidates] for r in layers], dtype=bool)
     cand_bits = np.array([[storage_bits(cache, f, r.shape) if usable else 0 for f, usable in zip(candidates, row)]
                           for r, row in zip(layers, ok)], dtype=np.int64)
     # a format a layer cannot take costs inf there (only the uniform baseline reads it: items leave it out)

@@ -1,6 +1,6 @@
 """What a plan must satisfy for a serving runtime (`solve --runtime`), checked on the plan's layers.
 
-vLLM: every format one it runs (`bitplan.formats.runtimes`), the token embedding and head unquantized (its
+vLLM: every format one it runs on the layer's shape (`bitplan.formats.runtimes`), the token embedding and head unquantized (its
 compressed-tensors path runs them in fp16), and the shards it fuses into one module (q/k/v → `qkv_proj`,
 gate/up → `gate_up_proj`) in one format per block, since a fused module has one scheme.
 """
@@ -24,6 +24,7 @@ class PlannedLayer(Protocol):
     format: str
     block: int
     kind: str
+    shape: tuple[int, int]
 
 
 def forced_ties(runtime: str) -> list[str]:
@@ -38,7 +39,7 @@ def runtime_violation(layers: Iterable[PlannedLayer], runtime: str) -> str | Non
         return None
     layers = list(layers)
     for lp in layers:
-        reason = unsupported_reason(lp.format, runtime)
+        reason = unsupported_reason(lp.format, runtime, tuple(lp.shape))
         if reason:
             return f"layer {lp.name} is {lp.format}, which {runtime} cannot run: {reason}"
         if lp.kind in OUTER_KINDS and get_format(lp.format).kind != "fp16":

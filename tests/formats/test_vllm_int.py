@@ -219,5 +219,9 @@ def test_registry_and_runtime_rule():
     assert "rotates" in unsupported_reason("int4-g128", "vllm")
     assert "llama.cpp" in unsupported_reason("q4_0", "vllm")
     assert unsupported_reason("int4-g128", "any") is None
+    # vLLM needs whole groups along the input: 576 = 4.5 × 128
+    assert "576 inputs are not a whole number of groups of 128" in unsupported_reason("sint4-g128", "vllm", (576, 576))
+    assert unsupported_reason("sint4-g128", "vllm", (576, 1536)) is None
+    assert unsupported_reason("fp16", "vllm", (576, 577)) is None
     with pytest.raises(BitplanError, match="unknown runtime"):
         runtime_formats("tgi")

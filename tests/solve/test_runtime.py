@@ -40,7 +40,11 @@ def test_dp_and_ilp_match_brute_force_over_tied_vllm_assignments(profile, bpw):
     vLLM runs; both solvers reach its optimum and keep the fused groups in one format."""
     groups = fused_groups(profile)
     budget_bits = int(bpw * sum(r.params for r in profile.layers))
-    ref = profile_brute_force(profile, {r.name: VLLM_HERE for r in profile.layers}, groups, budget_bits, "yaqa")
+    # vLLM needs whole groups: down_proj's 96 inputs rule out g64
+    options = {r.name: [f for f in VLLM_HERE if f == "fp16" or r.shape[1] % get_format(f).group_size == 0]
+               for r in profile.layers}
+    assert options["model.layers.0.mlp.down_proj"] == ["sint2-g32", "uint4-g32", "sint8-g32", "fp16"]
+    ref = profile_brute_force(profile, options, groups, budget_bits, "yaqa")
     assert ref is not None
     for solver in ("dp", "ilp"):
         plan = solve(profile, f"{bpw}bpw", solver=solver, formats=",".join(FORMATS[:-2]) + ",fp16",
@@ -49,7 +53,7 @@ def test_dp_and_ilp_match_brute_force_over_tied_vllm_assignments(profile, bpw):
         got = plan.formats
         for g in groups:
             assert len({got[n] for n in g}) == 1, (solver, [got[n] for n in g])
-        assert set(got.values()) <= set(VLLM_HERE)
+        assert all(got[n] in options[n] for n in got)
         # without the runtime the same budget can untie them and predict no more (the tied optimum is feasible)
         free = solve(profile, f"{bpw}bpw", solver=solver, formats=",".join(VLLM_HERE), notes_to_stderr=False)
         assert free.totals["predicted_dkl"] <= plan.totals["predicted_dkl"] * (1 + 1e-9)
@@ -83,6 +87,8 @@ def test_default_menu_is_the_vllm_formats_and_plan_records_runtime(profile, tmp_
     ({"pins": [r"down_proj=int3-g64"]}, r"--pin down_proj=int3-g64: --runtime vllm cannot run it"),
     ({"pins": [r"embed_tokens=sint8-g32"]}, r"keeps model\.embed_tokens \(embedding\) fp16"),
     ({"scope": "all"}, r"--runtime vllm plans the block linears only"),
+    ({"pins": [r"mlp=sint4-g64"]}, r"cannot run it on model\.layers\.0\.mlp\.down_proj: its 96 inputs are not a "
+                                   r"whole number of groups of 64"),
     ({"runtime": "tgi"}, r"unknown runtime 'tgi'"),
 ])
 def test_refusals(profile, kwargs, message):
@@ -109,11 +115,13 @@ def with_outer(prof):
      r"layer model\.layers\.1\.self_attn\.k_proj is sint8-g32 but model\.layers\.1\.self_attn\.q_proj is .*qkv_proj"),
     (lambda f: f.update({"model.layers.0.mlp.up_proj": "sint8-g32"}),
      r"layer model\.layers\.0\.mlp\.up_proj is sint8-g32 but model\.layers\.0\.mlp\.gate_proj is .*gate_up_proj"),
+    (lambda f: f.update({"model.layers.1.mlp.down_proj": "sint3-g64"}),
+     r"layer model\.layers\.1\.mlp\.down_proj is sint3-g64, which vllm cannot run: its 96 inputs"),
     (lambda f: f.update({"model.layers.0.mlp.down_proj": "int3-g64"}),
      r"layer model\.layers\.0\.mlp\.down_proj is int3-g64, which vllm cannot run: it rotates"),
 ])
 def test_load_plan_rechecks_an_edited_vllm_plan(profile, tmp_path, edit, message):
-    plan = solve(profile, "4.5bpw", solver="dp", formats="sint4-g64,sint3-g64,fp16", runtime="vllm",
+    plan = solve(profile, "4.5bpw", solver="dp", formats="sint4-g32,sint3-g32,fp16", runtime="vllm",
                  notes_to_stderr=False)
     data = plan.to_json()
     formats = {lp["name"]: lp["format"] for lp in data["layers"]}
