@@ -105,8 +105,10 @@ def is_tied(model: nn.Module) -> bool:
     """Whether the output head computes with the input embedding's own weight (one matrix, two roles)."""
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     w_emb, w_head = getattr(emb, "weight", None), getattr(head, "weight", None)
-    return isinstance(w_emb, torch.Tensor) and isinstance(w_head, torch.Tensor) and \
-        w_emb.data_ptr() == w_head.data_ptr()
+    if not (isinstance(w_emb, torch.Tensor) and isinstance(w_head, torch.Tensor)):
+        return False
+    # a skeleton's weights (meta device, bitplan.apply.source) have no storage: there tying is one object
+    return w_emb is w_head or (not w_emb.is_meta and w_emb.data_ptr() == w_head.data_ptr())
 
 
 def vocab_matrices(model: nn.Module) -> dict[str, str]:

@@ -10,6 +10,8 @@ Rounding methods:
 - `rtn`:  round-to-nearest.
 Factors are rotated into the same randomized-Hadamard basis as the weights (the proxy is invariant), normalized
 to mean diagonal 1, damped until Cholesky succeeds, and split by block LDL in float64.
+With a `device`, the factor preparation and the error feedback (the work that grows as n³ and m·n·(m + n)) run
+there; the rotation, the scale fit and the packing (about m·n·log n) stay on the CPU.
 """
 from __future__ import annotations
 
@@ -45,10 +47,13 @@ def tile_width(fmt: Format) -> int:
 
 
 def prepare_factor(H: torch.Tensor, seed: int | None, block: int, lam: float, name: str,
-                   target: str = DEFAULT_SHRINK_TARGET):
-    """Rotate (seed None: not), normalize, shrink toward `target` by λ, and block-LDL a factor; returns
-    (normalized H, LDL)."""
-    Hn, T = normalized_pair(rotate_factor(H, seed), rotated_target(H, seed, target) if lam else None)
+                   target: str = DEFAULT_SHRINK_TARGET, device: torch.device | None = None):
+    """Rotate (seed None: not), normalize, shrink toward `target` by λ, and block-LDL a factor (on `device`
+    after the rotation); returns (normalized H, LDL)."""
+    H_rot, T = rotate_factor(H, seed), rotated_target(H, seed, target) if lam else None
+    if device is not None:
+        H_rot, T = H_rot.to(device), (T.to(device) if T is not None else None)
+    Hn, T = normalized_pair(H_rot, T)
     Hn = shrink(Hn, lam, T)
     return Hn, block_ldl(Hn, block, sigma=LDL.sigma, name=name)
 
@@ -56,18 +61,20 @@ def prepare_factor(H: torch.Tensor, seed: int | None, block: int, lam: float, na
 def quantize_layer(name: str, W: torch.Tensor, fmt: Format, rounding: str = "yaqa",
                    H_in: torch.Tensor | None = None, H_out: torch.Tensor | None = None,
                    shrink_out: float = 0.0, shrink_in: float = 0.0, target: str = DEFAULT_SHRINK_TARGET,
-                   seed: int = 0) -> LayerResult:
+                   seed: int = 0, device: torch.device | str | None = None) -> LayerResult:
     """Quantize one linear weight W [out, in] to `fmt`.
 
     H_in / H_out are the layer's factors in the original basis (float32/64); `yaqa` needs both, `ldlq` needs
     H_in = E[xxᵀ]; `rtn` needs neither. `shrink_out` / `shrink_in` move the normalized H_O / H_I (yaqa only)
-    toward `target` (bitplan.heldout.SHRINK_TARGETS).
+    toward `target` (bitplan.heldout.SHRINK_TARGETS). `device` (default W's) runs the factors' preparation and
+    the error feedback; the results come back to the CPU.
     """
     if rounding not in ROUNDINGS:
         raise BitplanError(f"unknown rounding {rounding!r}; choose one of {', '.join(ROUNDINGS)}")
     if not torch.isfinite(W).all():
         raise BitplanError(f"{name}: weight has NaN or Inf values")
-    W = W.detach().to(torch.float64)
+    device = torch.device(device) if device is not None else W.device
+    W = W.detach().to("cpu", torch.float64)
     m, n = W.shape
     if fmt.kind == "fp16":
         w16 = W.to(torch.float16)
@@ -101,14 +108,17 @@ def quantize_layer(name: str, W: torch.Tensor, fmt: Format, rounding: str = "yaq
             raise BitplanError(f"{name}: a {m}×{n} layer does not split into {TILE}×{bi} tiles for {fmt.name}; "
                                f"use --rounding rtn or a format with vector length 1, 2 or 4")
         Hi, ldl_in = prepare_factor(H_in, seed_in, bi, shrink_in if rounding == "yaqa" else 0.0,
-                                    f"{name} (H_in)", target)
-        Ho, ldl_out = (prepare_factor(H_out, seed_out, TILE, shrink_out, f"{name} (H_out)", target)
+                                    f"{name} (H_in)", target, device)
+        Ho, ldl_out = (prepare_factor(H_out, seed_out, TILE, shrink_out, f"{name} (H_out)", target, device)
                        if rounding == "yaqa" else (None, None))
-        rounded = ldlq_round(W_rot, fmt, scale, zero, ldl_in.L, ldl_out.L if ldl_out else None, bi, TILE)
-        codes = rounded.codes
-        E = W_rot - rounded.W_hat
+        W_dev, scale_dev = W_rot.to(device), scale.to(device)
+        zero_dev = zero.to(device) if zero is not None else None
+        rounded = ldlq_round(W_dev, fmt, scale_dev, zero_dev, ldl_in.L, ldl_out.L if ldl_out else None, bi, TILE)
+        codes = rounded.codes.cpu()
+        E = W_dev - rounded.W_hat
         stats.update(sigma_in=ldl_in.sigma, sigma_out=ldl_out.sigma if ldl_out else 0.0,
-                     proxy=proxy(E, Hi, Ho), proxy_rtn=proxy(W_rot - fmt.round(W_rot, scale, zero), Hi, Ho))
+                     proxy=proxy(E, Hi, Ho), proxy_rtn=proxy(W_dev - fmt.round(W_dev, scale_dev, zero_dev), Hi, Ho))
+        del W_dev, E, rounded, Hi, Ho, ldl_in, ldl_out
     qw = QuantizedWeight(fmt.name, (m, n), codes.to(torch.int32), params)
     tensors = fmt.pack(qw)
     # Dequantize from what is stored, so W_hat is exactly what a loaded checkpoint computes with.

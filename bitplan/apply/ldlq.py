@@ -48,16 +48,16 @@ def ldlq_round(W: torch.Tensor, fmt: Format, scale: torch.Tensor, zero: torch.Te
     M = torch.zeros_like(W)          # E · L_in, kept current
     T = torch.empty_like(W)
     W_hat = torch.empty_like(W)
-    codes = torch.empty(m, n // p, dtype=torch.int64)
+    codes = torch.empty(m, n // p, dtype=torch.int64, device=W.device)
     # L̄_O with its columns grouped by row block: Lbar_cols[i] = L̄_O[:, i-block] (m × b_O).
     Lbar_cols = None
     if L_out is not None:
-        Lbar = L_out.to(dtype) - torch.eye(m, dtype=dtype)
+        Lbar = L_out.to(W.device, dtype) - torch.eye(m, dtype=dtype, device=W.device)
         Lbar_cols = Lbar.view(m, nbr, block_out).permute(1, 0, 2)
-    L_in_rows = L_in.to(dtype).view(nbc, block_in, n) if L_in is not None else None
+    L_in_rows = L_in.to(W.device, dtype).view(nbc, block_in, n) if L_in is not None else None
 
     for d in range(nbr + nbc - 2, -1, -1):
-        i = torch.arange(max(0, d - nbc + 1), min(nbr - 1, d) + 1)
+        i = torch.arange(max(0, d - nbc + 1), min(nbr - 1, d) + 1, device=W.device)
         j = d - i
         tile = lambda X: X.view(nbr, block_out, nbc, block_in)[i, :, j, :]  # noqa: E731  [k, b_O, b_I]
         F = tile(M)

@@ -3,6 +3,10 @@
 Layers are independent (the factors come from the original model), so each is rounded on its own, in parallel
 threads if asked, and saved as one part file in a job folder beside the output. A killed run resumes from the
 parts already written; a part is reused only if it was made from the same weights, format, rounding and factors.
+A model saved as safetensors is never loaded whole (bitplan.apply.source): each layer's weight is read from its
+shard when the layer is rounded, and the checkpoint is assembled one tensor at a time from the part files and
+the shards (checkpoint.write_checkpoint_parts), so memory holds about one layer's weight and factors at a time
+per worker. The rounding itself (factor preparation, block LDL, error feedback) runs on `device`.
 """
 from __future__ import annotations
 
@@ -20,17 +24,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..devices import resolve_device, resolve_dtype
 from ..distributed import Ranks
 from ..errors import BitplanError
 from ..formats import get_format
 from ..heldout import DEFAULT_SHRINK_TARGET, Shrinkage, check_target
 from ..io import atomic_path
-from ..models import LoadedModel, find_linears, load_model, weights_sha256
+from ..models import LoadedModel, find_linears
 from ..profile.directory import ProfileDir
 from ..progress import Progress
-from .checkpoint import check_out_dir, mark_owned, remove_owned, sibling, write_checkpoint
+from .checkpoint import check_out_dir, mark_owned, remove_owned, sibling, write_checkpoint, write_checkpoint_parts
 from .embedding import is_tied, module_name, vocab_matrices
 from .layer import ROUNDINGS, LayerResult, quantize_layer
+from .source import WeightSource, open_source
 
 
 @dataclass
@@ -59,6 +65,13 @@ def _read_part(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict] | N
             return {k: f.get_tensor(k) for k in f.keys()}, meta.get("stats", {})
     except Exception:  # a damaged part is redone, never trusted
         return None
+
+
+def _note(text: str) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True).print(f"[yellow]{escape(text)}[/]", soft_wrap=True)
 
 
 def layer_factors(profile: ProfileDir | None, name: str, rounding: str, shape: tuple[int, int] | None = None):
@@ -148,18 +161,24 @@ def parse_shrink(value: str | float | dict) -> str | float | dict:
     return float(value)
 
 
-def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: str | Path, rounding: str = "yaqa",
-                  profile_dir: str | Path | ProfileDir | None = None, shrink: str | float | dict[str, float] = "auto",
+def apply_formats(model: str | LoadedModel | WeightSource, formats: dict[str, str], out_dir: str | Path,
+                  rounding: str = "yaqa", profile_dir: str | Path | ProfileDir | None = None,
+                  shrink: str | float | dict[str, float] = "auto",
                   shrink_target: str = DEFAULT_SHRINK_TARGET, workers: int | None = None,
                   metadata: dict[str, Any] | None = None, progress: bool = True,
-                  ranks: Ranks | None = None, overwrite: bool = False) -> ApplyResult:
+                  ranks: Ranks | None = None, overwrite: bool = False, device: str | torch.device = "auto",
+                  dtype: str | torch.dtype = "auto", lazy: bool | None = None) -> ApplyResult:
     """Quantize `model`'s layers to `formats` (layer name → format name) and write a checkpoint to `out_dir`.
 
     `shrink` moves the normalized factors toward `shrink_target` for YAQA rounding: "auto" (λ of H_O and of
     H_I per layer, chosen on the profile's two calibration halves), or one λ or λ per layer for H_O alone.
     Layers not named in `formats` keep their original weights. `workers` layers are rounded at once (default:
-    one per core), each on one torch thread: rounding is many small tensor ops, which several intra-op threads
-    slow down.
+    one per core on the CPU, one on a GPU), each on one torch thread: rounding is many small tensor ops, which
+    several intra-op threads slow down.
+    A model given by name is read from its safetensors shards one layer at a time (`lazy` None: where it is
+    saved so, else loaded whole with a note; True: or fail; False: always loaded whole); a LoadedModel is used
+    as it is. Each layer's weight is taken in `dtype` onto `device` (bitplan.devices: auto is the first GPU,
+    and there the checkpoint's own dtype), where the rounding upcasts it to float64.
     Under torchrun the processes split the layers (`ranks`, default: torchrun's group or one process); each
     writes its layers' part files and rank 0 assembles the checkpoint from them.
     A checkpoint already in `out_dir` is refused unless `overwrite` (then only the files bitplan wrote there are
@@ -171,7 +190,10 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
     check_workers(workers)
     if rounding not in ROUNDINGS:
         raise BitplanError(f"unknown rounding {rounding!r}; choose one of {', '.join(ROUNDINGS)}")
-    lm = model if isinstance(model, LoadedModel) else load_model(model)
+    device = resolve_device(device)
+    source = open_source(model, lazy, note=_note if progress else None, device=device, dtype=dtype)
+    lm = source   # model, tokenizer, model_id as a LoadedModel has them
+    weight_dtype = resolve_dtype(dtype, device, lm.model.config.to_dict())
     out_dir = Path(out_dir)
     known = {info.name: info for info in find_linears(lm.model)}
     vocab = vocab_matrices(lm.model)   # the embedding, and the head when it is not tied to it
@@ -188,7 +210,7 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
     shrink = parse_shrink(shrink)
     check_target(shrink_target)
     profile = ProfileDir.of(profile_dir)
-    weights_hash = weights_sha256(lm.model)
+    weights_hash = source.weights_sha256
     check_profile_model(profile, weights_hash)
     jobs = job_dir(out_dir)
     mark_owned(jobs)
@@ -214,7 +236,7 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
         cached = _read_part(part, key)
         if cached is not None:
             return name, *cached
-        W = lm.model.get_submodule(name).weight
+        W = source.weight(name)
         f = layer_factors(profile, name, method, tuple(W.shape)) if method != "rtn" else None
         if method == "yaqa" and lam == "auto":
             known = profile.shrinkage(name)
@@ -224,8 +246,9 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
         else:
             lams = Shrinkage(lam if method == "yaqa" else 0.0, 0.0, shrink_target)
         H_in, H_out = (None, None) if f is None else ((f.xtx, None) if method == "ldlq" else (f.h_in, f.h_out))
-        res: LayerResult = quantize_layer(name, W, fmt, method, H_in, H_out, shrink_out=lams.out,
-                                          shrink_in=lams.inp, target=shrink_target)
+        res: LayerResult = quantize_layer(name, W.to(weight_dtype), fmt, method, H_in, H_out, shrink_out=lams.out,
+                                          shrink_in=lams.inp, target=shrink_target, device=device)
+        del W
         stats = {**res.stats, **lams.stats(), "format": fmt.name, "rounding": method}
         if name in vocab:
             stats.update(kind=vocab[name], rounding_note=vocab_rounding(vocab[name], rounding, sides[name], tied)[1])
@@ -234,16 +257,13 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
         with atomic_path(part) as tmp:
             save_file({k: v.contiguous() for k, v in res.tensors.items()}, str(tmp),
                       metadata={"bitplan": json.dumps({"key": key, "stats": stats})})
-        return name, res.tensors, stats
+        return name, (None if source.lazy else res.tensors), stats
 
     notes = [f"{n}: {note}" for n in work if n in vocab
              for note in [vocab_rounding(vocab[n], rounding, sides[n], tied)[1]] if note]
-    if notes and progress:
-        from rich.console import Console
-        from rich.markup import escape
-
+    if progress:
         for note in notes:
-            Console(stderr=True).print(f"[yellow]{escape(note)}[/]", soft_wrap=True)
+            _note(note)
     layers: dict[str, dict[str, torch.Tensor]] = {}
     stats: dict[str, dict] = {}
     threads = torch.get_num_threads()
@@ -252,7 +272,8 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
         with Progress(progress) as bars:
             mine = ranks.share(work)
             task = bars.task(f"{rounding} rounding", len(mine))
-            with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+            default_workers = 1 if device.type != "cpu" else os.cpu_count() or 1
+            with ThreadPoolExecutor(max_workers=workers or default_workers) as pool:
                 for name, tensors, st in pool.map(one, mine):
                     layers[name], stats[name] = tensors, st
                     task.advance()
@@ -260,28 +281,40 @@ def apply_formats(model: str | LoadedModel, formats: dict[str, str], out_dir: st
         torch.set_num_threads(threads)
     for name in formats:   # an embedding or head planned fp16: its stats as the fp16 tensor the file keeps
         if name not in work:
-            W = lm.model.get_submodule(name).weight.detach().double()
+            W = source.weight(name).double()
             err = float((W - W.half().double()).pow(2).sum() / W.pow(2).sum().clamp_min(1e-300))
             stats[name] = {"format": fmts[name].name, "rounding": "rtn", "kind": vocab[name], "rel_err": err}
     ranks.barrier()
     if not ranks.main:
         ranks.barrier()  # rank 0 assembles the checkpoint
         return ApplyResult(out_dir=out_dir, formats={n: fmts[n].name for n in formats}, stats=stats)
+    if source.lazy:   # every layer's packed tensors stay in its part file until the checkpoint is written
+        for name in work:
+            *_, part, key = settings(name)
+            cached = _read_part(part, key)   # one layer's packed tensors at a time: its stats, and a check
+            if cached is None:
+                raise BitplanError(f"the part file of {name} is missing or damaged ({part}); run the same command "
+                                   "again to redo it")
+            stats[name] = cached[1]
+            del cached
     for name in work:  # the other ranks' layers, from their part files
-        if name not in layers:
+        if name not in layers and not source.lazy:
             *_, part, key = settings(name)  # reads no factors: only the part file's key
             cached = _read_part(part, key)
             if cached is None:
                 raise BitplanError(f"the part file of {name} from another process is missing or damaged ({part})")
             layers[name], stats[name] = cached
-    layers = {n: layers[n] for n in work}
     stats = {n: stats[n] for n in formats}
 
     meta = {"rounding": rounding, "source_model": {"id": lm.model_id, "weights_sha256": weights_hash},
             "layers": stats, "vocab_modules": {n: vocab[n] for n in work if n in vocab},
             "tied_head": is_tied(lm.model), **(metadata or {})}
-    write_checkpoint(out_dir, lm.model, lm.tokenizer, layers, {n: fmts[n].name for n in work}, meta,
-                     overwrite=overwrite)
+    if source.lazy:
+        write_checkpoint_parts(out_dir, source, {n: settings(n)[2] for n in work}, {n: fmts[n].name for n in work},
+                               meta, overwrite=overwrite)
+    else:
+        write_checkpoint(out_dir, lm.model, lm.tokenizer, {n: layers[n] for n in work},
+                         {n: fmts[n].name for n in work}, meta, overwrite=overwrite)
     remove_owned(jobs, [f"{name}.safetensors" for name in work])
     ranks.barrier()
     return ApplyResult(out_dir=out_dir, formats={n: fmts[n].name for n in formats}, stats=stats)
@@ -377,13 +410,14 @@ def apply_plan(plan_path: str | Path, out_dir: str | Path, model: str | LoadedMo
                rounding: str | None = None, profile_dir: str | Path | None = None, shrink: str | float = "auto",
                shrink_target: str = DEFAULT_SHRINK_TARGET,
                workers: int | None = None, progress: bool = True, overwrite: bool = False,
-               strict: bool = False) -> ApplyResult:
+               strict: bool = False, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+               lazy: bool | None = None) -> ApplyResult:
     """Quantize the model a plan names (or `model`) to the plan's formats; factors from the plan's profile
     (or `profile_dir`, e.g. a profile run with Hessians when the plan came from a shipped profile).
     `rounding` None rounds as the plan was solved for (`plan.rounding`); another one overrides it, with a
     warning when plans of the plan's objective measured worse that way than another objective's.
     A plan over its own budget (edited by hand) is applied with a warning, or refused if `strict`; `out_dir` is
-    checked before anything loads (see apply_formats for `overwrite`)."""
+    checked before anything loads (see apply_formats for `overwrite`, `device`, `dtype` and `lazy`)."""
     from ..solve import load_plan
 
     check_workers(workers)
@@ -396,10 +430,12 @@ def apply_plan(plan_path: str | Path, out_dir: str | Path, model: str | LoadedMo
     spec = model if model is not None else recorded.get("spec") or recorded.get("id")
     if spec is None:
         raise BitplanError(f"{plan_path} does not name its model; pass --model")
-    lm = spec if isinstance(spec, LoadedModel) else load_model(spec)
+    resolve_device(device)   # a device torch cannot use fails before the model is read
+    source = open_source(spec, lazy, note=_note if progress and Ranks.current().main else None, device=device,
+                         dtype=dtype)
     expected = recorded.get("weights_sha256")
-    if expected and weights_sha256(lm.model) != expected:
-        raise BitplanError(f"{plan_path} was made for other weights than {lm.spec} (weights hash differs); "
+    if expected and source.weights_sha256 != expected:
+        raise BitplanError(f"{plan_path} was made for other weights than {source.spec} (weights hash differs); "
                            "profile and solve for this model, or pass the model the plan was made for")
     mismatch = rounding_mismatch(plan.objective, rounding)
     if mismatch and Ranks.current().main:
@@ -416,6 +452,6 @@ def apply_plan(plan_path: str | Path, out_dir: str | Path, model: str | LoadedMo
     metadata = {"plan": {"path": str(plan_path), "budget": plan.budget.get("given"), "totals": plan.totals,
                          "objective": plan.objective},
                 "calibration": profile.calibration if profile else {}, "shrink": shrink, "shrink_target": shrink_target}
-    return apply_formats(lm, plan.formats, out_dir, rounding=rounding, profile_dir=profile, shrink=shrink,
-                         shrink_target=shrink_target,
-                         workers=workers, metadata=metadata, progress=progress, overwrite=overwrite)
+    return apply_formats(source, plan.formats, out_dir, rounding=rounding, profile_dir=profile, shrink=shrink,
+                         shrink_target=shrink_target, workers=workers, metadata=metadata, progress=progress,
+                         overwrite=overwrite, device=device, dtype=dtype)

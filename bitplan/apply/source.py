@@ -1,0 +1,152 @@
+"""Where apply reads a model's weights from: a model loaded whole, or its safetensors shards one tensor at a time.
+
+Read lazily, the model's structure (module names, shapes, which weights are tied) comes from a skeleton built
+from its config with empty weights (accelerate's `init_empty_weights`: parameters on the meta device, buffers
+computed as at load), and each tensor from the shards when it is needed. A model saved otherwise (a
+pytorch_model.bin, or parameters under names the shards do not hold) is loaded whole, with a note. A .gguf file
+or a built-in model is a safetensors folder once converted (`bitplan.models.resolve_model_path`; the
+conversion, once per file, loads it whole).
+"""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..devices import resolve_device, resolve_dtype
+from ..errors import BitplanError
+from ..models import BUILTIN_MODELS, LoadedModel, load_model, resolve_model_path, weights_sha256
+from ..shards import Shards, missing_tensors, shard_key, shards_sha256, state_names
+
+
+@dataclass
+class WeightSource:
+    model: nn.Module                    # the loaded model, or (lazy) its skeleton with meta-device parameters
+    tokenizer: object
+    spec: str
+    model_id: str
+    path: Path
+    shards: Shards | None = None        # None: the weights are the loaded model's
+    names: dict[str, list[str]] = field(default_factory=dict)   # a tensor's names (tied weights have several)
+
+    @property
+    def lazy(self) -> bool:
+        return self.shards is not None
+
+    @classmethod
+    def loaded(cls, lm: LoadedModel) -> "WeightSource":
+        return cls(lm.model, lm.tokenizer, lm.spec, lm.model_id, lm.path)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The state-dict tensor `name` (read lazily: a floating one in float32, as the model loaded in float32
+        holds it)."""
+        if not self.lazy:
+            try:
+                return self.model.get_parameter(name).detach()
+            except AttributeError:
+                return self.model.get_buffer(name)
+        key = shard_key(self.names, name, self.shards)
+        t = self.shards.get(key) if key is not None else self.model.get_buffer(name)
+        return t.to(torch.float32) if t.is_floating_point() else t
+
+    def tensor_info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """(dtype, shape) of `tensor(name)` without reading it."""
+        if not self.lazy:
+            t = self.tensor(name)
+            return t.dtype, tuple(t.shape)
+        key = shard_key(self.names, name, self.shards)
+        if key is None:
+            t = self.model.get_buffer(name)
+            return t.dtype, tuple(t.shape)
+        info = self.shards.tensors[key]
+        return (torch.float32 if info.dtype.is_floating_point else info.dtype), info.shape
+
+    def weight(self, module: str) -> torch.Tensor:
+        """The weight of module `module`, on the CPU."""
+        if not self.lazy:
+            return self.model.get_submodule(module).weight.detach()
+        return self.tensor(f"{module}.weight")
+
+    @functools.cached_property
+    def weights_sha256(self) -> str:
+        """The model's identity (`bitplan.models.weights_sha256`, whatever dtype the model is held in)."""
+        return shards_sha256(self.model, self.shards) if self.lazy else weights_sha256(self.model)
+
+
+def skeleton(path: Path, spec: str) -> nn.Module:
+    """The model of the folder `path` with empty weights: its structure, with no memory for its parameters."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..models import _quiet_transformers
+
+    with _quiet_transformers():
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except Exception as e:
+            raise BitplanError(f"{spec}: unreadable config.json ({type(e).__name__}: {e})") from None
+        qc = getattr(config, "quantization_config", None)
+        if isinstance(qc, dict) and qc.get("quant_method") == "bitplan":
+            raise BitplanError(f"{spec} is a bitplan checkpoint, not a model to quantize; pass the original model")
+        if type(config) not in AutoModelForCausalLM._model_mapping:
+            raise BitplanError(f"{spec} has no causal-LM head ({config.model_type}); "
+                               "bitplan quantizes decoder-only causal language models")
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def open_lazy(spec: str) -> tuple[WeightSource | None, str]:
+    """The model `spec` read from its shards, or None and why it cannot be."""
+    from transformers import AutoTokenizer
+
+    from ..models import _quiet_transformers
+
+    path = resolve_model_path(spec)
+    shards = Shards.open(path)
+    if shards is None:
+        return None, f"{spec} has no safetensors weights"
+    model = skeleton(path, spec)
+    missing = missing_tensors(model, shards)
+    if missing:
+        return None, f"its safetensors files hold no tensor named {missing[0]} (nor {len(missing) - 1} more)"
+    with _quiet_transformers():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except Exception as e:
+            raise BitplanError(f"{spec} has no usable tokenizer ({type(e).__name__}: {e})") from None
+    model_id = spec if spec in BUILTIN_MODELS else (path.name if Path(spec).exists() else spec)
+    return WeightSource(model, tokenizer, spec, model_id, path, shards, state_names(model)), ""
+
+
+def open_source(model: "str | LoadedModel | WeightSource", lazy: bool | None = None, note=None,
+                device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto") -> WeightSource:
+    """`model` as apply reads it. `lazy` None: from the shards where the model is saved as safetensors, else
+    loaded whole (`note` is called with why); True: from the shards or a BitplanError; False: loaded whole, on
+    the CPU in the dtype that `dtype` means on `device` (bitplan.devices.resolve_dtype). A LoadedModel is used
+    as it is."""
+    if isinstance(model, WeightSource):
+        return model
+    if isinstance(model, LoadedModel):
+        return WeightSource.loaded(model)
+    spec = str(model)
+    if lazy is not False:
+        source, why = open_lazy(spec)
+        if source is not None:
+            return source
+        if lazy:
+            raise BitplanError(f"cannot read {spec} one layer at a time: {why}; apply it loaded whole (lazy=None)")
+        if note is not None:
+            note(f"{why}: loading the whole model (apply reads layers one at a time from safetensors files only)")
+    path = resolve_model_path(spec)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        config = None   # load_model says what is wrong with it
+    return WeightSource.loaded(load_model(spec, dtype=resolve_dtype(dtype, resolve_device(device), config)))
