@@ -134,4 +134,5 @@ def shards_sha256(model: nn.Module, shards: Shards, dtype: torch.dtype = torch.f
             x = x.to(dtype)
         h.update(f"{name}|{tuple(t.shape)}|{x.dtype}".encode())
         h.update(x.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        del x   # before the next tensor is read: one in memory at a time
     return h.hexdigest()

@@ -30,6 +30,11 @@ def apply_command(
                                    "bitplan wrote there; other files in the folder are kept)"),
     strict: bool = typer.Option(False, "--strict", help="refuse a plan over its own budget (e.g. edited by hand) "
                                 "instead of applying it with a warning"),
+    device: str = typer.Option("auto", "--device", help="where the rounding runs (factor preparation, block LDL, "
+                               "error feedback): auto (the first CUDA device, else the CPU), cpu, cuda or cuda:N"),
+    dtype: str = typer.Option("auto", "--dtype", help="the dtype each layer's weight is taken in before the "
+                              "rounding upcasts it: auto (the checkpoint's on a GPU, float32 on the CPU), "
+                              "float32, bfloat16 or float16"),
 ) -> None:
     """Quantize a model per its plan (with the rounding it was solved for, by default) into a packed checkpoint."""
     from ..apply import apply_plan
@@ -37,7 +42,8 @@ def apply_command(
     from ..distributed import Ranks
 
     result = apply_plan(plan, out, model=model, rounding=rounding, profile_dir=profile, shrink=shrink,
-                        shrink_target=shrink_target, workers=workers, overwrite=overwrite, strict=strict)
+                        shrink_target=shrink_target, workers=workers, overwrite=overwrite, strict=strict,
+                        device=device, dtype=dtype)
     if not Ranks.current().main:  # under torchrun, rank 0 assembles the checkpoint and reports
         return
     table = Table(title=f"{len(result.formats)} layers → {result.out_dir}")
