@@ -27,16 +27,14 @@ from ..apply.checkpoint import (CODEBOOK_PREFIX, WEIGHTS, file_sha256, read_quan
                                 written_files)
 from ..errors import BitplanError
 from ..formats import Format, get_format
-from ..formats.runtimes import unsupported_reason
 from ..io import check_writable, write_failure
-from ..models import LinearInfo, find_linears, find_outer
+from ..models import find_linears, find_outer
 from ..progress import Progress
+from ..solve.runtime import runtime_violation
 
 CT_VERSION = "0.20.1"   # the layout written: dense cross-word packing (compressed-tensors ≥ 0.18)
 FORMAT = "pack-quantized"
 MAX_SHARD_BYTES = 5 * 10**9
-# vLLM runs these projections of one block as one fused layer with one scheme
-FUSED = {"q_proj": "q/k/v", "k_proj": "q/k/v", "v_proj": "q/k/v", "gate_proj": "gate/up", "up_proj": "gate/up"}
 _COPIED = ("generation_config.json",)
 
 
@@ -86,46 +84,28 @@ def _skeleton(folder: Path) -> nn.Module:
             return AutoModelForCausalLM.from_config(config)
 
 
-def vllm_refusals(modules: dict[str, str], model: nn.Module) -> list[str]:
-    """Why vLLM cannot run the checkpoint of `model` whose modules are in `modules` (name → format): one line per
-    layer, empty when it can."""
-    blocks = {info.name: info for info in find_linears(model)}
-    outer = {info.name: info.kind for info in find_outer(model)}
-    problems = []
-    for name, fmt_name in modules.items():
-        fmt = get_format(fmt_name)
-        if fmt.kind == "fp16":
-            continue
-        if name in outer:
-            what = "token embedding" if outer[name] == "embedding" else "output head"
-            problems.append(f"{name} is the {what}, quantized in {fmt.name}; vLLM loads compressed-tensors "
-                            "embeddings and heads unquantized: leave it out of the plan")
-            continue
-        if name not in blocks:
-            problems.append(f"{name} ({fmt.name}) is no linear layer of the model's decoder blocks")
-            continue
-        reason = unsupported_reason(fmt, "vllm")
-        if reason is not None:
-            problems.append(f"{name} is in {fmt.name}: {reason}; solve with --runtime vllm and apply again")
-            continue
-        n = blocks[name].in_features
-        if n % fmt.group_size:
-            problems.append(f"{name} has {n} inputs, not a whole number of groups of {fmt.group_size} "
-                            f"({fmt.name}); compressed-tensors and vLLM need whole groups: use a group size "
-                            "that divides it")
-    first: dict[tuple[int, str], LinearInfo] = {}
-    for info in blocks.values():
-        group = FUSED.get(info.kind)
-        if group is None:
-            continue
-        mine = modules.get(info.name, "fp16")
-        other = first.setdefault((info.block, group), info)
-        theirs = modules.get(other.name, "fp16")
-        if mine != theirs:
-            problems.append(f"{info.name} is in {mine} but {other.name} in {theirs}: vLLM runs the {group} "
-                            "projections of a block as one fused layer with one scheme; solve with --runtime vllm "
-                            "(which ties them) and apply again")
-    return problems
+@dataclass(frozen=True)
+class _Layer:   # a checkpoint's layer as solve/runtime.py checks a plan's
+    name: str
+    format: str
+    block: int
+    kind: str
+    shape: tuple[int, int]
+
+
+def vllm_problem(modules: dict[str, str], model: nn.Module) -> str | None:
+    """Why vLLM cannot run the checkpoint of `model` whose modules are in `modules` (name → format), naming the
+    layer; None when it can. The rule is the one `bitplan solve --runtime vllm` plans by."""
+    layers = [_Layer(i.name, modules.get(i.name, "fp16"), i.block, i.kind, i.shape)
+              for i in find_linears(model) + find_outer(model)]
+    known = {lp.name for lp in layers}
+    stray = next((name for name in modules if name not in known), None)
+    if stray is not None:
+        return f"{stray} ({modules[stray]}) is no linear layer, embedding or head of the model"
+    problem = runtime_violation(layers, "vllm")
+    if problem and "--runtime" not in problem:
+        problem += "; solve with --runtime vllm and apply again"
+    return problem
 
 
 def _check_sha(folder: Path, qc: dict) -> Path:
@@ -232,10 +212,9 @@ def export_compressed_tensors(checkpoint: str | Path, out_dir: str | Path, max_s
     _compressed_tensors()
     model = _skeleton(folder)
     modules: dict[str, str] = dict(qc["modules"])
-    problems = vllm_refusals(modules, model)
-    if problems:
-        more = f" ({len(problems) - 1} more layer(s) refused)" if len(problems) > 1 else ""
-        raise BitplanError(f"vLLM cannot run this checkpoint: {problems[0]}{more}")
+    problem = vllm_problem(modules, model)
+    if problem:
+        raise BitplanError(f"vLLM cannot run this checkpoint: {problem}")
 
     quantized = {name: get_format(f) for name, f in modules.items() if get_format(f).kind != "fp16"}
     order = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]

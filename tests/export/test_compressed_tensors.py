@@ -179,7 +179,7 @@ def test_refuses_what_vllm_cannot_run(tmp_path, tiny_tokenizer, case):
     lm = build(tmp_path, tiny_tokenizer, intermediate=320)   # down_proj: 320 inputs, no whole groups of 128
     formats = by_group(lm, lambda b, g: "sint4-g64")
     layer, words = {
-        "untied-qkv": ("model.layers.1.self_attn.k_proj", ("sint8-g64", "q/k/v", "fused", "--runtime vllm")),
+        "untied-qkv": ("model.layers.1.self_attn.k_proj", ("sint8-g64", "fuses", "qkv_proj", "--runtime vllm")),
         "rotated": ("model.layers.0.self_attn.o_proj", ("int4-g64", "rotates")),
         "embedding": ("model.embed_tokens", ("sint8-g64", "token embedding")),
         "ggml": ("model.layers.0.mlp.gate_proj", ("q4_0", "ggml")),
