@@ -97,6 +97,8 @@ def skeleton(path: Path, spec: str) -> nn.Module:
                                "bitplan quantizes decoder-only causal language models")
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        # init_empty_weights gives every registered parameter a meta copy, which unties a tied head: tie again
+        model.tie_weights()
     model.eval()
     model.requires_grad_(False)
     return model
