@@ -1,0 +1,641 @@
+"""The resource plan of a profile or apply job, from the model's config.json alone (no weights are read).
+
+Per process it forecasts peak host memory, peak device memory, the disk that hessians/ takes, the factor groups
+and calibration passes, and each phase's time as a multiple of one plain forward+backward pass over the
+calibration (sampled labels, frozen weights: what `benchmarks/profile_bench.py` times). Counts come from the
+model's shapes and what each phase holds and computes:
+
+- memory: the weights in their dtype; what autograd keeps per token in a forward+backward with frozen weights
+  (norm inputs, q/k/v and attention output, the MLP's gate, activation and up) plus the inputs the factor hooks
+  keep; `LOGIT_COPIES` vocab-wide float32 rows per token (logits, log-softmax, their gradients); the float64
+  factor sums of one group (m² + 2n² per layer: H_O, H_I, Σxxᵀ); the coefficient phase's float64 n×n buffers;
+  the format errors' per-weight buffers of the widest matrix (the embedding); apply's per-layer buffers;
+- time: multiply-adds per phase (forward passes from each layer's block for noise injection, the factor Grams
+  per token, the n³ Cholesky/triangular solves of the coefficients and of rounding), float64 work weighed by
+  the device's float64 cost per flop, the format errors by a per-weight cost measured on the default model.
+
+The constants that are not counted from the code are measured (`MEASURED`, docs/big-models.md says how).
+Memory is in GiB (2³⁰ bytes), as bitplan's own `peak_rss_gb`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .errors import BitplanError
+
+GIB = 2 ** 30
+
+# Measured on this repository's CPU machine (docs/big-models.md, "How the forecast is made"):
+# resident memory of a process with torch, transformers and bitplan imported and the model's code loaded;
+BASE_HOST_BYTES = 0.22 * GIB
+# a CUDA context with cuBLAS/cuSOLVER loaded adds host memory of its own (not measured here: a nominal figure);
+CUDA_HOST_BYTES = 1.5 * GIB
+# and device memory (context, allocator reserve);
+CUDA_DEVICE_BYTES = 1.0 * GIB
+# vocab-wide float32 rows alive per token at the loss: logits, log-softmax (saved), its gradient, the logits'
+# gradient and a softmax row being sampled;
+LOGIT_COPIES = 5
+# float64 n×n buffers alive at once in one layer's coefficients (rotated halves, judges' Cholesky factors,
+# the shrunk factor, its Cholesky, the triangular solve) beyond the loaded halves, per side;
+COEF_BUFFERS = 12
+# apply's rounding of one m×n layer: float64 m×n buffers (W, rotated W, scale, zero, E, M, T, Ŵ, codes, ...)
+# and float64 n×n buffers per factor side (rotated, normalized, Cholesky, L);
+APPLY_WEIGHT_BUFFERS = 12
+APPLY_FACTOR_BUFFERS = 2.5
+# the format errors of one matrix: bytes per weight, plus per (group size, vector length) of grid formats
+# (their normalized vectors and per-weight scales are kept for the matrix while each grid rounds it);
+FORMAT_BYTES_PER_WEIGHT = 32
+FORMAT_BYTES_PER_GRID_KEY = 30
+# time of the format errors per weight and format, in float32 multiply-add equivalents of the forward pass:
+# the default profile of the default model (39 formats, 134.5 M weights, 357 s) against its plain
+# forward+backward (64 K tokens, 275 s; docs/results.md, "Cost");
+FORMAT_FLOPS_PER_WEIGHT = 9.0e3
+# apply's per-layer overhead: one batched step per anti-diagonal wavefront of tiles (Python and small kernels)
+WAVEFRONT_FLOPS = 2.0e7
+
+# Float64 work per flop relative to the model's float32 matmuls on a CPU: its vector units do half as many.
+CPU_F64_COST = 2.0
+# A bf16/fp16 model's matmuls on a data-centre GPU (A100/H100) against its float32 and float64 work (no TF32),
+# which run at one rate there: nominal, not measured here.
+GPU_HALF_SPEEDUP = 8.0
+
+LDL_BLOCK = 16
+
+
+@dataclass(frozen=True)
+class Linear:
+    name: str
+    kind: str
+    block: int
+    out_features: int
+    in_features: int
+
+    @property
+    def params(self) -> int:
+        return self.out_features * self.in_features
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The shapes bitplan plans for, from a Llama/Qwen/Mistral/Gemma-like config.json."""
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    fused: bool = False          # qkv_proj and gate_up_proj (Phi-3)
+    norms_per_block: int = 2     # Gemma 2/3: 4
+    config_dtype: str | None = None
+
+    @classmethod
+    def from_config(cls, config: dict, name: str = "model") -> "ModelShape":
+        cfg = {**config, **(config.get("text_config") or {})}
+        try:
+            hidden, layers = int(cfg["hidden_size"]), int(cfg["num_hidden_layers"])
+            heads, vocab = int(cfg["num_attention_heads"]), int(cfg["vocab_size"])
+            intermediate = int(cfg["intermediate_size"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise BitplanError(f"the config of {name} lacks {e} (or it is not a number): the resource plan needs "
+                               "hidden_size, intermediate_size, num_hidden_layers, num_attention_heads and "
+                               "vocab_size (a Llama/Qwen/Mistral/Gemma-like config.json)") from None
+        kind = str(cfg.get("model_type", ""))
+        return cls(name=name, hidden=hidden, intermediate=intermediate, layers=layers, heads=heads,
+                   kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                   head_dim=int(cfg.get("head_dim") or hidden // heads), vocab=vocab,
+                   tied=bool(cfg.get("tie_word_embeddings", config.get("tie_word_embeddings", True))),
+                   fused=kind in ("phi3",), norms_per_block=4 if kind.startswith(("gemma2", "gemma3")) else 2,
+                   config_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "") or None)
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linears(self) -> list[Linear]:
+        """The block linears `find_linears` plans, in forward order."""
+        h, i, q, kv = self.hidden, self.intermediate, self.q_dim, self.kv_dim
+        if self.fused:
+            shapes = [("self_attn.qkv_proj", q + 2 * kv, h), ("self_attn.o_proj", h, q),
+                      ("mlp.gate_up_proj", 2 * i, h), ("mlp.down_proj", h, i)]
+        else:
+            shapes = [("self_attn.q_proj", q, h), ("self_attn.k_proj", kv, h), ("self_attn.v_proj", kv, h),
+                      ("self_attn.o_proj", h, q), ("mlp.gate_proj", i, h), ("mlp.up_proj", i, h),
+                      ("mlp.down_proj", h, i)]
+        return [Linear(f"model.layers.{b}.{sub}", sub.rsplit(".", 1)[-1], b, m, n)
+                for b in range(self.layers) for sub, m, n in shapes]
+
+    def block_linears(self) -> list[Linear]:
+        return [x for x in self.linears() if x.block == 0]
+
+    @property
+    def block_params(self) -> int:
+        return sum(x.params for x in self.block_linears()) + self.norms_per_block * self.hidden
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def params(self) -> int:
+        """Every parameter: blocks, embedding, an untied head, the final norm."""
+        return (self.layers * self.block_params + self.embedding_params * (1 if self.tied else 2) + self.hidden)
+
+    def outer_matrices(self) -> int:
+        """The embedding, and the head when untied (the format phase measures each)."""
+        return 1 if self.tied else 2
+
+    def forward_flops(self, seqlen: int) -> float:
+        """Multiply-adds × 2 per token of one forward: every block matmul, the head, causal attention."""
+        per_block = 2 * sum(x.params for x in self.block_linears()) + 2 * seqlen * self.q_dim
+        return self.layers * per_block + 2 * self.embedding_params
+
+    def block_flops(self, seqlen: int) -> float:
+        return 2 * sum(x.params for x in self.block_linears()) + 2 * seqlen * self.q_dim
+
+    def saved_per_token(self) -> int:
+        """Values autograd keeps per token in a forward+backward with frozen weights: per block the two norm
+        inputs, q, k, v, the attention output, the MLP's gate, activation and up (a frozen linear keeps no input)."""
+        return self.layers * (self.norms_per_block * self.hidden + 2 * self.q_dim + 2 * self.kv_dim
+                              + 3 * self.intermediate)
+
+    def hooked_per_token(self) -> int:
+        """Inputs the factor hooks keep on top: the attention's and the MLP's normalized inputs, the down input."""
+        return self.layers * (2 * self.hidden + self.intermediate)
+
+
+@dataclass
+class ProfileSettings:
+    samples: int = 256
+    seqlen: int = 256
+    batch_size: int = 4
+    factor_groups: int | None = None     # None: the smallest that fits (choose_factor_groups)
+    noise_samples: int = 1
+    judge_samples: int = 64
+    outer_windows: int = 32
+    sketch_chunk: int = 1
+    checkpoint_every: int = 64
+    formats: int = 39                    # candidate formats
+    grid_keys: int = 4                   # distinct (group size, vector length) among the grid formats
+    noise_levels: int = 2
+    dtype_bytes: int = 4
+    device: str = "cpu"                  # "cpu" or "cuda"
+    processes: int = 1
+
+
+@dataclass
+class ApplySettings:
+    samples: int = 256                   # the profile's calibration (the time unit's forward+backward)
+    seqlen: int = 256
+    rounding: str = "yaqa"
+    workers: int = 1
+    dtype_bytes: int = 4
+    device: str = "cpu"
+    lazy: bool = True                    # weights read per layer from the shards (never the whole model)
+    processes: int = 1
+
+
+@dataclass
+class Phase:
+    name: str
+    times_fb: float         # expected time as a multiple of one plain forward+backward over the calibration
+    host_bytes: float       # peak resident memory of a process during the phase
+    device_bytes: float     # peak device memory (0 on the CPU)
+    note: str = ""
+
+
+@dataclass
+class ResourcePlan:
+    kind: str                       # "profile" or "apply"
+    model: ModelShape
+    device: str
+    phases: list[Phase]
+    disk_bytes: float               # hessians/ (profile), the checkpoint (apply)
+    disk_peak_bytes: float          # with the job's transient files (factor checkpoints, part files)
+    factor_groups: int = 1
+    passes: int = 0                 # forward+backward passes over the calibration
+    fb_flops: float = 0.0           # one plain forward+backward over the calibration
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def host_bytes(self) -> float:
+        return max(p.host_bytes for p in self.phases)
+
+    @property
+    def device_bytes(self) -> float:
+        return max(p.device_bytes for p in self.phases)
+
+    @property
+    def times_fb(self) -> float:
+        return sum(p.times_fb for p in self.phases)
+
+    def phase(self, name: str) -> Phase:
+        return next(p for p in self.phases if p.name == name)
+
+
+# ------------------------------------------------------------------------------------------------- memory
+
+def factor_sum_bytes(linears: list[Linear], moments: bool = True) -> int:
+    """float64 running sums of one calibration half: H_O m×m, H_I n×n and (with moments) Σxxᵀ n×n per layer."""
+    return sum(8 * (x.out_features ** 2 + (2 if moments else 1) * x.in_features ** 2) for x in linears)
+
+
+def hessian_file_bytes(linears: list[Linear], moments: bool = True) -> int:
+    """One half's float32 files (h_out, h_in, xtx), tensor bytes only."""
+    return factor_sum_bytes(linears, moments) // 2
+
+
+def layer_groups(linears: list[Linear], groups: int) -> list[list[Linear]]:
+    """The contiguous runs `profile.phases.layer_groups` makes."""
+    bounds = [round(k * len(linears) / groups) for k in range(groups + 1)]
+    return [linears[bounds[k]:bounds[k + 1]] for k in range(groups)]
+
+
+def _split(device: str, compute: float, host_extra: float = 0.0) -> tuple[float, float]:
+    """(host, device) bytes: on the CPU everything is resident in the process; on a GPU the compute side is on
+    the device and the host keeps the process, the CUDA context and `host_extra`."""
+    if device == "cpu":
+        return BASE_HOST_BYTES + compute + host_extra, 0.0
+    return BASE_HOST_BYTES + CUDA_HOST_BYTES + host_extra, CUDA_DEVICE_BYTES + compute
+
+
+def _cost(device: str, kind: str, dtype_bytes: int) -> float:
+    """Cost of one flop of `kind` (f32, f64) relative to one of the model's own matmuls."""
+    if device == "cpu":
+        return CPU_F64_COST if kind == "f64" else 1.0
+    return 1.0 if dtype_bytes == 4 else GPU_HALF_SPEEDUP
+
+
+# ------------------------------------------------------------------------------------------------ profile
+
+def profile_plan(config: dict | ModelShape, settings: ProfileSettings) -> ResourcePlan:
+    """Per-process forecast of `bitplan profile` with these settings."""
+    shape = config if isinstance(config, ModelShape) else ModelShape.from_config(config)
+    s = settings
+    linears = shape.linears()
+    G = s.factor_groups or 1
+    if not 1 <= G <= len(linears):
+        raise BitplanError(f"--factor-groups must be between 1 and the number of layers ({len(linears)}), got {G}")
+    W = max(1, s.processes)
+    T, db = s.seqlen, s.dtype_bytes
+    tokens = s.samples * T
+    batch_tokens = min(s.batch_size, s.samples) * T
+    weights = shape.params * db
+    fwd = shape.forward_flops(T)
+    fb_token = 2 * fwd                       # backward to the activations only: about one more forward
+    fb = tokens * fb_token
+    f32, f64 = _cost(s.device, "f32", db), _cost(s.device, "f64", db)
+    act = (shape.saved_per_token() * db + LOGIT_COPIES * shape.vocab * 4)
+    phases: list[Phase] = []
+    widest = max(linears, key=lambda x: x.out_features * x.in_features)
+
+    # noise: the cache of every block's input and the reference log-probs, then one layer's reruns from its block
+    n_noise = min(s.noise_samples, s.samples) * T
+    if n_noise:
+        cache = n_noise * (shape.layers * shape.hidden * db + 2 * shape.vocab * 4 + shape.hidden * db)
+        rerun = min(s.batch_size, s.noise_samples) * T * 4 * shape.vocab * 4
+        host, dev = _split(s.device, weights + cache + rerun)
+        per_layer = [(shape.layers - x.block) * shape.block_flops(T) + 2 * shape.embedding_params + 6 * shape.vocab
+                     for x in linears]
+        flops = n_noise * (s.noise_levels * (sum(per_layer) + fwd + (0 if shape.tied else 2 * shape.embedding_params))
+                           + 2 * fwd)
+        phases.append(Phase("noise", flops / fb, host, dev, f"{len(linears) + shape.outer_matrices()} layers × "
+                                                            f"{s.noise_levels} levels on {n_noise} tokens"))
+
+    # factors: one group's float64 sums, a batch's activations, the hooks' inputs, one layer's batch statistics
+    groups = layer_groups(linears, G)
+    owned = {x.name for k, x in enumerate(linears) if k % W == 0}   # rank 0's layers (round-robin owners)
+    sums = max(factor_sum_bytes([x for x in g if x.name in owned]) for g in groups)
+    hooked = batch_tokens * shape.hooked_per_token() * db
+    stats = batch_tokens * (widest.out_features + widest.in_features) * 4 + \
+        12 * (widest.out_features ** 2 + widest.in_features ** 2)
+    steps = -(-(-(-s.samples // 2) // s.batch_size) // W)
+    every = max(1, s.checkpoint_every // (s.batch_size * W))
+    checkpoints = steps > every
+    host, dev = _split(s.device, weights + sums + batch_tokens * act + hooked + stats,
+                       host_extra=sums if (s.device != "cpu" and checkpoints) else 0.0)
+    accumulate = 0.0                  # multiply-adds per token
+    tri = 0.55 if s.sketch_chunk == 1 else 1.0   # weighted_gram multiplies block triangles only
+    window = s.sketch_chunk < T       # the whole windows' T×T Grams (Σ_w‖G_w‖²)
+    inputs_seen = set()               # q/k/v (gate/up) share their input's Σxxᵀ and window Gram
+    for x in linears:
+        accumulate += tri * (x.out_features ** 2 + x.in_features ** 2) + s.sketch_chunk * (x.out_features + x.in_features)
+        accumulate += tri * T * x.out_features if window else 0.0
+        ident = (x.block, "attn" if x.kind in ("q_proj", "k_proj", "v_proj", "qkv_proj")
+                 else "mlp" if x.kind in ("gate_proj", "up_proj", "gate_up_proj") else x.kind)
+        if ident not in inputs_seen:
+            inputs_seen.add(ident)
+            accumulate += 0.55 * x.in_features ** 2 + (tri * T * x.in_features if window else 0.0)
+    phases.append(Phase("factors", G + tokens * 2 * accumulate * f32 / fb, host, dev,
+                        f"{G} group(s) × 2 halves; {fmt_bytes(sums)} of float64 sums per group"))
+
+    # outer: one window at a time with the embedding's (and head's) weight gradient
+    n_outer = min(s.outer_windows, s.samples)
+    outer_grad = shape.outer_matrices() * shape.embedding_params * (4 + 8)
+    host, dev = _split(s.device, weights + T * act + outer_grad + 2 * 8 * shape.hidden ** 2)
+    phases.append(Phase("outer", n_outer * T * (fb_token + 2 * 2 * shape.embedding_params) / fb, host, dev,
+                        f"{n_outer} windows, embedding{' and head' if not shape.tied else ''} gradients"))
+
+    # layers: one layer's loaded halves and its block LDLs, the widest layer sets the peak
+    coef = max(16 * (x.out_features ** 2 + 2 * x.in_features ** 2)
+               + COEF_BUFFERS * 8 * (x.out_features ** 2 + x.in_features ** 2) for x in linears)
+    host, dev = _split(s.device, weights + coef)
+    flops = sum(2 * (11.0 * x.out_features ** 3 + 12.7 * x.in_features ** 3) for x in linears) / W
+    phases.append(Phase("layers", flops * f64 / fb, host, dev, "block LDL, held-out gains and λ of every layer"))
+
+    # formats: every matrix in every candidate format; the widest (the embedding) sets the peak
+    matrices = [x.params for x in linears] + [shape.embedding_params] * shape.outer_matrices()
+    per_weight = FORMAT_BYTES_PER_WEIGHT + FORMAT_BYTES_PER_GRID_KEY * s.grid_keys
+    host, dev = _split(s.device, weights + per_weight * max(matrices))
+    flops = sum(matrices) * s.formats * FORMAT_FLOPS_PER_WEIGHT / W
+    phases.append(Phase("formats", flops / fb, host, dev, f"{s.formats} formats; {fmt_bytes(per_weight * max(matrices))} "
+                                                          "for the widest matrix"))
+
+    # judge: sampled windows, their factors for every layer at once (no groups), then one layer's judging
+    if s.judge_samples:
+        j_tokens = s.judge_samples * T
+        j_sums = factor_sum_bytes(linears, moments=False) // W
+        kv_cache = s.judge_samples * T * shape.layers * 2 * shape.kv_dim * db
+        host, dev = _split(s.device, weights + max(j_sums + batch_tokens * act + hooked + stats, kv_cache))
+        j_acc = sum(0.55 * (x.out_features ** 2 + x.in_features ** 2) for x in linears)
+        judging = sum(2 * 4 * 0.83 * (x.out_features ** 3 + x.in_features ** 3) for x in linears) / W
+        flops = j_tokens * (fwd + fb_token + 2 * j_acc * f32) + judging * f64
+        phases.append(Phase("judge", flops / fb, host, dev, f"{s.judge_samples} sampled windows; "
+                                                            f"{fmt_bytes(j_sums)} of float64 sums (all layers)"))
+
+    disk = 2 * hessian_file_bytes(linears) + 2 * 4 * shape.hidden ** 2
+    if s.judge_samples:
+        disk += hessian_file_bytes(linears, moments=False)
+    peak_disk = disk + (max(factor_sum_bytes(g) for g in groups) if checkpoints else 0)
+    passes = G + (1 if n_outer else 0) + (1 if s.judge_samples else 0)
+    return ResourcePlan("profile", shape, s.device, phases, disk, peak_disk, G, passes, fb)
+
+
+# -------------------------------------------------------------------------------------------------- apply
+
+def apply_plan_resources(config: dict | ModelShape, formats: dict[str, str], settings: ApplySettings) -> ResourcePlan:
+    """Per-process forecast of `bitplan apply` of `formats` (layer name → format name, as in plan.json)."""
+    from .formats import get_format
+
+    shape = config if isinstance(config, ModelShape) else ModelShape.from_config(config)
+    s = settings
+    T, db = s.seqlen, s.dtype_bytes
+    fb = s.samples * T * 2 * shape.forward_flops(T)
+    f64 = _cost(s.device, "f64", db)
+    by_name = {x.name: x for x in shape.linears()}
+    emb_shape = (shape.vocab, shape.hidden)
+    packed = 0.0
+    flops = 0.0
+    layer_peak = 0.0
+    rounding_layers = 0
+    fmts = {}
+    for name, fname in formats.items():
+        fmt = fmts.get(fname) or fmts.setdefault(fname, get_format(fname))
+        x = by_name.get(name)
+        m, n = (x.out_features, x.in_features) if x is not None else emb_shape
+        packed += fmt.storage_bits(m, n) / 8
+        if fmt.kind == "fp16":
+            continue
+        rounding_layers += 1
+        two_sided = s.rounding == "yaqa" and x is not None
+        one_sided = s.rounding != "rtn"
+        flops += m * n * FORMAT_FLOPS_PER_WEIGHT / 8     # fit, encode and pack: one format of the profile's phase
+        if one_sided:
+            flops += f64 * (2 * 0.67 * n ** 3 + (2 * 0.67 * m ** 3 if two_sided else 0)
+                            + 5 * m * n * ((m if two_sided else 0) + n))
+            flops += WAVEFRONT_FLOPS * (m / LDL_BLOCK + n / LDL_BLOCK)
+        factors = (16 * (m * m + 2 * n * n) if two_sided else 16 * n * n if one_sided else 0) \
+            + APPLY_FACTOR_BUFFERS * 8 * ((m * m if two_sided else 0) + (n * n if one_sided else 0))
+        layer_peak = max(layer_peak, APPLY_WEIGHT_BUFFERS * 8 * m * n + factors)
+    weights = shape.params * db
+    held = (shape.embedding_params * (1 if shape.tied else 2) + shape.hidden * (1 + 2 * shape.layers)) * db \
+        if s.lazy else weights
+    workers = max(1, min(s.workers, rounding_layers or 1))
+    host, dev = _split(s.device, workers * layer_peak, host_extra=held + packed)
+    fp16_rest = sum(x.params for x in shape.linears() if x.name not in formats) * 2
+    phase = Phase("rounding", flops / max(1, s.processes) / fb, host, dev,
+                  f"{rounding_layers} layers, {s.rounding}, {workers} at once")
+    plan = ResourcePlan("apply", shape, s.device, [phase], packed + fp16_rest, packed + fp16_rest + packed,
+                        fb_flops=fb)
+    return plan
+
+
+# ------------------------------------------------------------------------------------------ does it fit
+
+@dataclass
+class Available:
+    host_bytes: float
+    device_bytes: float | None       # None: not on a GPU (or none here to ask)
+
+
+def available(device: str = "cpu") -> Available:
+    """Free host memory (psutil) and, on CUDA, the device's free memory."""
+    import psutil
+
+    host = float(psutil.virtual_memory().available)
+    dev = None
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            index = int(device.split(":", 1)[1]) if ":" in device else 0
+            dev = float(torch.cuda.mem_get_info(index)[0])
+    return Available(host, dev)
+
+
+def check(plan: ResourcePlan, free: Available) -> str | None:
+    """None when the plan fits `free`, else one line: what does not fit, and what to change."""
+    host_short = plan.host_bytes > free.host_bytes
+    dev_short = free.device_bytes is not None and plan.device_bytes > free.device_bytes
+    if not (host_short or dev_short):
+        return None
+    worst = max(plan.phases, key=lambda p: p.device_bytes if dev_short else p.host_bytes)
+    need, have, where = ((plan.device_bytes, free.device_bytes, "device") if dev_short
+                         else (plan.host_bytes, free.host_bytes, "host"))
+    msg = (f"the {plan.kind} needs {fmt_bytes(need)} of {where} memory per process ({worst.name} phase), "
+           f"{fmt_bytes(have)} is free: ")
+    return msg + _advice(plan, worst, where)
+
+
+def _advice(plan: ResourcePlan, worst: Phase, where: str) -> str:
+    if plan.kind == "apply":
+        return ("use --workers 1 (layers rounded at once), more processes (torchrun), or a machine with more "
+                "memory")
+    if worst.name == "factors":
+        return ("more --factor-groups (each pass keeps 1/G of the float64 sums), more processes (torchrun: each "
+                "keeps 1/world of them), or fewer tokens per batch (--batch-size)")
+    if worst.name == "judge":
+        return ("--judge-samples 0 (the judge keeps every layer's float64 factors at once), or more processes "
+                "(torchrun)")
+    if worst.name == "noise":
+        return "fewer --noise-samples (each caches every block's input and the vocab-wide log-probs)"
+    if worst.name == "formats":
+        return ("fewer grid formats in --formats (the widest matrix, the embedding, is held in every grid's "
+                "normalized form), or a machine with more memory")
+    if worst.name == "outer":
+        return "a machine with more memory (the embedding's gradient and the model are held at once)"
+    return ("the largest layer's float64 factors do not fit: a machine with more memory" if worst.name == "layers"
+            else f"a machine with more {where} memory")
+
+
+def fits(plan: ResourcePlan, free: Available | None = None) -> bool:
+    return check(plan, free or available(plan.device)) is None
+
+
+def choose_factor_groups(config: dict | ModelShape, settings: ProfileSettings, free: Available) -> tuple[int, ResourcePlan]:
+    """The smallest --factor-groups whose forecast fits `free`, with its plan; when none does, G = 1's plan
+    when the factor sums are not what overflows, else the largest G's (check() then says what to change)."""
+    shape = config if isinstance(config, ModelShape) else ModelShape.from_config(config)
+    n = len(shape.linears())
+    plan = None
+    for G in _group_candidates(n):
+        plan = profile_plan(shape, replace(settings, factor_groups=G))
+        if check(plan, free) is None:
+            return G, plan
+        if plan.phase("factors").host_bytes <= free.host_bytes and (
+                free.device_bytes is None or plan.phase("factors").device_bytes <= free.device_bytes):
+            return G, plan   # the factor sums fit; another phase does not, and more groups will not help it
+    return plan.factor_groups, plan
+
+
+def _group_candidates(n: int) -> list[int]:
+    """1, 2, 3, 4, 6, 8, … up to every layer alone: each step adds at most a third of the passes."""
+    out, g = [], 1
+    while g < n:
+        out.append(g)
+        g = max(g + 1, int(g * 1.34))
+    return out + [n]
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+def read_config(spec: str | os.PathLike) -> tuple[dict, str]:
+    """(config.json, model name) of a model without reading its weights: a folder holding config.json (weights
+    or not), a config.json file, a built-in name, or a hub id (only its config.json is fetched)."""
+    from .models import BUILTIN_MODELS, resolve_model_path
+
+    spec = str(spec)
+    p = Path(spec).expanduser()
+    if p.is_file() and p.suffix == ".json":
+        path = p
+    elif p.is_dir():
+        path = p / "config.json"
+        if not path.is_file():
+            raise BitplanError(f"{spec} is a folder without config.json; the resource plan needs the model's "
+                               "config.json")
+    elif spec in BUILTIN_MODELS or p.suffix.lower() == ".gguf":
+        path = resolve_model_path(spec) / "config.json"
+    elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(spec, "config.json"))
+        except Exception as e:
+            raise BitplanError(f"cannot read the config.json of {spec} ({type(e).__name__}); pass a folder "
+                               "holding it") from None
+    else:
+        raise BitplanError(f"model not found: {spec} (not a folder, a config.json, a hub id, or a built-in name: "
+                           f"{', '.join(BUILTIN_MODELS)})")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BitplanError(f"cannot read {path}: {e}") from None
+    if not isinstance(config, dict):
+        raise BitplanError(f"{path} is not a config.json (no JSON object)")
+    name = spec if spec in BUILTIN_MODELS else (p.parent.name if p.is_file() else p.name or spec)
+    return config, name
+
+
+def device_kind(device: str) -> str:
+    """"cpu" or "cuda" from a --device value, without asking torch ("auto" is the CUDA device when one is here)."""
+    d = (device or "auto").strip().lower()
+    if d == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if d == "cpu" or d.startswith("cuda"):
+        return "cpu" if d == "cpu" else "cuda"
+    raise BitplanError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N")
+
+
+def dtype_bytes(dtype: str, device: str, config: dict | None = None) -> int:
+    """Bytes per weight element of --dtype on `device` ("auto": the checkpoint's dtype on a GPU, float32 on
+    the CPU), as bitplan.devices resolves it."""
+    from .devices import resolve_dtype
+
+    import torch
+
+    return torch.empty(0, dtype=resolve_dtype(dtype, "cpu" if device == "cpu" else "cuda", config)).element_size()
+
+
+def fmt_bytes(b: float) -> str:
+    if b >= 1000 * GIB:
+        return f"{b / 2 ** 40:.1f} TiB"
+    if b >= GIB / 10:
+        return f"{b / GIB:.1f} GiB"
+    return f"{b / 2 ** 20:.0f} MiB"
+
+
+def plan_table(plan: ResourcePlan, measured: dict[str, dict] | None = None, title: str | None = None):
+    """The plan as a rich table; `measured` (phase → {"times_fb", "host_bytes", "device_bytes"}) adds the
+    measured figures beside the forecast (benchmarks/scale_bench.py)."""
+    from rich.table import Table
+
+    gpu = plan.device != "cpu"
+    shape = plan.model
+    title = title or (f"{plan.kind} of {shape.name} ({shape.params / 1e9:.2f} B parameters) on {plan.device}: "
+                      f"forecast per process")
+    table = Table(title=title)
+    table.add_column("phase")
+    table.add_column("× fwd+bwd", justify="right")
+    if measured is not None:
+        table.add_column("measured", justify="right")
+    table.add_column("host memory", justify="right")
+    if measured is not None:
+        table.add_column("measured", justify="right")
+    if gpu:
+        table.add_column("device memory", justify="right")
+        if measured is not None:
+            table.add_column("measured", justify="right")
+    table.add_column("what", style="dim")
+    for p in plan.phases:
+        got = (measured or {}).get(p.name, {})
+        row = [p.name, f"{p.times_fb:.2f}"]
+        if measured is not None:
+            row.append(f"{got['times_fb']:.2f}" if "times_fb" in got else "–")
+        row.append(fmt_bytes(p.host_bytes))
+        if measured is not None:
+            row.append(fmt_bytes(got["host_bytes"]) if "host_bytes" in got else "–")
+        if gpu:
+            row.append(fmt_bytes(p.device_bytes))
+            if measured is not None:
+                row.append(fmt_bytes(got["device_bytes"]) if got.get("device_bytes") else "–")
+        row.append(p.note)
+        table.add_row(*row)
+    total = ["total / peak", f"{plan.times_fb:.2f}"] + (["–"] if measured is not None else []) + \
+        [fmt_bytes(plan.host_bytes)] + (["–"] if measured is not None else [])
+    if gpu:
+        total += [fmt_bytes(plan.device_bytes)] + (["–"] if measured is not None else [])
+    disk = "hessians/" if plan.kind == "profile" else "checkpoint"
+    extra = f"{disk} {fmt_bytes(plan.disk_bytes)} (peak {fmt_bytes(plan.disk_peak_bytes)})"
+    if plan.kind == "profile":
+        extra += f"; {plan.factor_groups} factor group(s), {plan.passes} pass(es)"
+    table.add_row(*total, extra, style="bold")
+    return table
+
+
+def plan_summary(plan: ResourcePlan) -> str:
+    """One line: the peaks, the disk and the time."""
+    gpu = f", device {fmt_bytes(plan.device_bytes)}" if plan.device != "cpu" else ""
+    return (f"{plan.kind} of {plan.model.name}: host {fmt_bytes(plan.host_bytes)}{gpu}, "
+            f"disk {fmt_bytes(plan.disk_bytes)}, {plan.times_fb:.1f} × one forward+backward over the calibration")
+
