@@ -216,8 +216,10 @@ def test_cli_prints_groups_and_the_serve_line(tmp_path, tiny_tokenizer, monkeypa
     formats["model.layers.1.self_attn.o_proj"] = "fp16"
     ckpt, out = tmp_path / "q", tmp_path / "ct"
     apply_formats(lm, formats, ckpt, rounding="rtn", progress=False)
+    (ckpt / "generation_config.json").write_text('{"bos_token_id": 0, "eos_token_id": 1}\n')
     code, stdout, err = run(monkeypatch, capsys, "export", "compressed-tensors", str(ckpt), "-o", str(out))
     assert code == 0, err
+    assert (out / "generation_config.json").read_text() == (ckpt / "generation_config.json").read_text()
     rows = [[c.strip() for c in line.split("│")[1:-1]] for line in stdout.splitlines() if line.startswith("│")]
     assert ["sint4-g128", "4", "128", "no", "6"] in rows, stdout
     assert ["uint8-g64", "8", "64", "integer", "2"] in rows, stdout
