@@ -125,6 +125,8 @@ def ct_tensors(fmt: Format, packed: dict[str, torch.Tensor], m: int, n: int) -> 
     """One layer's packed bitplan tensors (`codes`, `scale`, `zero`) as compressed-tensors' `weight_*` tensors."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
+    if fmt.kind not in ("sint", "uint"):   # other codes mean other values: int's zero is an fp16 minimum
+        raise BitplanError(f"{fmt.name} has no compressed-tensors form; only sint and uint formats do")
     qw = fmt.unpack(packed, m, n)   # checks shapes and dtypes; codes int32 [m, n]
     offset = 1 << (fmt.code_bits - 1)
     # sint codes are stored offset by 2^(b−1), uint codes unsigned: either way CT's signed code is code − 2^(b−1)
