@@ -295,8 +295,10 @@ def profile_plan(config: dict | ModelShape, settings: ProfileSettings) -> Resour
     fb = tokens * fb_token
     f32, f64 = _cost(s.device, "f32", db), _cost(s.device, "f64", db)
     act = (shape.saved_per_token() * db + LOGIT_COPIES * shape.vocab * 4)
-    phases: list[Phase] = []
     widest = max(linears, key=lambda x: x.out_features * x.in_features)
+    # load: the weights in their dtype (on a GPU they pass through the host on their way)
+    host, dev = _split(s.device, weights, host_extra=weights if s.device != "cpu" else 0.0)
+    phases: list[Phase] = [Phase("load", 0.0, host, dev, f"{fmt_bytes(weights)} of weights")]
 
     # noise: the cache of every block's input and the reference log-probs, then one layer's reruns from its block
     n_noise = min(s.noise_samples, s.samples) * T
@@ -421,7 +423,8 @@ def apply_plan_resources(config: dict | ModelShape, formats: dict[str, str], set
         if s.lazy else weights
     workers = max(1, min(s.workers, rounding_layers or 1))
     host, dev = _split(s.device, workers * layer_peak, host_extra=held + packed)
-    fp16_rest = sum(x.params for x in shape.linears() if x.name not in formats) * 2
+    planned = sum(by_name[n].params if n in by_name else shape.embedding_params for n in formats)
+    fp16_rest = (shape.params - planned) * 2     # every tensor the plan leaves out is stored fp16
     phase = Phase("rounding", flops / max(1, s.processes) / fb, host, dev,
                   f"{rounding_layers} layers, {s.rounding}, {workers} at once")
     plan = ResourcePlan("apply", shape, s.device, [phase], packed + fp16_rest, packed + fp16_rest + packed,
@@ -453,17 +456,20 @@ def available(device: str = "cpu") -> Available:
 
 
 def check(plan: ResourcePlan, free: Available) -> str | None:
-    """None when the plan fits `free`, else one line: what does not fit, and what to change."""
-    host_short = plan.host_bytes > free.host_bytes
+    """None when the plan fits `free`, else one line: which phases do not fit, and what to change for each."""
     dev_short = free.device_bytes is not None and plan.device_bytes > free.device_bytes
-    if not (host_short or dev_short):
+    if not dev_short and plan.host_bytes <= free.host_bytes:
         return None
-    worst = max(plan.phases, key=lambda p: p.device_bytes if dev_short else p.host_bytes)
-    need, have, where = ((plan.device_bytes, free.device_bytes, "device") if dev_short
-                         else (plan.host_bytes, free.host_bytes, "host"))
-    msg = (f"the {plan.kind} needs {fmt_bytes(need)} of {where} memory per process ({worst.name} phase), "
-           f"{fmt_bytes(have)} is free: ")
-    return msg + _advice(plan, worst, where)
+    where, have = ("device", free.device_bytes) if dev_short else ("host", free.host_bytes)
+
+    def need(p: Phase) -> float:
+        return p.device_bytes if dev_short else p.host_bytes
+
+    over = sorted((p for p in plan.phases if need(p) > have), key=need, reverse=True)
+    phases = ", ".join(f"{p.name} {fmt_bytes(need(p))}" for p in over)
+    advice = "; ".join(dict.fromkeys(_advice(plan, p, where) for p in over[:2]))   # the two largest: one line
+    return (f"the {plan.kind} needs {fmt_bytes(need(over[0]))} of {where} memory per process ({phases}) and "
+            f"{fmt_bytes(have)} is free: {advice}")
 
 
 def _advice(plan: ResourcePlan, worst: Phase, where: str) -> str:
@@ -491,19 +497,23 @@ def fits(plan: ResourcePlan, free: Available | None = None) -> bool:
     return check(plan, free or available(plan.device)) is None
 
 
-def choose_factor_groups(config: dict | ModelShape, settings: ProfileSettings, free: Available) -> tuple[int, ResourcePlan]:
-    """The smallest --factor-groups whose forecast fits `free`, with its plan; when none does, G = 1's plan
-    when the factor sums are not what overflows, else the largest G's (check() then says what to change)."""
+def choose_factor_groups(config: dict | ModelShape, settings: ProfileSettings,
+                         free: Available) -> tuple[int, ResourcePlan]:
+    """The smallest --factor-groups whose forecast fits `free`, with its plan. When another phase than the
+    factors' does not fit, more groups cannot help: G = 1 and its plan; when no G fits, the largest's (check()
+    then says what to change)."""
     shape = config if isinstance(config, ModelShape) else ModelShape.from_config(config)
-    n = len(shape.linears())
-    plan = None
-    for G in _group_candidates(n):
+
+    def fits_in(p: Phase) -> bool:
+        return p.host_bytes <= free.host_bytes and (free.device_bytes is None or p.device_bytes <= free.device_bytes)
+
+    plan = profile_plan(shape, replace(settings, factor_groups=1))
+    if not all(fits_in(p) for p in plan.phases if p.name != "factors"):
+        return 1, plan
+    for G in _group_candidates(len(shape.linears())):
         plan = profile_plan(shape, replace(settings, factor_groups=G))
-        if check(plan, free) is None:
+        if fits_in(plan.phase("factors")):
             return G, plan
-        if plan.phase("factors").host_bytes <= free.host_bytes and (
-                free.device_bytes is None or plan.phase("factors").device_bytes <= free.device_bytes):
-            return G, plan   # the factor sums fit; another phase does not, and more groups will not help it
     return plan.factor_groups, plan
 
 
@@ -514,6 +524,83 @@ def _group_candidates(n: int) -> list[int]:
         out.append(g)
         g = max(g + 1, int(g * 1.34))
     return out + [n]
+
+
+# ------------------------------------------------------------------------------------------ from the CLI
+
+def format_counts(formats: str | list | None) -> tuple[int, int]:
+    """(candidate formats, distinct (group size, vector length) among the grid ones) of a --formats value."""
+    from .formats.higgs import GridFormat
+    from .profile.inputs import candidate_formats
+
+    fmts = candidate_formats(formats)
+    keys = {(m.group_size, m.vector_dim) for m in (f.for_measuring() for f in fmts) if isinstance(m, GridFormat)}
+    return len(fmts), len(keys)
+
+
+def processes() -> int:
+    """Processes of the job: torchrun's WORLD_SIZE, else 1."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def profile_job(model: str, *, samples: int, seqlen: int, batch_size: int, factor_groups: int | None,
+                noise_samples: int, judge_samples: int | None, sketch_chunk: int, checkpoint_every: int,
+                formats: str | list | None, device: str = "auto", dtype: str = "auto",
+                free: Available | None = None) -> tuple[ResourcePlan, str | None]:
+    """(plan, refusal) of `bitplan profile MODEL` with these options, from the model's config.json; with
+    `factor_groups` None the plan has the smallest G that fits `free` (default: what is free here now). The
+    refusal is None when the job fits, else check()'s one line."""
+    from .profile.defaults import DEFAULT_JUDGE_SAMPLES, DEFAULT_OUTER_WINDOWS
+
+    config, name = read_config(model)
+    kind = device_kind(device)
+    if judge_samples is None:   # the profile's default: a judge for a model that names a BOS or EOS token
+        names = any(config.get(k) is not None for k in ("bos_token_id", "eos_token_id"))
+        judge_samples = DEFAULT_JUDGE_SAMPLES if names else 0
+    count, keys = format_counts(formats)
+    settings = ProfileSettings(samples=samples, seqlen=seqlen, batch_size=batch_size, factor_groups=factor_groups,
+                               noise_samples=noise_samples, judge_samples=judge_samples,
+                               outer_windows=DEFAULT_OUTER_WINDOWS, sketch_chunk=sketch_chunk,
+                               checkpoint_every=checkpoint_every, formats=count, grid_keys=keys,
+                               dtype_bytes=dtype_bytes(dtype, kind, config), device=kind, processes=processes())
+    shape = ModelShape.from_config(config, name)
+    free = free or available(device if kind == "cuda" else "cpu")
+    if factor_groups is None:
+        _, plan = choose_factor_groups(shape, settings, free)
+    else:
+        plan = profile_plan(shape, settings)
+    return plan, check(plan, free)
+
+
+def apply_job(plan_path: str | Path, *, model: str | None = None, rounding: str | None = None,
+              profile_dir: str | Path | None = None, workers: int | None = None, device: str = "auto",
+              dtype: str = "auto", free: Available | None = None) -> tuple[ResourcePlan, str | None]:
+    """(plan, refusal) of `bitplan apply PLAN` from the plan's formats and the model's config.json."""
+    from .profile.directory import ProfileDir
+    from .solve import load_plan
+
+    plan_path = Path(plan_path)
+    solved = load_plan(plan_path)
+    recorded = (solved.profile or {}).get("model") or {}
+    spec = model or recorded.get("spec") or recorded.get("id")
+    if spec is None:
+        raise BitplanError(f"{plan_path} does not name its model; pass --model")
+    config, name = read_config(spec)
+    kind = device_kind(device)
+    samples, seqlen = 256, 256    # the default profile's calibration, unless the plan's profile says
+    prof = ProfileDir.of(profile_dir) or ProfileDir.recorded_in(solved.profile, plan_path)
+    if prof is not None and (prof.path / "profile.json").is_file():
+        fp = json.loads((prof.path / "profile.json").read_text()).get("settings", {}).get("fingerprint", {})
+        samples, seqlen = int(fp.get("samples", samples)), int(fp.get("seqlen", seqlen))
+    settings = ApplySettings(samples=samples, seqlen=seqlen, rounding=rounding or solved.rounding or "yaqa",
+                             workers=workers or os.cpu_count() or 1, dtype_bytes=dtype_bytes(dtype, kind, config),
+                             device=kind, processes=processes())
+    plan = apply_plan_resources(ModelShape.from_config(config, name), solved.formats, settings)
+    free = free or available(device if kind == "cuda" else "cpu")
+    return plan, check(plan, free)
 
 
 # ---------------------------------------------------------------------------------------------- config

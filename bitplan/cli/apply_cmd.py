@@ -35,8 +35,19 @@ def apply_command(
     dtype: str = typer.Option("auto", "--dtype", help="the dtype each layer's weight is taken in before the "
                               "rounding upcasts it: auto (the checkpoint's on a GPU, float32 on the CPU), "
                               "float32, bfloat16 or float16"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resource plan (memory per process, disk, time "
+                                 "as a multiple of one forward+backward) from the model's config.json and stop"),
 ) -> None:
     """Quantize a model per its plan (with the rounding it was solved for, by default) into a packed checkpoint."""
+    if dry_run:
+        from ..resources import apply_job, plan_table
+
+        job, refusal = apply_job(plan, model=model, rounding=rounding, profile_dir=profile, workers=workers,
+                                 device=device, dtype=dtype)
+        print_table(plan_table(job), console)
+        if refusal:
+            console.print(f"[yellow]would not fit: {refusal}[/]")
+        return
     from ..apply import apply_plan
 
     from ..distributed import Ranks
