@@ -49,7 +49,7 @@ def shrink(Hn: torch.Tensor, lam: float, target: torch.Tensor | None = None) -> 
     """(1 − λ)·H + λ·T of a normalized factor; T = I when no target is given."""
     if lam == 0.0:
         return Hn
-    T = torch.eye(Hn.shape[0], dtype=Hn.dtype) if target is None else target.to(Hn.dtype)
+    T = torch.eye(Hn.shape[0], dtype=Hn.dtype, device=Hn.device) if target is None else target.to(Hn.dtype)
     return (1.0 - lam) * Hn + lam * T
 
 
@@ -88,7 +88,7 @@ class Judge:
         # A half's factor can be singular (fewer samples than rows) and, stored in float32, a little indefinite.
         # The smallest ε·I (relative to the mean diagonal) that makes the Cholesky exist changes the judged
         # trace by ε·‖L⁻¹‖²_F / tr H ≤ 100·ε relative for a fit damped by ≥ 0.01; float32 rounding needs ≤ 1e-6.
-        eye = torch.eye(Hn.shape[0], dtype=Hn.dtype)
+        eye = torch.eye(Hn.shape[0], dtype=Hn.dtype, device=Hn.device)
         for eps in (1e-10, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3):
             chol, info = torch.linalg.cholesky_ex(Hn + eps * eye)
             if int(info) == 0:

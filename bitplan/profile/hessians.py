@@ -98,8 +98,8 @@ def factors_path(profile_dir: str | Path, name: str, half: str) -> Path:
 
 
 def save_half_factors(path: str | Path, name: str, half: str, sums: FactorSums, sketch_chunk: int) -> None:
-    def sym32(h: torch.Tensor) -> torch.Tensor:
-        return ((h + h.T) / 2).to(torch.float32).contiguous()
+    def sym32(h: torch.Tensor) -> torch.Tensor:   # symmetrized and rounded where the sums are, then to the host
+        return ((h + h.T) / 2).to(torch.float32).cpu().contiguous()
 
     meta = {"format": FORMAT, "name": name, "half": half, "sketch_chunk": sketch_chunk,
             "grad_sq": sums.grad_sq, "window_grad_sq": sums.window_grad_sq, "samples": sums.samples,
@@ -116,7 +116,7 @@ def save_input_moment(path: str | Path, name: str, half: str, xtx: torch.Tensor,
     """A one-sided file: Σ_t h_t h_tᵀ (float64 sums, stored float32 and symmetrized as the block linears' xtx)."""
     meta = {"format": FORMAT, "name": name, "half": half, "sides": "input", "samples": samples, "tokens": tokens}
     with atomic_path(path) as tmp:
-        save_file({"xtx": ((xtx + xtx.T) / 2).to(torch.float32).contiguous()}, str(tmp),
+        save_file({"xtx": ((xtx + xtx.T) / 2).to(torch.float32).cpu().contiguous()}, str(tmp),
                   metadata={"bitplan": json.dumps(meta)})
 
 
@@ -137,8 +137,10 @@ def stored_sides(profile_dir: str | Path, name: str) -> str | None:
     return "both"
 
 
-def read_half_factors(path: str | Path, dtype: torch.dtype = torch.float64) -> tuple[FactorSums, dict]:
-    """One half's sums; a one-sided file (Σxxᵀ alone) gives h_out and h_in None and grad_sq 0."""
+def read_half_factors(path: str | Path, dtype: torch.dtype = torch.float64,
+                      device: torch.device | str = "cpu") -> tuple[FactorSums, dict]:
+    """One half's sums (in `dtype` on `device`); a one-sided file (Σxxᵀ alone) gives h_out and h_in None and
+    grad_sq 0."""
     path = Path(path)
     if not path.is_file():
         raise BitplanError(f"Hessian factors not found: {path} (a profile without hessians/? re-run `bitplan profile`)")
@@ -149,8 +151,8 @@ def read_half_factors(path: str | Path, dtype: torch.dtype = torch.float64) -> t
                 h_out = h_in = None
                 meta = {"grad_sq": 0.0, "sketch_chunk": 0, **meta}
             else:
-                h_out, h_in = fh.get_tensor("h_out").to(dtype), fh.get_tensor("h_in").to(dtype)
-            xtx = fh.get_tensor("xtx").to(dtype) if "xtx" in fh.keys() else None
+                h_out, h_in = (fh.get_tensor(k).to(device, dtype) for k in ("h_out", "h_in"))
+            xtx = fh.get_tensor("xtx").to(device, dtype) if "xtx" in fh.keys() else None
     except SafetensorError as e:   # truncated (a full disk, a copy cut short) or overwritten
         profile = path.parent.parent.parent
         raise BitplanError(f"the Hessian file {path} is damaged ({e}); re-make the profile's factors: "
@@ -162,9 +164,11 @@ def read_half_factors(path: str | Path, dtype: torch.dtype = torch.float64) -> t
                       meta.get("window_grad_sq")), meta
 
 
-def load_factors(profile_dir: str | Path, name: str, dtype: torch.dtype = torch.float64) -> LayerFactors:
-    """Both halves' factors of layer `name` from a profile directory (what `apply` uses for YAQA rounding)."""
-    (a, meta), (b, _) = (read_half_factors(factors_path(profile_dir, name, h), dtype) for h in HALVES)
+def load_factors(profile_dir: str | Path, name: str, dtype: torch.dtype = torch.float64,
+                 device: torch.device | str = "cpu") -> LayerFactors:
+    """Both halves' factors of layer `name` from a profile directory (what `apply` uses for YAQA rounding), in
+    `dtype` on `device`."""
+    (a, meta), (b, _) = (read_half_factors(factors_path(profile_dir, name, h), dtype, device) for h in HALVES)
     return LayerFactors(name=name, h_out_a=a.h_out, h_in_a=a.h_in, h_out_b=b.h_out, h_in_b=b.h_in,
                         xtx_a=a.xtx, xtx_b=b.xtx,
                         grad_sq_a=a.grad_sq, grad_sq_b=b.grad_sq, samples_a=a.samples, samples_b=b.samples,

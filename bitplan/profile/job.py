@@ -254,26 +254,27 @@ class Job:
         tensors: dict[str, torch.Tensor] = {}
         stats: dict[str, list] = {}
         for name, s in state.layers.items():
-            tensors[f"{name}.h_out"] = s.h_out
-            tensors[f"{name}.h_in"] = s.h_in
-            tensors[f"{name}.xtx"] = s.xtx
+            tensors[f"{name}.h_out"] = s.h_out.cpu()
+            tensors[f"{name}.h_in"] = s.h_in.cpu()
+            tensors[f"{name}.xtx"] = s.xtx.cpu()
             stats[name] = [s.grad_sq, s.samples, s.tokens, s.window_grad_sq]
         meta = {"half": state.half, "next_batch": state.next_batch, "stats": stats}
         with atomic_path(self._ckpt(state.half, tag)) as tmp:
             save_file(tensors, str(tmp), metadata={"bitplan": json.dumps(meta)})
 
-    def load_half(self, half: str, shapes: dict[str, tuple[int, int]], tag: str = "") -> HalfFactors:
-        """The checkpointed sums of `half`, or zeros at batch 0 when there is none."""
+    def load_half(self, half: str, shapes: dict[str, tuple[int, int]], tag: str = "",
+                  device: torch.device | str = "cpu") -> HalfFactors:
+        """The checkpointed sums of `half` on `device`, or zeros at batch 0 when there is none."""
         path = self._ckpt(half, tag)
         if not path.is_file():
-            return HalfFactors(half, {n: FactorSums.zeros(*shape) for n, shape in shapes.items()}, 0)
+            return HalfFactors(half, {n: FactorSums.zeros(*shape, device=device) for n, shape in shapes.items()}, 0)
         with safe_open(str(path), framework="pt") as fh:
             meta = json.loads(fh.metadata()["bitplan"])
             layers = {}
             for name in shapes:
                 grad_sq, samples, tokens, *window = meta["stats"][name]   # older checkpoints lack window_grad_sq
-                layers[name] = FactorSums(fh.get_tensor(f"{name}.h_out"), fh.get_tensor(f"{name}.h_in"),
-                                          fh.get_tensor(f"{name}.xtx"), grad_sq, samples, tokens,
+                h_out, h_in, xtx = (fh.get_tensor(f"{name}.{k}").to(device) for k in ("h_out", "h_in", "xtx"))
+                layers[name] = FactorSums(h_out, h_in, xtx, grad_sq, samples, tokens,
                                           window[0] if window else None)
         return HalfFactors(half, layers, int(meta["next_batch"]))
 

@@ -26,6 +26,7 @@ from torch import nn
 from ..errors import BitplanError
 from ..heldout import DEFAULT_SHRINK_TARGET, Judge, rotate_factor, rotated_target, side_gain
 from ..linalg import LDL, LDLSettings
+from ..models import model_device
 from .factors import FactorSums
 from .hessians import LayerFactors
 from .relerr import rotation_seeds
@@ -67,6 +68,7 @@ def sample_windows(model: nn.Module, n: int, seqlen: int, start: int, seed: int,
     are drawn. `advance(k)` is called after every batch of k windows."""
     # transformers 5.x names the KV cache `cache` (argument and output); earlier versions `past_key_values`
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    device = model_device(model)
     out = torch.empty(n, seqlen, dtype=torch.long)
     for s in range(0, n, SAMPLE_BATCH):
         ids = list(range(s, min(n, s + SAMPLE_BATCH)))
@@ -76,9 +78,11 @@ def sample_windows(model: nn.Module, n: int, seqlen: int, start: int, seed: int,
         past = None
         with torch.inference_mode():
             for t in range(1, seqlen):
-                res = model(input_ids=tokens, use_cache=True, **{cache_arg: past})
+                res = model(input_ids=tokens.to(device), use_cache=True, **{cache_arg: past})
                 past = res[cache_arg]
-                probs = torch.softmax(res.logits[:, -1].float(), dim=-1)
+                # drawn on the host with the host's generators: the same windows from every device (one
+                # vocabulary-wide row per window and step crosses)
+                probs = torch.softmax(res.logits[:, -1].float(), dim=-1).cpu()
                 tokens = torch.stack([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(gens)])
                 out[ids, t] = tokens[:, 0]
         if advance is not None:

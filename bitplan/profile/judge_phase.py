@@ -12,10 +12,12 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from ..heldout import DEFAULT_SHRINK_TARGET
 from ..io import atomic_path, read_json, write_json
 from ..linalg import LDL
-from ..models import LinearInfo, LoadedModel, get_module
+from ..models import LinearInfo, LoadedModel, get_module, model_device
 from ..progress import Progress
 from .factors import FactorSums
 from .hessians import HESSIAN_DIR, factors_path, load_factors, read_half_factors, save_half_factors
@@ -39,7 +41,7 @@ def judge_phase(profile: Profile, out: Path, loaded: LoadedModel, infos: list[Li
         write_json(marker, settings)
     task = progress.task("judge: judging each layer's fit", len(infos))
     for k, rec in enumerate(profile.layers):
-        g = judge_layer(out, rec)
+        g = judge_layer(out, rec, model_device(loaded.model))
         rec.extra.update(alpha_shaped_judge=g.alpha_shaped, yaqa_gain_judged=g.yaqa,
                          yaqa_gain_judged_raw=g.yaqa_raw, ldlq_gain_judged=g.ldlq)
         task.advance()
@@ -50,11 +52,11 @@ def judge_phase(profile: Profile, out: Path, loaded: LoadedModel, infos: list[Li
     return write_profile(profile, out)
 
 
-def judge_layer(out: Path, rec: LayerRecord) -> JudgedGains:
+def judge_layer(out: Path, rec: LayerRecord, device: torch.device | str = "cpu") -> JudgedGains:
     """Layer `rec`'s fit as `apply --shrink auto` makes it (both halves, its λs and shrinkage target), judged under
-    the judge's factors in OUT/hessians/judge/."""
-    sums, _ = read_half_factors(factors_path(out, rec.name, JUDGE))
-    return judged_gains(load_factors(out, rec.name), sums, rec.weight_sq_norm, rec.extra.get("shrink_out") or 0.0,
+    the judge's factors in OUT/hessians/judge/, in float64 on `device`."""
+    sums, _ = read_half_factors(factors_path(out, rec.name, JUDGE), device=device)
+    return judged_gains(load_factors(out, rec.name, device=device), sums, rec.weight_sq_norm, rec.extra.get("shrink_out") or 0.0,
                         rec.extra.get("shrink_in") or 0.0, ldl=LDL,
                         target=rec.extra.get("shrink_target") or DEFAULT_SHRINK_TARGET)
 
@@ -73,7 +75,8 @@ def judge_factors(out: Path, loaded: LoadedModel, infos: list[LinearInfo], judge
                                          + "\n" for w, ids in enumerate(windows.tolist())))
     modules = {i.name: get_module(net, i.name) for i in infos}
     # judging reads the factors and Σ‖G_c‖² only: no Σxxᵀ, no window sums
-    sums = {i.name: FactorSums.zeros(i.out_features, i.in_features, moments=False) for i in infos}
+    device = model_device(net)
+    sums = {i.name: FactorSums.zeros(i.out_features, i.in_features, moments=False, device=device) for i in infos}
     task = progress.task("judge: factors", n)
     for s in range(0, n, batch_size):
         idx = list(range(s, min(n, s + batch_size)))

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import LinearInfo, get_module
+from ..models import LinearInfo, get_module, model_device
 from .sketch import sample_labels
 
 
@@ -70,11 +70,12 @@ def outer_pass(model: nn.Module, infos: list[LinearInfo], windows: torch.Tensor,
     if not infos:
         return OuterPass({})
     weights = {i.name: get_module(model, i.name).weight for i in infos}
+    device = model_device(model)
     io: dict[str, dict] = {i.name: {"grad_sq": 0.0, "out_sq": 0.0, "in_sq": 0.0} for i in infos}
     counts = None
     emb = next((i for i in infos if i.kind == "embedding"), None)
     if emb is not None:
-        counts = torch.zeros(emb.out_features, dtype=torch.float64)
+        counts = torch.zeros(emb.out_features, dtype=torch.float64, device=device)
     head = next((i for i in infos if i.kind == "head"), None)
     grads_of: dict[str, torch.Tensor] = {}
     hooks = []
@@ -94,7 +95,8 @@ def outer_pass(model: nn.Module, infos: list[LinearInfo], windows: torch.Tensor,
         if len(halves) != windows.shape[0]:
             raise ValueError(f"{len(halves)} half labels for {windows.shape[0]} windows")
         hidden = owner.in_features
-        moments = {h: InputMoment(torch.zeros(hidden, hidden, dtype=torch.float64)) for h in dict.fromkeys(halves)}
+        moments = {h: InputMoment(torch.zeros(hidden, hidden, dtype=torch.float64, device=device))
+                   for h in dict.fromkeys(halves)}
         if head is None:   # tied: the head module reads the final hidden states with the embedding's weight
             def tied_hook(module, args, out):
                 grads_of["head_in"] = args[0].detach()
@@ -106,7 +108,7 @@ def outer_pass(model: nn.Module, infos: list[LinearInfo], windows: torch.Tensor,
             w.requires_grad_(True)
             w.grad = None
         for k in range(windows.shape[0]):
-            ids = windows[k:k + 1]
+            ids = windows[k:k + 1].to(device)
             with torch.enable_grad():
                 logits = model(input_ids=ids, use_cache=False).logits
                 labels = sample_labels(logits, [k], seed)

@@ -90,10 +90,11 @@ def assemble_profile(loaded: LoadedModel, infos: list[LinearInfo], fmts: list[Fo
                      split: tuple[list[int], list[int]], fingerprint: dict, options: dict, results: dict[str, dict],
                      noise: dict[str, dict], rel_errs: dict[str, dict], timing: dict[str, float],
                      ranks: Ranks, peak_rss_gb: float, outer: list[LinearInfo] = (),
-                     outer_results: dict[str, dict] | None = None) -> Profile:
+                     outer_results: dict[str, dict] | None = None, compute: dict | None = None) -> Profile:
     """The profile of a finished job: `fingerprint` holds the settings that change results, `options` those that
     do not (batch size, checkpoint interval, factor groups). `outer` (the embedding and an untied head) with
-    `outer_results` (their gradient pass) become the profile's outer_layers."""
+    `outer_results` (their gradient pass) become the profile's outer_layers. `compute` (device, dtype: where the
+    phases ran and the weights' dtype there) goes to the settings, for readers: it is no part of the fingerprint."""
     net = loaded.model
     halves, noise_samples = fingerprint["halves"], fingerprint["noise_samples"]
     records = [layer_record(i, results[i.name], noise.get(i.name), rel_errs[i.name]) for i in infos]
@@ -116,7 +117,7 @@ def assemble_profile(loaded: LoadedModel, infos: list[LinearInfo], fmts: list[Fo
                              + "; factors kept per half"),
                   "noise_levels": fingerprint["noise_levels"], "noise_samples": noise_samples, "ldl_block": LDL.block,
                   "ldl_sigma": LDL.sigma, "dkl_unit": "mean per-token KL(original ‖ quantized), nats",
-                  "fingerprint": fingerprint, **options},
+                  "fingerprint": fingerprint, **options, **(compute or {})},
         extra={"versions": versions(), "timing_s": {k: round(v, 2) for k, v in timing.items()},
                "peak_rss_gb": round(peak_rss_gb, 3),
                "torch_threads": torch.get_num_threads(), "processes": ranks.world,

@@ -31,7 +31,7 @@ from ..distributed import Ranks
 from ..errors import BitplanError
 from ..formats import Format
 from ..linalg import LDL
-from ..models import LinearInfo, get_module
+from ..models import LinearInfo, get_module, model_device
 from ..progress import Progress
 from .coefficients import layer_coefficients
 from .factors import ChunkStats, FactorSums
@@ -61,6 +61,11 @@ class Work:
     @property
     def all_infos(self) -> list[LinearInfo]:
         return self.infos + self.outer
+
+    @property
+    def device(self) -> torch.device:
+        """Where the phases compute: the model's device."""
+        return model_device(self.net)
 
 
 def deal_unfinished(work: Work, kind: str, infos: list[LinearInfo] | None = None) -> tuple[list[LinearInfo], int]:
@@ -158,7 +163,7 @@ def factor_phase(work: Work, windows: torch.Tensor, split: tuple[list[int], list
             tag = part + (f".rank{ranks.rank}of{ranks.world}" if ranks.distributed else "")
             owned = {i.name: (i.out_features, i.in_features) for i in group if owner[i.name] == ranks.rank}
             modules = {i.name: get_module(net, i.name) for i in group}
-            state = job.load_half(half, owned, tag)
+            state = job.load_half(half, owned, tag, device=work.device)
             label = f"factors, half {half}" + (f", layers {g + 1}/{len(groups)}" if part else "")
             task = work.progress.task(label, sum(len(b) for b in mine), sum(len(b) for b in mine[:state.next_batch]))
             for k in range(state.next_batch, steps):
@@ -190,7 +195,8 @@ def reduce_to_owner(ranks: Ranks, owner: dict[str, int], sums: dict[str, FactorS
     """A sketch sink that sums one batch's statistics over the ranks onto the layer's owner (zeros from a rank
     whose batch is only a stand-in). Hooks fire in the same order on every rank, so the collectives match."""
     def sink(name: str, stats: ChunkStats, tokens: int, xtx: torch.Tensor) -> None:
-        counts = torch.tensor([stats.grad_sq, stats.samples, tokens, stats.window_grad_sq], dtype=torch.float64)
+        counts = torch.tensor([stats.grad_sq, stats.samples, tokens, stats.window_grad_sq], dtype=torch.float64,
+                              device=stats.h_out.device)   # NCCL reduces device tensors only
         # float64, as the sums are kept: a float32 sum of the ranks' parts would differ from one process by ~1e-7
         parts = [stats.h_out.double(), stats.h_in.double(), xtx.to(torch.float64, copy=True), counts]
         for t in parts:
@@ -205,12 +211,13 @@ def reduce_to_owner(ranks: Ranks, owner: dict[str, int], sums: dict[str, FactorS
 
 
 def coefficient_phase(work: Work) -> dict[str, dict]:
-    """Each layer's coefficients from the factor files the factor phase wrote (layer-parallel across ranks)."""
+    """Each layer's coefficients from the factor files the factor phase wrote (layer-parallel across ranks), in
+    float64 on the model's device (CUDA's Cholesky and triangular solves take float64), one layer at a time."""
     job = work.job
     todo, done = deal_unfinished(work, "layers")
     task = work.progress.task("coefficients (block LDL)", len(todo))
     for k, info in enumerate(todo):
-        f = load_factors(job.out, info.name)
+        f = load_factors(job.out, info.name, device=work.device)
         W = get_module(work.net, info.name).weight.detach()
         wsq = float(W.double().pow(2).sum())
         coef = layer_coefficients(f, wsq, ldl=LDL)

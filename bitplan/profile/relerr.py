@@ -30,7 +30,9 @@ def relative_errors(W: torch.Tensor, name: str, formats: list[Format],
                     importance: torch.Tensor | None = None) -> dict[str, float]:
     """t² per applicable format; `importance` [n] (the layer's mean x² per input column) weights the scale
     search of formats that use one (ggml's)."""
-    W = W.detach().to(torch.float32)
+    # On the host in float32: the grid formats' nearest-code search (a k-d tree) and ggml's block packing are host
+    # code, so a device copy would come back for them anyway; one layer's weight crosses at a time.
+    W = W.detach().to("cpu", torch.float32)
     formats = [f for f in formats if f.applicable(*W.shape)]
     rotated = rotate_weight(W, *rotation_seeds(name)) if any(f.rotated for f in formats) else None
     out: dict[str, float] = {}

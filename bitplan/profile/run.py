@@ -15,7 +15,7 @@ from torch import nn
 
 from ..distributed import Ranks
 from ..linalg import LDL
-from ..models import LoadedModel, find_linears, find_outer, weights_sha256
+from ..models import LoadedModel, find_linears, find_outer, model_device, weights_sha256
 from ..progress import Progress
 from .defaults import DEFAULT_CHUNK, DEFAULT_HALVES, DEFAULT_NOISE_SAMPLES, DEFAULT_OUTER_WINDOWS
 from .inputs import (calibration_windows, candidate_formats, check_finite, check_options, judge_size,
@@ -42,7 +42,8 @@ def profile_model(model: str | Path | LoadedModel | nn.Module, calib: str | Path
                   factor_groups: int = 1, halves: str = DEFAULT_HALVES,
                   judge_samples: int | None = None,
                   overwrite: bool = False, progress: bool = True, keep_job: bool = False,
-                  events: Events | None = None, ranks: Ranks | None = None) -> Profile:
+                  events: Events | None = None, ranks: Ranks | None = None,
+                  device: str | torch.device = "auto", dtype: str | torch.dtype = "auto") -> Profile:
     """Profile `model` on calibration text (a .txt/.jsonl path or hf:NAME) or token ids [windows, seqlen].
 
     Writes OUT/profile.json, OUT/sensitivity.csv and OUT/hessians/; resumes an interrupted run of the same
@@ -54,10 +55,13 @@ def profile_model(model: str | Path | LoadedModel | nn.Module, calib: str | Path
     `events(phase, count)` is called after each checkpoint or per-layer result (tests interrupt through it).
     Under torchrun every process calls this with the same arguments and the work is split (bitplan.distributed);
     `ranks` defaults to the group torchrun set up, or a single process.
+    `device` and `dtype` (bitplan.devices: "auto" is the first CUDA device and the checkpoint's dtype there, else
+    the CPU and float32) say where a model given by name or path is loaded and every phase computes; a model
+    passed in memory is profiled where it is. docs/design.md, "Devices and precision", says what runs where.
     """
     ranks = ranks or Ranks.current()
     progress = progress and ranks.main
-    loaded = resolve_model(model)
+    loaded = resolve_model(model, device, dtype)
     net = loaded.model
     infos = find_linears(net)
     check_finite(net, infos)
@@ -76,21 +80,28 @@ def profile_model(model: str | Path | LoadedModel | nn.Module, calib: str | Path
                    "seqlen": T, "seed": seed, "sketch_chunk": sketch_chunk, "halves": halves,
                    "noise_samples": noise_samples, "noise_levels": list(levels), "ldl_block": LDL.block,
                    "ldl_sigma": LDL.sigma}
+    held = next(net.parameters()).dtype
+    if held in (torch.bfloat16, torch.float16):
+        # bf16 weights hash as their float32 upcast (weights_sha256), but their forward passes differ from a
+        # float32 model's: such a profile is not a float32 one's to resume or reuse (float32 fingerprints unchanged)
+        fingerprint["model_dtype"] = str(held).removeprefix("torch.")
     out = Path(out_dir) if out_dir is not None else default_out_dir(loaded.model_id)
     options = {"batch_size": batch_size, "checkpoint_every": checkpoint_every, "factor_groups": factor_groups}
     # Rank 0 checks, clears or creates the folder before the others open it (and never clear it again).
     # The lock and the clean-up of killed writes' temporaries are rank 0's: the others write under its lock.
     job, complete = ranks.on_main(lambda: Job.open(out, identity, fingerprint, options, overwrite),
                                   lambda: Job.open(out, identity, fingerprint, options, False, lock=False))
+    compute = {"device": str(model_device(net)), "dtype": str(held).removeprefix("torch.")}
     try:
         return _run_job(job, complete, loaded, infos, fmts, cal, split, fingerprint, judge_samples, levels, seed,
-                        sketch_chunk, noise_samples, batch_size, progress, keep_job, events, ranks, out, T, net)
+                        sketch_chunk, noise_samples, batch_size, progress, keep_job, events, ranks, out, T, net,
+                        compute)
     finally:
         job.unlock()
 
 
 def _run_job(job, complete, loaded, infos, fmts, cal, split, fingerprint, judge_samples, levels, seed, sketch_chunk,
-             noise_samples, batch_size, progress, keep_job, events, ranks, out, T, net) -> Profile:
+             noise_samples, batch_size, progress, keep_job, events, ranks, out, T, net, compute) -> Profile:
     """profile_model's work once the job folder is open (and, on rank 0, locked)."""
     emit = events or (lambda phase, count: None)
     judge = {"samples": judge_samples, "seqlen": T, "seed": seed, "sketch_chunk": sketch_chunk}
@@ -147,7 +158,8 @@ def _run_job(job, complete, loaded, infos, fmts, cal, split, fingerprint, judge_
         return with_judge(load_profile(out))
 
     profile = write_profile(assemble_profile(loaded, infos, fmts, cal, split, fingerprint, job.options, results,
-                                             noise, rel_errs, timing, ranks, job.peak_rss_gb(), work.outer, outer),
+                                             noise, rel_errs, timing, ranks, job.peak_rss_gb(), work.outer, outer,
+                                             compute=compute),
                             out)
     job.finish(keep_job)
     ranks.barrier()

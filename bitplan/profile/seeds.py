@@ -12,5 +12,6 @@ def derive_seed(seed: int, *parts: object) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
-def generator(seed: int, *parts: object) -> torch.Generator:
-    return torch.Generator().manual_seed(derive_seed(seed, *parts))
+def generator(seed: int, *parts: object, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on `device` (a CUDA generator draws other numbers than the CPU's from the same seed)."""
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, *parts))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BitplanError
+from ..models import model_device
 
 from .factors import ChunkStats, FactorSums, chunk_stats, input_moment, window_gram
 
@@ -39,16 +40,25 @@ class SketchTimes:
 
 
 def sample_labels(logits: torch.Tensor, window_ids: list[int], seed: int) -> torch.Tensor:
-    """One label per position drawn from Categorical(logits) with a generator seeded by (seed, window).
+    """One label per position drawn from Categorical(logits) with a generator seeded by (seed, window), on the
+    logits' device (a window's T × vocab probabilities never cross to the host; on a GPU the draws are the CUDA
+    generator's, other labels than the CPU's from the same seed, and as valid).
 
     multinomial with replacement on softmax probabilities is exactly what Categorical.sample draws, but
     takes an explicit generator instead of the global one.
     """
-    labels = torch.empty(logits.shape[:2], dtype=torch.long)
+    device = logits.device
+    labels = torch.empty(logits.shape[:2], dtype=torch.long, device=device)
     for i, w in enumerate(window_ids):
         probs = torch.softmax(logits[i].detach().float(), dim=-1)
-        labels[i] = torch.multinomial(probs, 1, True, generator=generator(seed, "labels", w)).squeeze(-1)
+        labels[i] = torch.multinomial(probs, 1, True, generator=generator(seed, "labels", w, device=device)).squeeze(-1)
     return labels
+
+
+def working_precision(t: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 activations and gradients as float32 (one layer's, one batch at a time): the factor sums are
+    products of thousands of terms, which bf16's 8-bit mantissa would round away; float32 and float64 stay."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
 def accumulate_batch(model: nn.Module, modules: dict[str, nn.Module], ids: torch.Tensor, window_ids: list[int],
@@ -58,28 +68,33 @@ def accumulate_batch(model: nn.Module, modules: dict[str, nn.Module], ids: torch
     """Add one batch's chunk statistics to `sums` (every layer in `modules`), or hand them to `sink`;
     returns the labels used. `labels` overrides the sampled ones (tests use it to show that the text's own
     tokens differ). `moments` False skips Σxxᵀ and the window sums (FactorSums.zeros(..., moments=False)).
+    The pass runs on the model's device (`ids` are moved there); the statistics are taken in float32 at least.
     """
     if sink is None:
         def sink(name: str, stats: ChunkStats, tokens: int, xtx: torch.Tensor | None) -> None:
             sums[name].add(stats, tokens=tokens, xtx=xtx)
     start = time.perf_counter()
+    ids = ids.to(model_device(model))
     tokens = ids.numel()
     seen: set[str] = set()
     # q/k/v (and gate/up) share one input: its Σxxᵀ and window Grams are computed once. Each entry holds x
-    # itself, so no other tensor can reuse the address and be mistaken for it within the batch.
+    # itself, so no other tensor can reuse the address and be mistaken for it within the batch (the upcast copy
+    # of a bf16 x is made again per layer rather than kept: it would hold every block's float32 input at once).
     shared: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
 
     def on_grad(name: str, x: torch.Tensor, g: torch.Tensor) -> None:
         t0 = time.perf_counter()
         seen.add(name)
+        xw = working_precision(x)
+        gw = g.to(xw.dtype)
         if not moments:
-            sink(name, chunk_stats(x, g.to(x.dtype), chunk, window=False), tokens, None)
+            sink(name, chunk_stats(xw, gw, chunk, window=False), tokens, None)
         else:
             key = (x.data_ptr(), tuple(x.shape))
             if key not in shared:
-                shared[key] = (x, input_moment(x), window_gram(x) if chunk < x.shape[1] else None)
+                shared[key] = (x, input_moment(xw), window_gram(xw) if chunk < x.shape[1] else None)
             _, xtx, x_gram = shared[key]
-            sink(name, chunk_stats(x, g.to(x.dtype), chunk, x_gram), tokens, xtx)
+            sink(name, chunk_stats(xw, gw, chunk, x_gram), tokens, xtx)
         if times is not None:
             times.accumulate += time.perf_counter() - t0
 
@@ -90,7 +105,7 @@ def accumulate_batch(model: nn.Module, modules: dict[str, nn.Module], ids: torch
         # fp16/bf16 logits are lifted to fp32 for the loss; fp32 and fp64 keep their precision
         flat = logits.reshape(-1, logits.shape[-1])
         flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
-        loss = F.cross_entropy(flat, labels.reshape(-1), reduction="sum")
+        loss = F.cross_entropy(flat, labels.reshape(-1).to(flat.device), reduction="sum")
         loss.backward()
     missing = [n for n in modules if n not in seen]
     if missing:
