@@ -43,6 +43,11 @@ def profile_command(
     keep_job: bool = typer.Option(False, "--keep-job", help="keep OUT/.job (per-layer intermediate results) after finishing"),
     threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0: torch's default); on a machine shared "
                                 "with other jobs, 1 avoids oversubscription"),
+    device: str = typer.Option("auto", "--device", help="where every phase computes: auto (the first CUDA device, "
+                               "else the CPU), cpu, cuda or cuda:N"),
+    dtype: str = typer.Option("auto", "--dtype", help="the model's weights' dtype there: auto (the checkpoint's on a "
+                              "GPU, float32 on the CPU), float32, bfloat16 or float16; factor sums, coefficients and "
+                              "format errors stay float32/float64"),
 ) -> None:
     """Profile a model: what each block linear layer costs in KL per unit of quantization error.
 
@@ -50,6 +55,9 @@ def profile_command(
     check_settings(samples=samples, seqlen=seqlen, sketch_chunk=sketch_chunk, halves=halves,
                    noise_samples=noise_samples, batch_size=batch_size, checkpoint_every=checkpoint_every,
                    factor_groups=factor_groups, judge_samples=judge_samples, threads=threads)
+    from ..devices import resolve_device, resolve_dtype
+
+    resolve_dtype(dtype, resolve_device(device))  # a bad --device or --dtype fails before the model loads
     if out is not None:
         from ..io import check_writable
 
@@ -65,7 +73,8 @@ def profile_command(
     profile = profile_model(model, calib, samples, seqlen, seed, out, sketch_chunk=sketch_chunk,
                             noise_samples=noise_samples, formats=formats, batch_size=batch_size,
                             checkpoint_every=checkpoint_every, factor_groups=factor_groups, halves=halves,
-                            judge_samples=judge_samples, overwrite=overwrite, keep_job=keep_job)
+                            judge_samples=judge_samples, overwrite=overwrite, keep_job=keep_job,
+                            device=device, dtype=dtype)
     from ..distributed import Ranks
 
     if not Ranks.current().main:  # under torchrun, rank 0 reports
