@@ -1,9 +1,12 @@
-"""A model folder's safetensors shards, read one tensor at a time, and the model's identity hash from them.
+"""A model folder's safetensors shards, read one tensor (or a few rows of one) at a time, and the model's identity
+hash from them.
 
 A folder holds `model.safetensors.index.json` (its `weight_map`: tensor name → shard file) or one
-`model.safetensors`. Headers are read once; each tensor is read by opening its shard memory-mapped
-(`safetensors.safe_open`), copying that tensor out and closing the file again, so that no mapped page of the
-model outlives the tensor that needed it (pages of a file kept mapped count in the process's resident memory).
+`model.safetensors`. Headers are read once; a tensor's bytes are then read straight into a tensor of its own
+(a safetensors file stores each tensor as one little-endian row-major byte range). Plain reads, not a memory
+map: pages of a mapped file count in the process's resident memory while they stay mapped, and a copied-out
+tensor would then be held twice. Large tensors that need no whole-matrix work (hashing, converting to the
+checkpoint's dtypes) are read in row blocks (`chunks`).
 """
 from __future__ import annotations
 
@@ -14,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .errors import BitplanError
@@ -29,11 +31,22 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
+CHUNK_BYTES = 1 << 26   # rows read at once by `Shards.chunks`: 64 MiB
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int = 0      # where its bytes start in the file
+
+    @property
+    def row_bytes(self) -> int:
+        n = torch.empty((), dtype=self.dtype).element_size()
+        for d in self.shape[1:]:
+            n *= d
+        return n
 
 
 def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -44,7 +57,8 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
             (size,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(size))
         meta = header.pop("__metadata__", None) or {}
-        return {k: TensorInfo(path, DTYPES[v["dtype"]], tuple(v["shape"])) for k, v in header.items()}, meta
+        return {k: TensorInfo(path, DTYPES[v["dtype"]], tuple(v["shape"]), 8 + size + v["data_offsets"][0])
+                for k, v in header.items()}, meta
     except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
         raise BitplanError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
 
@@ -84,11 +98,35 @@ class Shards:
     def get(self, key: str) -> torch.Tensor:
         """One tensor, in its stored dtype, on the CPU."""
         info = self.tensors[key]
+        return self.read(key, 0, info.shape[0] if info.shape else 1)
+
+    def chunks(self, key: str, max_bytes: int | None = None):
+        """The tensor `key` as blocks of whole rows (along its first dimension) of at most `max_bytes` each (at
+        least one row); a 0- or 1-dimensional tensor in one piece."""
+        info = self.tensors[key]
+        if len(info.shape) < 2:
+            yield self.get(key)
+            return
+        step = max(1, (max_bytes or CHUNK_BYTES) // max(info.row_bytes, 1))
+        for start in range(0, info.shape[0], step):
+            yield self.read(key, start, min(start + step, info.shape[0]))
+
+    def read(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of tensor `key` (for a 0-dimensional tensor: 0, 1)."""
+        info = self.tensors[key]
+        shape = (stop - start, *info.shape[1:]) if info.shape else ()
+        out = torch.empty(shape, dtype=info.dtype)
+        size = out.numel() * out.element_size()
         try:
-            with safe_open(str(info.file), framework="pt") as f:
-                return f.get_tensor(key)
-        except (SafetensorError, OSError) as e:
+            with open(info.file, "rb") as f:
+                f.seek(info.offset + start * info.row_bytes)
+                got = f.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy())) if size else 0
+        except OSError as e:
             raise BitplanError(f"{info.file} is unreadable at {key} ({type(e).__name__}: {e})") from None
+        if got != size:
+            raise BitplanError(f"{info.file} is truncated: {key} ends past the end of the file; download or save "
+                               "the model again")
+        return out
 
 
 def state_names(model: nn.Module) -> dict[str, list[str]]:
@@ -127,12 +165,14 @@ def shards_sha256(model: nn.Module, shards: Shards, dtype: torch.dtype = torch.f
             continue
         seen.add(id(t))
         key = shard_key(aliases, name, shards)
-        x = shards.get(key) if key is not None else t.detach()
-        if x.is_meta:
+        if key is None and t.is_meta:
             raise BitplanError(f"{shards.folder}: no shard holds {name}")
-        if x.is_floating_point():
-            x = x.to(dtype)
-        h.update(f"{name}|{tuple(t.shape)}|{x.dtype}".encode())
-        h.update(x.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-        del x   # before the next tensor is read: one in memory at a time
+        stored = shards.tensors[key].dtype if key is not None else t.dtype
+        h.update(f"{name}|{tuple(t.shape)}|{dtype if stored.is_floating_point else stored}".encode())
+        # row blocks in order: their bytes are the whole tensor's (row-major)
+        for x in (shards.chunks(key) if key is not None else [t.detach()]):
+            if x.is_floating_point():
+                x = x.to(dtype)
+            h.update(x.contiguous().reshape(-1).view(torch.uint8).numpy())
+            del x   # before the next block is read
     return h.hexdigest()

@@ -218,8 +218,8 @@ def write_checkpoint_parts(out_dir: str | Path, source, parts: dict[str, Path], 
             continue
         seen.add(id(t))
         dtype, shape = source.tensor_info(key)
-        entries.append(Entry(key, _stored_dtype(dtype, len(shape)), shape,
-                             lambda key=key: _keep_precision(key, source.tensor(key)).contiguous()))
+        entries.append(Entry(key, _stored_dtype(dtype, len(shape)), shape,   # a block's dims are the tensor's
+                             lambda key=key: (_keep_precision(key, t) for t in source.chunks(key))))
     for name, part in parts.items():
         for key, info in read_header(part)[0].items():
             entries.append(Entry(f"{name}.{key}", info.dtype, info.shape,

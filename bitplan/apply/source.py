@@ -53,6 +53,15 @@ class WeightSource:
         t = self.shards.get(key) if key is not None else self.model.get_buffer(name)
         return t.to(torch.float32) if t.is_floating_point() else t
 
+    def chunks(self, name: str):
+        """`tensor(name)` in blocks of rows (lazy: read a block at a time; see bitplan.shards.Shards.chunks)."""
+        key = shard_key(self.names, name, self.shards) if self.lazy else None
+        if key is None:
+            yield self.tensor(name)
+            return
+        for t in self.shards.chunks(key):
+            yield t.to(torch.float32) if t.is_floating_point() else t
+
     def tensor_info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
         """(dtype, shape) of `tensor(name)` without reading it."""
         if not self.lazy:

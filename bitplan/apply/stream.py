@@ -5,7 +5,7 @@ safetensors lays a file out as an 8-byte little-endian header length, the header
 first, then each tensor's dtype, shape and byte range, in data order; padded with spaces to a multiple of 8),
 then the tensors' bytes back to back, ordered by dtype (widest first, in the order below) and then by name.
 Each tensor's dtype and shape are known before it is read, so the header is written first and each tensor is
-loaded, written and dropped in turn.
+loaded, written and dropped in turn; a large one may come as blocks of rows, written as they come.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -32,7 +32,8 @@ class Entry:
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    load: Callable[[], torch.Tensor]   # called once, when the tensor's bytes are written
+    # called once, when the tensor's bytes are written: the tensor, or its blocks of rows (along dim 0) in order
+    load: Callable[[], torch.Tensor | Iterable[torch.Tensor]]
 
     @property
     def nbytes(self) -> int:
@@ -62,11 +63,19 @@ def save_streamed(entries: list[Entry], path: str | Path, metadata: dict[str, st
             f.write(chunk)
             digest.update(chunk)
         for e in ordered:
-            t = e.load()
-            if t.dtype != e.dtype or tuple(t.shape) != tuple(e.shape):
-                raise ValueError(f"{e.name}: loaded {t.dtype} {tuple(t.shape)}, the header says {e.dtype} {e.shape}")
-            data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
-            f.write(data)
-            digest.update(data)
-            del t, data
+            loaded = e.load()
+            whole = isinstance(loaded, torch.Tensor)
+            written = 0
+            for t in ([loaded] if whole else loaded):
+                if t.dtype != e.dtype or tuple(t.shape[int(not whole):]) != tuple(e.shape[int(not whole):]):
+                    raise ValueError(f"{e.name}: loaded {t.dtype} {tuple(t.shape)}, the header says {e.dtype} "
+                                     f"{e.shape}")
+                data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+                f.write(data)
+                digest.update(data)
+                written += data.nbytes
+                del t, data
+            del loaded
+            if written != e.nbytes:
+                raise ValueError(f"{e.name}: {written} bytes written, the header says {e.nbytes}")
     return digest.hexdigest()

@@ -66,6 +66,31 @@ def folder_bytes(folder) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
+def test_streamed_file_has_save_files_bytes(tmp_path):
+    """save_streamed writes what safetensors' save_file writes, for every dtype, a scalar, an empty tensor, and
+    tensors given in blocks of rows."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    from bitplan.apply.stream import Entry, save_streamed
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"scalar": torch.tensor(3.0), "empty": torch.zeros(0, 4)}
+    for i, dtype in enumerate([torch.bool, torch.uint8, torch.int8, torch.float8_e5m2, torch.float8_e4m3fn,
+                               torch.int16, torch.uint16, torch.float16, torch.bfloat16, torch.int32, torch.uint32,
+                               torch.float32, torch.float64, torch.int64, torch.uint64]):
+        for name in ("zz", "a.b", "m"):
+            x = torch.randn(5, i + 1, generator=g) * 10
+            tensors[f"{name}{i}"] = x.to(dtype) if dtype.is_floating_point else x.abs().to(torch.int64).to(dtype)
+    save_file(tensors, str(tmp_path / "a"), metadata={"format": "pt"})
+    entries = [Entry(k, t.dtype, tuple(t.shape), (lambda t=t: t) if t.dim() < 2 else (lambda t=t: iter(t.split(2))))
+               for k, t in tensors.items()]
+    digest = save_streamed(entries, tmp_path / "b", {"format": "pt"})
+    data = (tmp_path / "a").read_bytes()
+    assert (tmp_path / "b").read_bytes() == data and digest == hashlib.sha256(data).hexdigest()
+
+
 def test_the_fixture_models_are_stored_as_intended(models):
     sharded, single = models["sharded"][0], models["single"][0]
     assert (sharded / "model.safetensors.index.json").is_file() and len(list(sharded.glob("*.safetensors"))) > 3
@@ -79,6 +104,7 @@ def test_lazy_checkpoint_has_the_bytes_of_the_loaded_model(models, kind, roundin
     """Every file of the checkpoint, byte for byte, whether apply loads the model whole (save_file of a dict of
     tensors) or reads it from the shards (streamed tensor by tensor)."""
     import bitplan.apply.source as source
+    import bitplan.shards as shards
 
     folder, profile, formats = models[kind]
     whole = apply_formats(str(folder), formats, tmp_path / "whole", rounding=rounding, profile_dir=profile,
@@ -88,6 +114,7 @@ def test_lazy_checkpoint_has_the_bytes_of_the_loaded_model(models, kind, roundin
         raise AssertionError("the lazy path loaded the whole model")
 
     monkeypatch.setattr(source, "load_model", no_whole_model)
+    monkeypatch.setattr(shards, "CHUNK_BYTES", 1000)   # large tensors hashed and written in blocks of rows
     lazy = apply_formats(str(folder), formats, tmp_path / "lazy", rounding=rounding, profile_dir=profile,
                          progress=False)
     assert lazy.stats == whole.stats
@@ -122,34 +149,36 @@ def test_a_changed_weight_changes_the_shard_hash(models, tmp_path, tiny_tokenize
 
 
 def test_one_tensor_of_the_model_in_memory_at_a_time(models, tmp_path, monkeypatch):
-    """With one worker, no tensor read from the shards is alive when the next is read (hashing, rounding, and
-    writing the checkpoint alike), and the whole model is never built."""
+    """With one worker, no tensor (or block of rows) read from the shards is alive when the next is read (hashing,
+    rounding, and writing the checkpoint alike), and the whole model is never built."""
     from transformers import AutoModelForCausalLM
 
     folder, profile, formats = models["sharded"]
     alive: list[tuple[str, weakref.ref]] = []
     reads: list[str] = []
-    real_get = Shards.get
+    real_read = Shards.read
 
-    def get(self, key):
+    def read(self, key, start, stop):
         held = [name for name, ref in alive if ref() is not None]
         assert not held, f"reading {key} while {held} is still in memory"
-        t = real_get(self, key)
+        t = real_read(self, key, start, stop)
         alive.append((key, weakref.ref(t)))
-        reads.append(key)
+        reads.append((key, start))
         return t
 
     def no_model(*args, **kwargs):
         raise AssertionError("the whole model was built")
 
-    monkeypatch.setattr(Shards, "get", get)
+    monkeypatch.setattr(Shards, "read", read)
+    monkeypatch.setattr("bitplan.shards.CHUNK_BYTES", 4096)
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_model)
     apply_formats(str(folder), formats, tmp_path / "q", rounding="yaqa", profile_dir=profile, workers=1,
                   progress=False)
-    # every planned weight was read for its rounding (and once more for the hash), every other tensor was read
+    # every planned weight was read whole for its rounding, and every tensor in blocks for the hash
     planned = {f"{n}.weight" for n in formats}
-    assert all(reads.count(key) == 2 for key in planned)
-    assert set(Shards.open(folder).tensors) <= set(reads)
+    assert all(reads.count((key, 0)) == 2 for key in planned)
+    assert set(Shards.open(folder).tensors) <= {key for key, _ in reads}
+    assert any(start > 0 for _, start in reads)
 
 
 def test_a_killed_lazy_apply_resumes(models, tmp_path, monkeypatch):
