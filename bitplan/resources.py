@@ -92,6 +92,7 @@ class ModelShape:
     tied: bool
     fused: bool = False          # qkv_proj and gate_up_proj (Phi-3)
     norms_per_block: int = 2     # Gemma 2/3: 4
+    biases: tuple[str, ...] = ()  # the linears with a bias: Qwen2's q/k/v, attention_bias, mlp_bias
     config_dtype: str | None = None
 
     @classmethod
@@ -106,12 +107,17 @@ class ModelShape:
                                "hidden_size, intermediate_size, num_hidden_layers, num_attention_heads and "
                                "vocab_size (a Llama/Qwen/Mistral/Gemma-like config.json)") from None
         kind = str(cfg.get("model_type", ""))
+        biases = ("q_proj", "k_proj", "v_proj") if kind.startswith("qwen2") else ()
+        if cfg.get("attention_bias"):
+            biases = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
+        if cfg.get("mlp_bias"):
+            biases += ("gate_proj", "up_proj", "gate_up_proj", "down_proj")
         return cls(name=name, hidden=hidden, intermediate=intermediate, layers=layers, heads=heads,
                    kv_heads=int(cfg.get("num_key_value_heads") or heads),
                    head_dim=int(cfg.get("head_dim") or hidden // heads), vocab=vocab,
                    tied=bool(cfg.get("tie_word_embeddings", config.get("tie_word_embeddings", True))),
                    fused=kind in ("phi3",), norms_per_block=4 if kind.startswith(("gemma2", "gemma3")) else 2,
-                   config_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "") or None)
+                   config_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "") or None, biases=biases)
 
     @property
     def q_dim(self) -> int:
@@ -139,7 +145,8 @@ class ModelShape:
 
     @property
     def block_params(self) -> int:
-        return sum(x.params for x in self.block_linears()) + self.norms_per_block * self.hidden
+        return (sum(x.params + (x.out_features if x.kind in self.biases else 0) for x in self.block_linears())
+                + self.norms_per_block * self.hidden)
 
     @property
     def embedding_params(self) -> int:
