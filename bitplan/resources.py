@@ -303,8 +303,8 @@ def profile_plan(config: dict | ModelShape, settings: ProfileSettings) -> Resour
     f32, f64 = _cost(s.device, "f32", db), _cost(s.device, "f64", db)
     act = (shape.saved_per_token() * db + LOGIT_COPIES * shape.vocab * 4)
     widest = max(linears, key=lambda x: x.out_features * x.in_features)
-    # load: the weights in their dtype (on a GPU they pass through the host on their way)
-    host, dev = _split(s.device, weights, host_extra=weights if s.device != "cpu" else 0.0)
+    # load: the weights in their dtype (on a GPU straight from the shards to the device: accelerate's device_map)
+    host, dev = _split(s.device, weights)
     phases: list[Phase] = [Phase("load", 0.0, host, dev, f"{fmt_bytes(weights)} of weights")]
 
     # noise: the cache of every block's input and the reference log-probs, then one layer's reruns from its block

@@ -46,7 +46,7 @@ def apply_command(
                                  device=device, dtype=dtype)
         print_table(plan_table(job), console)
         if refusal:
-            console.print(f"[yellow]would not fit: {refusal}[/]")
+            console.print(f"[yellow]would not fit: {refusal}[/]", soft_wrap=True)
         return
     from ..apply import apply_plan
 

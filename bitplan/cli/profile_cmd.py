@@ -9,7 +9,7 @@ import typer
 from ..data import BUILTIN_TEXTS, DEFAULT_CALIBRATION
 from ..profile.defaults import (DEFAULT_CHUNK, DEFAULT_HALVES, DEFAULT_JUDGE_SAMPLES, DEFAULT_NOISE_SAMPLES,
                                 DEFAULT_SAMPLES, DEFAULT_SEQLEN, HALF_SPLITS)
-from . import app, console, print_table
+from . import app, console, err_console, print_table
 
 
 @app.command("profile")
@@ -31,8 +31,10 @@ def profile_command(
     batch_size: int = typer.Option(4, "--batch-size", help="windows per forward/backward pass (memory vs speed; results do not depend on it)"),
     checkpoint_every: int = typer.Option(64, "--checkpoint-every", help="windows between checkpoints of the running "
                                          "factor sums (each writes a half's float64 sums: 3.5 GB for smollm2-135m)"),
-    factor_groups: int = typer.Option(1, "--factor-groups", help="run the calibration G times, each for 1/G of the "
-                                      "layers: the factor sums take 1/G of the memory (same result, G × the passes)"),
+    factor_groups: Optional[int] = typer.Option(None, "--factor-groups", show_default=False,
+                                                help="run the calibration G times, each for 1/G of the layers: the "
+                                                "factor sums take 1/G of the memory (same result, G × the passes; "
+                                                "default: the smallest G whose resource plan fits the free memory)"),
     judge_samples: Optional[int] = typer.Option(None, "--judge-samples", show_default=False,
                                                 help="forecast for text unlike the calibration: judge each layer's fit "
                                                 f"on this many windows sampled from the model itself (default "
@@ -48,16 +50,43 @@ def profile_command(
     dtype: str = typer.Option("auto", "--dtype", help="the model's weights' dtype there: auto (the checkpoint's on a "
                               "GPU, float32 on the CPU), float32, bfloat16 or float16; factor sums, coefficients and "
                               "format errors stay float32/float64"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resource plan (memory per process, hessians/ "
+                                 "disk, factor groups, each phase's time as a multiple of one forward+backward) "
+                                 "from the model's config.json, without loading weights, and stop"),
 ) -> None:
     """Profile a model: what each block linear layer costs in KL per unit of quantization error.
 
     Interrupted runs resume: run the same command again."""
     check_settings(samples=samples, seqlen=seqlen, sketch_chunk=sketch_chunk, halves=halves,
                    noise_samples=noise_samples, batch_size=batch_size, checkpoint_every=checkpoint_every,
-                   factor_groups=factor_groups, judge_samples=judge_samples, threads=threads)
+                   factor_groups=1 if factor_groups is None else factor_groups, judge_samples=judge_samples,
+                   threads=threads)
+    from ..distributed import Ranks
+    from ..errors import BitplanError
+    from ..resources import plan_table, profile_job
+
+    try:
+        plan, refusal = profile_job(model, samples=samples, seqlen=seqlen, batch_size=batch_size,
+                                    factor_groups=factor_groups, noise_samples=noise_samples,
+                                    judge_samples=judge_samples, sketch_chunk=sketch_chunk,
+                                    checkpoint_every=checkpoint_every, formats=formats, device=device, dtype=dtype)
+    except BitplanError:
+        if dry_run:
+            raise
+        plan, refusal = None, None   # no config.json to plan from: loading the model says what is wrong
+    if dry_run:
+        print_table(plan_table(plan), console)
+        if refusal:
+            console.print(f"[yellow]would not fit: {refusal}[/]", soft_wrap=True)
+        return
     from ..devices import resolve_device, resolve_dtype
 
     resolve_dtype(dtype, resolve_device(device))  # a bad --device or --dtype fails before the model loads
+    if plan is not None and Ranks.current().main:
+        print_table(plan_table(plan), err_console)
+    if refusal:
+        raise BitplanError(refusal)
+    factor_groups = plan.factor_groups if plan is not None else (factor_groups or 1)
     if out is not None:
         from ..io import check_writable
 
