@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 
 from ..errors import BitplanError
 from ..io import atomic_path, read_json, write_json
-from .factors import FactorSums, HalfFactors
+from .factors import FactorSums, HalfFactors, sum_dtype
 from .hessians import HESSIAN_DIR
 from .schema import SCHEMA
 
@@ -273,7 +273,8 @@ class Job:
             layers = {}
             for name in shapes:
                 grad_sq, samples, tokens, *window = meta["stats"][name]   # older checkpoints lack window_grad_sq
-                h_out, h_in, xtx = (fh.get_tensor(f"{name}.{k}").to(device) for k in ("h_out", "h_in", "xtx"))
+                h_out, h_in, xtx = (fh.get_tensor(f"{name}.{k}").to(device, sum_dtype(device))
+                                    for k in ("h_out", "h_in", "xtx"))
                 layers[name] = FactorSums(h_out, h_in, xtx, grad_sq, samples, tokens,
                                           window[0] if window else None)
         return HalfFactors(half, layers, int(meta["next_batch"]))
