@@ -1,10 +1,13 @@
 """`--device` and `--dtype`: what a user asks for, as a torch.device and a torch.dtype.
 
-`auto` device is the first CUDA device when torch sees one, else the CPU. `auto` dtype keeps a checkpoint's own
-weight dtype (bf16 for most current models) on a GPU, and float32 on the CPU, where bf16 matmuls are slow on most
-processors and float32 reproduces profiles and checkpoints made before devices existed.
+`auto` device is the first CUDA device when torch sees one (under torchrun, LOCAL_RANK's), else the CPU. `auto`
+dtype keeps a checkpoint's own weight dtype (bf16 for most current models) on a GPU, and float32 on the CPU, where
+bf16 matmuls are slow on most processors and float32 reproduces profiles and checkpoints made before devices
+existed.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -22,7 +25,9 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     spec = (spec or "auto").strip().lower()
     cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if spec == "auto":
-        return torch.device("cuda:0" if cuda_count else "cpu")
+        # under torchrun one GPU per process: the one torchrun's LOCAL_RANK names (0 for a single process)
+        local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        return torch.device(f"cuda:{local % cuda_count}" if cuda_count else "cpu")
     if spec == "cpu":
         return torch.device("cpu")
     if spec == "cuda" or spec.startswith("cuda:"):

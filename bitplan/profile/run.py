@@ -63,6 +63,8 @@ def profile_model(model: str | Path | LoadedModel | nn.Module, calib: str | Path
     progress = progress and ranks.main
     loaded = resolve_model(model, device, dtype)
     net = loaded.model
+    if model_device(net).type == "cuda":
+        torch.cuda.set_device(model_device(net))   # NCCL's collectives under torchrun run on the current device
     infos = find_linears(net)
     check_finite(net, infos)
     fmts = candidate_formats(formats)
