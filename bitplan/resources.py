@@ -31,6 +31,9 @@ GIB = 2 ** 30
 # Measured on this repository's CPU machine (docs/big-models.md, "How the forecast is made"):
 # resident memory of a process with torch, transformers and bitplan imported and the model's code loaded;
 BASE_HOST_BYTES = 0.22 * GIB
+# what the first forward+backward leaves resident (autograd's engine, the math libraries' buffers): a 16-token
+# pass of the default model raised the resident memory by 0.32 GiB, and it stays for the rest of the process;
+RUNTIME_HOST_BYTES = 0.32 * GIB
 # a CUDA context with cuBLAS/cuSOLVER loaded adds host memory of its own (not measured here: a nominal figure);
 CUDA_HOST_BYTES = 1.5 * GIB
 # and device memory (context, allocator reserve);
@@ -267,12 +270,14 @@ def layer_groups(linears: list[Linear], groups: int) -> list[list[Linear]]:
     return [linears[bounds[k]:bounds[k + 1]] for k in range(groups)]
 
 
-def _split(device: str, compute: float, host_extra: float = 0.0) -> tuple[float, float]:
+def _split(device: str, compute: float, host_extra: float = 0.0, ran: bool = True) -> tuple[float, float]:
     """(host, device) bytes: on the CPU everything is resident in the process; on a GPU the compute side is on
-    the device and the host keeps the process, the CUDA context and `host_extra`."""
+    the device and the host keeps the process, the CUDA context and `host_extra`. `ran`: a forward+backward has
+    run in the process (its runtime buffers are resident)."""
+    base = BASE_HOST_BYTES + (RUNTIME_HOST_BYTES if ran else 0.0)
     if device == "cpu":
-        return BASE_HOST_BYTES + compute + host_extra, 0.0
-    return BASE_HOST_BYTES + CUDA_HOST_BYTES + host_extra, CUDA_DEVICE_BYTES + compute
+        return base + compute + host_extra, 0.0
+    return base + CUDA_HOST_BYTES + host_extra, CUDA_DEVICE_BYTES + compute
 
 
 def _cost(device: str, kind: str, dtype_bytes: int) -> float:
@@ -304,7 +309,7 @@ def profile_plan(config: dict | ModelShape, settings: ProfileSettings) -> Resour
     act = (shape.saved_per_token() * db + LOGIT_COPIES * shape.vocab * 4)
     widest = max(linears, key=lambda x: x.out_features * x.in_features)
     # load: the weights in their dtype (on a GPU straight from the shards to the device: accelerate's device_map)
-    host, dev = _split(s.device, weights)
+    host, dev = _split(s.device, weights, ran=False)
     phases: list[Phase] = [Phase("load", 0.0, host, dev, f"{fmt_bytes(weights)} of weights")]
 
     # noise: the cache of every block's input and the reference log-probs, then one layer's reruns from its block
@@ -429,7 +434,7 @@ def apply_plan_resources(config: dict | ModelShape, formats: dict[str, str], set
     held = (shape.embedding_params * (1 if shape.tied else 2) + shape.hidden * (1 + 2 * shape.layers)) * db \
         if s.lazy else weights
     workers = max(1, min(s.workers, rounding_layers or 1))
-    host, dev = _split(s.device, workers * layer_peak, host_extra=held + packed)
+    host, dev = _split(s.device, workers * layer_peak, host_extra=held + packed, ran=False)
     planned = sum(by_name[n].params if n in by_name else shape.embedding_params for n in formats)
     fp16_rest = (shape.params - planned) * 2     # every tensor the plan leaves out is stored fp16
     phase = Phase("rounding", flops / max(1, s.processes) / fb, host, dev,
@@ -473,7 +478,7 @@ def check(plan: ResourcePlan, free: Available) -> str | None:
         return p.device_bytes if dev_short else p.host_bytes
 
     over = sorted((p for p in plan.phases if need(p) > have), key=need, reverse=True)
-    phases = ", ".join(f"{p.name} {fmt_bytes(need(p))}" for p in over)
+    phases = ", ".join(f"{p.name} {fmt_bytes(need(p))}" for p in over[:3]) + (", …" if len(over) > 3 else "")
     advice = "; ".join(dict.fromkeys(_advice(plan, p, where) for p in over[:2]))   # the two largest: one line
     return (f"the {plan.kind} needs {fmt_bytes(need(over[0]))} of {where} memory per process ({phases}) and "
             f"{fmt_bytes(have)} is free: {advice}")
@@ -645,7 +650,12 @@ def read_config(spec: str | os.PathLike) -> tuple[dict, str]:
         raise BitplanError(f"cannot read {path}: {e}") from None
     if not isinstance(config, dict):
         raise BitplanError(f"{path} is not a config.json (no JSON object)")
-    name = spec if spec in BUILTIN_MODELS else (p.parent.name if p.is_file() else p.name or spec)
+    if spec in BUILTIN_MODELS:
+        name = spec
+    elif p.is_file():   # a config.json names its folder; another .json file itself
+        name = p.parent.name if p.name == "config.json" else p.stem
+    else:
+        name = p.name or spec
     return config, name
 
 
