@@ -67,6 +67,25 @@ def _read_part(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict] | N
         return None
 
 
+@functools.cache
+def _libc():
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:   # not glibc
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed on the heap back to the system (glibc's malloc_trim). A layer's rounding frees tens of MB
+    of temporaries; glibc keeps such blocks for reuse, and across layers of other sizes they pile up as resident
+    fragments (measured on the default model: ~150 MB of apply's peak). Elsewhere than glibc: nothing."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def _note(text: str) -> None:
     from rich.console import Console
     from rich.markup import escape
@@ -257,7 +276,10 @@ def apply_formats(model: str | LoadedModel | WeightSource, formats: dict[str, st
         with atomic_path(part) as tmp:
             save_file({k: v.contiguous() for k, v in res.tensors.items()}, str(tmp),
                       metadata={"bitplan": json.dumps({"key": key, "stats": stats})})
-        return name, (None if source.lazy else res.tensors), stats
+        packed = None if source.lazy else res.tensors
+        del res
+        release_freed_memory()
+        return name, packed, stats
 
     notes = [f"{n}: {note}" for n in work if n in vocab
              for note in [vocab_rounding(vocab[n], rounding, sides[n], tied)[1]] if note]
