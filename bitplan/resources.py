@@ -322,7 +322,7 @@ def profile_plan(config: dict | ModelShape, settings: ProfileSettings) -> Resour
                      for x in linears]
         flops = n_noise * (s.noise_levels * (sum(per_layer) + fwd + (0 if shape.tied else 2 * shape.embedding_params))
                            + 2 * fwd)
-        phases.append(Phase("noise", flops / fb, host, dev, f"{len(linears) + shape.outer_matrices()} layers × "
+        phases.append(Phase("noise", flops / W / fb, host, dev, f"{len(linears) + shape.outer_matrices()} layers × "
                                                             f"{s.noise_levels} levels on {n_noise} tokens"))
 
     # factors: one group's float64 sums, a batch's activations, the hooks' inputs, one layer's batch statistics
@@ -349,7 +349,7 @@ def profile_plan(config: dict | ModelShape, settings: ProfileSettings) -> Resour
         if ident not in inputs_seen:
             inputs_seen.add(ident)
             accumulate += 0.55 * x.in_features ** 2 + (tri * T * x.in_features if window else 0.0)
-    phases.append(Phase("factors", G + tokens * 2 * accumulate * f32 / fb, host, dev,
+    phases.append(Phase("factors", (G + tokens * 2 * accumulate * f32 / fb) / W, host, dev,
                         f"{G} group(s) × 2 halves; {fmt_bytes(sums)} of float64 sums per group"))
 
     # outer: one window at a time with the embedding's (and head's) weight gradient
