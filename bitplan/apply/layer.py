@@ -54,7 +54,9 @@ def prepare_factor(H: torch.Tensor, seed: int | None, block: int, lam: float, na
     if device is not None:
         H_rot, T = H_rot.to(device), (T.to(device) if T is not None else None)
     Hn, T = normalized_pair(H_rot, T)
+    del H_rot   # a factor is n × n float64: hold as few copies as the steps need
     Hn = shrink(Hn, lam, T)
+    del T
     return Hn, block_ldl(Hn, block, sigma=LDL.sigma, name=name)
 
 

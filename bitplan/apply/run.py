@@ -265,13 +265,15 @@ def apply_formats(model: str | LoadedModel | WeightSource, formats: dict[str, st
         else:
             lams = Shrinkage(lam if method == "yaqa" else 0.0, 0.0, shrink_target)
         H_in, H_out = (None, None) if f is None else ((f.xtx, None) if method == "ldlq" else (f.h_in, f.h_out))
+        one_sided = f is not None and f.one_sided
+        del f   # the halves: the rounding needs only their sums
         res: LayerResult = quantize_layer(name, W.to(weight_dtype), fmt, method, H_in, H_out, shrink_out=lams.out,
                                           shrink_in=lams.inp, target=shrink_target, device=device)
-        del W
+        del W, H_in, H_out
         stats = {**res.stats, **lams.stats(), "format": fmt.name, "rounding": method}
         if name in vocab:
             stats.update(kind=vocab[name], rounding_note=vocab_rounding(vocab[name], rounding, sides[name], tied)[1])
-            if method == "ldlq" and f.one_sided:
+            if method == "ldlq" and one_sided:
                 stats["h_in"] = "the head input's second moment E[hhᵀ]"
         with atomic_path(part) as tmp:
             save_file({k: v.contiguous() for k, v in res.tensors.items()}, str(tmp),
