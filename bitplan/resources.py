@@ -52,10 +52,16 @@ APPLY_FACTOR_BUFFERS = 2.5
 # (their normalized vectors and per-weight scales are kept for the matrix while each grid rounds it);
 FORMAT_BYTES_PER_WEIGHT = 32
 FORMAT_BYTES_PER_GRID_KEY = 30
-# time of the format errors per weight and format, in float32 multiply-add equivalents of the forward pass:
-# the default profile of the default model (39 formats, 134.5 M weights, 357 s) against its plain
-# forward+backward (64 K tokens, 275 s; docs/results.md, "Cost");
-FORMAT_FLOPS_PER_WEIGHT = 9.0e3
+# time of the format errors per weight, in float32 flop equivalents of the forward pass: the default profile of the
+# default model (39 formats, 134.5 M weights, 357 s against its 275 s forward+backward of 64 K tokens; docs/
+# results.md, "Cost") split as one 1536×576 matrix's measured costs split it: the rotation once, each grid
+# format (k-d tree search) 6 × an integer one;
+FORMAT_ROTATION_FLOPS = 2.9e3
+FORMAT_GRID_FLOPS = 1.2e4
+FORMAT_OTHER_FLOPS = 1.9e3
+# writing a half's factor files (symmetrized float32 from the float64 sums), per byte written, in the same units:
+# the default profile's factor phase less its passes and accumulation (16 s for 3.5 GB of hessians/);
+WRITE_FLOPS_PER_BYTE = 600.0
 # apply's per-layer overhead: one batched step per anti-diagonal wavefront of tiles (Python and small kernels)
 WAVEFRONT_FLOPS = 2.0e7
 
@@ -195,6 +201,7 @@ class ProfileSettings:
     sketch_chunk: int = 1
     checkpoint_every: int = 64
     formats: int = 39                    # candidate formats
+    grid_formats: int = 28               # of which grid (higgs) formats
     grid_keys: int = 4                   # distinct (group size, vector length) among the grid formats
     noise_levels: int = 2
     dtype_bytes: int = 4
@@ -349,7 +356,8 @@ def profile_plan(config: dict | ModelShape, settings: ProfileSettings) -> Resour
         if ident not in inputs_seen:
             inputs_seen.add(ident)
             accumulate += 0.55 * x.in_features ** 2 + (tri * T * x.in_features if window else 0.0)
-    phases.append(Phase("factors", (G + tokens * 2 * accumulate * f32 / fb) / W, host, dev,
+    written = 2 * hessian_file_bytes(linears) * WRITE_FLOPS_PER_BYTE
+    phases.append(Phase("factors", (G + (tokens * 2 * accumulate * f32 + written) / fb) / W, host, dev,
                         f"{G} group(s) × 2 halves; {fmt_bytes(sums)} of float64 sums per group"))
 
     # outer: one window at a time with the embedding's (and head's) weight gradient
@@ -370,7 +378,9 @@ def profile_plan(config: dict | ModelShape, settings: ProfileSettings) -> Resour
     matrices = [x.params for x in linears] + [shape.embedding_params] * shape.outer_matrices()
     per_weight = FORMAT_BYTES_PER_WEIGHT + FORMAT_BYTES_PER_GRID_KEY * s.grid_keys
     host, dev = _split(s.device, weights + per_weight * max(matrices))
-    flops = sum(matrices) * s.formats * FORMAT_FLOPS_PER_WEIGHT / W
+    per_weight_flops = (FORMAT_ROTATION_FLOPS + FORMAT_GRID_FLOPS * s.grid_formats
+                        + FORMAT_OTHER_FLOPS * (s.formats - s.grid_formats))
+    flops = sum(matrices) * per_weight_flops / W
     phases.append(Phase("formats", flops / fb, host, dev, f"{s.formats} formats; {fmt_bytes(per_weight * max(matrices))} "
                                                           "for the widest matrix"))
 
@@ -422,7 +432,7 @@ def apply_plan_resources(config: dict | ModelShape, formats: dict[str, str], set
         rounding_layers += 1
         two_sided = s.rounding == "yaqa" and x is not None
         one_sided = s.rounding != "rtn"
-        flops += m * n * FORMAT_FLOPS_PER_WEIGHT / 8     # fit, encode and pack: one format of the profile's phase
+        flops += m * n * (FORMAT_ROTATION_FLOPS + (FORMAT_GRID_FLOPS if fmt.kind == "grid" else FORMAT_OTHER_FLOPS))
         if one_sided:
             flops += f64 * (2 * 0.67 * n ** 3 + (2 * 0.67 * m ** 3 if two_sided else 0)
                             + 5 * m * n * ((m if two_sided else 0) + n))
@@ -540,14 +550,13 @@ def _group_candidates(n: int) -> list[int]:
 
 # ------------------------------------------------------------------------------------------ from the CLI
 
-def format_counts(formats: str | list | None) -> tuple[int, int]:
-    """(candidate formats, distinct (group size, vector length) among the grid ones) of a --formats value."""
+def format_counts(formats: str | list | None) -> tuple[int, int, int]:
+    """(candidate formats, grid formats among them, their distinct (group size, vector length)) of --formats."""
     from .formats.higgs import GridFormat
     from .profile.inputs import candidate_formats
 
-    fmts = candidate_formats(formats)
-    keys = {(m.group_size, m.vector_dim) for m in (f.for_measuring() for f in fmts) if isinstance(m, GridFormat)}
-    return len(fmts), len(keys)
+    grids = [m for m in (f.for_measuring() for f in candidate_formats(formats)) if isinstance(m, GridFormat)]
+    return len(candidate_formats(formats)), len(grids), len({(m.group_size, m.vector_dim) for m in grids})
 
 
 def processes() -> int:
@@ -572,11 +581,11 @@ def profile_job(model: str, *, samples: int, seqlen: int, batch_size: int, facto
     if judge_samples is None:   # the profile's default: a judge for a model that names a BOS or EOS token
         names = any(config.get(k) is not None for k in ("bos_token_id", "eos_token_id"))
         judge_samples = DEFAULT_JUDGE_SAMPLES if names else 0
-    count, keys = format_counts(formats)
+    count, grids, keys = format_counts(formats)
     settings = ProfileSettings(samples=samples, seqlen=seqlen, batch_size=batch_size, factor_groups=factor_groups,
                                noise_samples=noise_samples, judge_samples=judge_samples,
                                outer_windows=DEFAULT_OUTER_WINDOWS, sketch_chunk=sketch_chunk,
-                               checkpoint_every=checkpoint_every, formats=count, grid_keys=keys,
+                               checkpoint_every=checkpoint_every, formats=count, grid_formats=grids, grid_keys=keys,
                                dtype_bytes=dtype_bytes(dtype, kind, config), device=kind, processes=processes())
     shape = ModelShape.from_config(config, name)
     free = free or available(device if kind == "cuda" else "cpu")
