@@ -85,7 +85,10 @@ def test_output_folders_are_checked_before_the_model_loads(tiny_model_dir, tmp_p
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the output folder was checked")
 
-    monkeypatch.setattr(run, "load_model", no_loading)
+    import bitplan.apply.source as source
+
+    monkeypatch.setattr(source, "load_model", no_loading)   # the model loaded whole
+    monkeypatch.setattr(source, "open_lazy", no_loading)    # or read from its shards
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
