@@ -258,3 +258,34 @@ def test_an_unusable_device_fails_before_any_work(models, tmp_path):
     with pytest.raises(BitplanError, match="no CUDA device"):
         apply_formats(str(folder), formats, tmp_path / "q", rounding="rtn", device="cuda", progress=False)
     assert not (tmp_path / "q").exists()
+
+
+def test_cli_device_and_dtype(models, tmp_path, monkeypatch, capsys):
+    """`bitplan apply --device cpu --dtype bfloat16` writes what apply_plan(device="cpu", dtype="bfloat16")
+    writes; a device torch cannot use exits 2 with one line."""
+    import sys
+
+    from bitplan.apply import apply_plan
+    from bitplan.cli import main
+    from bitplan.solve import solve
+
+    folder, profile, _ = models["single"]
+    solve(profile, "5.1bpw").save(tmp_path / "plan.json")
+
+    def cli(*args) -> int:
+        monkeypatch.setattr(sys, "argv", ["bitplan", "apply", str(tmp_path / "plan.json"), *map(str, args)])
+        try:
+            main()
+        except SystemExit as e:
+            return e.code or 0
+        return 0
+
+    assert cli("-o", tmp_path / "cli", "--rounding", "rtn", "--device", "cpu", "--dtype", "bfloat16") == 0
+    apply_plan(tmp_path / "plan.json", tmp_path / "api", rounding="rtn", device="cpu", dtype="bfloat16",
+               progress=False)
+    assert folder_bytes(tmp_path / "cli") == folder_bytes(tmp_path / "api")
+    if not torch.cuda.is_available():
+        capsys.readouterr()
+        assert cli("-o", tmp_path / "gpu", "--rounding", "rtn", "--device", "cuda") == 2
+        err = capsys.readouterr().err
+        assert "no CUDA device" in err and "Traceback" not in err
