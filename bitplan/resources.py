@@ -62,8 +62,13 @@ FORMAT_OTHER_FLOPS = 1.9e3
 # writing a half's factor files (symmetrized float32 from the float64 sums), per byte written, in the same units:
 # the default profile's factor phase less its passes and accumulation (16 s for 3.5 GB of hessians/);
 WRITE_FLOPS_PER_BYTE = 600.0
-# apply's per-layer overhead: one batched step per anti-diagonal wavefront of tiles (Python and small kernels)
-WAVEFRONT_FLOPS = 2.0e7
+# apply's error feedback runs as batches of 16-wide tile products, one batch per anti-diagonal wavefront: per flop
+# about 45 × a 2048² float32 matmul's time (quantize_layer, yaqa, int4-g128, 576×1536, 1536×576, 576×576 and
+# 192×576: 0.4–6.5 s each), and a forward+backward ran at 0.47 × that matmul's rate: 21 × a forward+backward
+# flop; a grid format's per-tile codebook search, 7e4 flop equivalents per weight (higgs-p2-n64-g128 against
+# int4-g128 on 576×1536)
+FEEDBACK_COST = 21.0
+APPLY_GRID_FLOPS = 7.0e4
 
 # Float64 work per flop relative to the model's float32 matmuls on a CPU: its vector units do half as many.
 CPU_F64_COST = 2.0
@@ -432,19 +437,24 @@ def apply_plan_resources(config: dict | ModelShape, formats: dict[str, str], set
         rounding_layers += 1
         two_sided = s.rounding == "yaqa" and x is not None
         one_sided = s.rounding != "rtn"
-        flops += m * n * (FORMAT_ROTATION_FLOPS + (FORMAT_GRID_FLOPS if fmt.kind == "grid" else FORMAT_OTHER_FLOPS))
+        flops += m * n * (FORMAT_ROTATION_FLOPS + FORMAT_OTHER_FLOPS)
         if one_sided:
-            flops += f64 * (2 * 0.67 * n ** 3 + (2 * 0.67 * m ** 3 if two_sided else 0)
-                            + 5 * m * n * ((m if two_sided else 0) + n))
-            flops += WAVEFRONT_FLOPS * (m / LDL_BLOCK + n / LDL_BLOCK)
-        factors = (16 * (m * m + 2 * n * n) if two_sided else 16 * n * n if one_sided else 0) \
+            # block LDL of each factor (n³/3 multiply-adds and as many to form L), the proxies (4·m·n·(m + n)), the
+            # feedback (m·n·(m + n)); the codebook search tile by tile
+            feedback = 2 * m * n * ((m if two_sided else 0) + n)
+            flops += f64 * (2 * 0.67 * n ** 3 + (2 * 0.67 * m ** 3 if two_sided else 0) + 4 * feedback)
+            flops += FEEDBACK_COST * feedback + (APPLY_GRID_FLOPS * m * n if fmt.kind == "grid" else 0)
+        elif fmt.kind == "grid":
+            flops += m * n * FORMAT_GRID_FLOPS
+        # both halves as read (float64, Σxxᵀ included), the sums of the halves, the rounding's factor buffers
+        factors = (16 * (m * m + 2 * n * n) + 8 * (m * m + n * n) if two_sided else 24 * n * n if one_sided else 0) \
             + APPLY_FACTOR_BUFFERS * 8 * ((m * m if two_sided else 0) + (n * n if one_sided else 0))
         layer_peak = max(layer_peak, APPLY_WEIGHT_BUFFERS * 8 * m * n + factors)
-    weights = shape.params * db
-    held = (shape.embedding_params * (1 if shape.tied else 2) + shape.hidden * (1 + 2 * shape.layers)) * db \
-        if s.lazy else weights
+    # lazy: one tensor read at a time (the largest, the embedding, when the checkpoint is written) and each layer's
+    # packed tensors in its part file; else the whole model and every packed layer until the checkpoint is written
+    held = shape.embedding_params * 4 if s.lazy else shape.params * db + packed
     workers = max(1, min(s.workers, rounding_layers or 1))
-    host, dev = _split(s.device, workers * layer_peak, host_extra=held + packed, ran=False)
+    host, dev = _split(s.device, workers * layer_peak, host_extra=held, ran=False)
     planned = sum(by_name[n].params if n in by_name else shape.embedding_params for n in formats)
     fp16_rest = (shape.params - planned) * 2     # every tensor the plan leaves out is stored fp16
     phase = Phase("rounding", flops / max(1, s.processes) / fb, host, dev,
