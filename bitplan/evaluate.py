@@ -139,13 +139,15 @@ def evaluate(reference: str | LoadedModel, candidate: str | LoadedModel, data: s
              seqlen: int = 512, seed: int = 0, cache: bool = True, cache_gb: float | None = None,
              json_out: str | Path | None = None, progress: bool = True, exclude_calibration: bool = False,
              exclude: list[tuple[int, int]] | None = None, device: str | torch.device = "auto",
-             dtype: str | torch.dtype = "auto") -> EvalResult:
+             dtype: str | torch.dtype = torch.float32) -> EvalResult:
     """Compare `candidate` with `reference` on `windows` held-out windows of `data` (see module docstring).
     `exclude` lists (start, length) spans of the data's token stream no window may touch; `exclude_calibration`
     adds the candidate's calibration windows when `data` is its calibration text. `cache_gb` caps the
     reference-logit cache in GiB; None: enough for this evaluation's reference logits, at least 2. Both models run
     on `device` with their plain weights in `dtype` (bitplan.devices; "auto" is the checkpoint's dtype on a GPU,
-    float32 on the CPU); the per-token statistics are float64 on that device."""
+    float32 on the CPU); the per-token statistics are float64 on that device. float32 is the default even on a GPU:
+    each model's bf16 rounding adds a KL of its own, which more than doubled a small one (docs/design.md, "Devices
+    and precision")."""
     if windows <= 0:
         raise BitplanError(f"--windows must be positive (got {windows})")
     if json_out is not None:  # a bad path costs a second, not the whole evaluation's figures

@@ -30,8 +30,10 @@ def eval_command(
                                                   "windows its calibration did not touch"),
     device: str = typer.Option("auto", "--device", help="where both models run: auto (the first CUDA device, else "
                                "the CPU), cpu, cuda or cuda:N"),
-    dtype: str = typer.Option("auto", "--dtype", help="their weights' dtype: auto (the checkpoint's on a GPU, "
-                              "float32 on the CPU), float32, bfloat16 or float16"),
+    dtype: str = typer.Option("float32", "--dtype", help="their weights' dtype: float32, bfloat16, float16 or auto "
+                              "(the checkpoint's on a GPU, float32 on the CPU). bf16 halves the memory but adds a "
+                              "KL of its own: an 8-bit candidate of smollm2-135m measured 0.0033 in bf16, 0.0014 in "
+                              "float32"),
 ) -> None:
     """Compare a candidate with its reference on held-out text."""
     from ..evaluate import evaluate
