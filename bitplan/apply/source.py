@@ -113,6 +113,33 @@ def skeleton(path: Path, spec: str) -> nn.Module:
     return model
 
 
+def renamed(shards: Shards, model: nn.Module) -> tuple[Shards | None, str]:
+    """The shards under the names `model` has: transformers renames some checkpoints' keys as it loads them
+    (GPT-NeoX's `embed_out` is `lm_head`, old LayerNorm `gamma`/`beta`, ...). A key that transformers would
+    convert otherwise than by a rename (experts fused, say) cannot be read tensor by tensor: None and why."""
+    import re
+
+    from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
+
+    try:
+        transforms = get_model_conversion_mapping(model) or []
+    except Exception:   # a model transformers keeps no mapping for
+        transforms = []
+    tensors = {}
+    for key, info in shards.tensors.items():
+        name = key
+        for t in transforms:
+            sources, targets = list(t.source_patterns), list(t.target_patterns)
+            hit = next((i for i, src in enumerate(sources) if re.search(src, name)), None)
+            if hit is None:
+                continue
+            if not isinstance(t, WeightRenaming):
+                return None, f"transformers converts its tensor {key} as it loads it ({type(t).__name__})"
+            name = re.sub(sources[hit], targets[hit if len(targets) > 1 else 0], name)
+        tensors[name] = info
+    return Shards(shards.folder, tensors), ""
+
+
 def open_lazy(spec: str) -> tuple[WeightSource | None, str]:
     """The model `spec` read from its shards, or None and why it cannot be."""
     from transformers import AutoTokenizer
@@ -124,6 +151,9 @@ def open_lazy(spec: str) -> tuple[WeightSource | None, str]:
     if shards is None:
         return None, f"{spec} has no safetensors weights"
     model = skeleton(path, spec)
+    shards, why = renamed(shards, model)
+    if shards is None:
+        return None, why
     missing = missing_tensors(model, shards)
     if missing:
         return None, f"its safetensors files hold no tensor named {missing[0]} (nor {len(missing) - 1} more)"

@@ -289,3 +289,27 @@ def test_cli_device_and_dtype(models, tmp_path, monkeypatch, capsys):
         assert cli("-o", tmp_path / "gpu", "--rounding", "rtn", "--device", "cuda") == 2
         err = capsys.readouterr().err
         assert "no CUDA device" in err and "Traceback" not in err
+
+
+@pytest.mark.architectures
+@pytest.mark.parametrize("family", ["llama", "qwen2-qkv-bias-tied",
+                                    "gemma3-scalar-buffer-scaled-embedding-tied-qk-norm-extra-norms-sliding-window",
+                                    "phi3-fused-qkv_proj-fused-gate_up_proj",
+                                    "gpt_neox-fused-query_key_value-biases-parallel-residual"])
+def test_every_family_is_read_lazily_to_the_same_bytes(family, tiny_tokenizer, tmp_path, monkeypatch):
+    """Tied heads, scalar buffers, fused projections, and a checkpoint whose keys transformers renames on load
+    (GPT-NeoX's embed_out is lm_head): read from several shards, the checkpoint of the model loaded whole."""
+    import bitplan.apply.source as source
+    from tests.architectures.test_families import FAMILIES, build
+
+    model_type, extra, _, _ = FAMILIES[family]
+    folder = tmp_path / model_type
+    build(model_type, extra, VOCAB).save_pretrained(folder, max_shard_size="60KB")
+    tiny_tokenizer.save_pretrained(folder)
+    lm = load_model(str(folder))
+    formats = {info.name: "int4-g32" for info in find_linears(lm.model)}
+    formats[next(n for n, m in lm.model.named_modules() if m is lm.model.get_input_embeddings())] = "int4-g32"
+    apply_formats(lm, formats, tmp_path / "whole", rounding="rtn", progress=False)
+    monkeypatch.setattr(source, "load_model", None)   # the lazy run must not load the model whole
+    apply_formats(str(folder), formats, tmp_path / "lazy", rounding="rtn", lazy=True, progress=False)
+    assert folder_bytes(tmp_path / "lazy") == folder_bytes(tmp_path / "whole")
