@@ -196,8 +196,9 @@ def apply_formats(model: str | LoadedModel | WeightSource, formats: dict[str, st
     several intra-op threads slow down.
     A model given by name is read from its safetensors shards one layer at a time (`lazy` None: where it is
     saved so, else loaded whole with a note; True: or fail; False: always loaded whole); a LoadedModel is used
-    as it is. Each layer's weight is taken in `dtype` onto `device` (bitplan.devices: auto is the first GPU,
-    and there the checkpoint's own dtype), where the rounding upcasts it to float64.
+    as it is. Each layer's weight is taken in `dtype` (bitplan.devices: auto is float32 on the CPU, the
+    checkpoint's own dtype on a GPU) and upcast to float64 for the rounding, whose factor preparation and error
+    feedback run on `device` (auto: the first GPU, else the CPU).
     Under torchrun the processes split the layers (`ranks`, default: torchrun's group or one process); each
     writes its layers' part files and rank 0 assembles the checkpoint from them.
     A checkpoint already in `out_dir` is refused unless `overwrite` (then only the files bitplan wrote there are
