@@ -194,7 +194,8 @@ def main() -> None:
     ap.add_argument("--factor-groups", type=int, default=None, help="default: the smallest that fits")
     ap.add_argument("--formats", default="default")
     ap.add_argument("--budget", default="4bpw")
-    ap.add_argument("--workers", type=int, default=None, help="apply's layers at once (default: one per core)")
+    ap.add_argument("--workers", type=int, default=None, help="apply's layers at once (default: --threads, else one "
+                    "per core)")
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0, help="torch threads in every step (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
@@ -202,6 +203,8 @@ def main() -> None:
     args = ap.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    if args.workers is None and args.threads:
+        args.workers = args.threads   # apply's layers at once on as many cores as the other steps' threads
     folder = out / "model"
     build_model(load_config(args.config), args.blocks, folder, args.seed)
     fb = time_fb(folder, out, args.samples, args.seqlen, args.batch_size, args.device, args.dtype, args.threads)
