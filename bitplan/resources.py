@@ -14,8 +14,8 @@ model's shapes and what each phase holds and computes:
   per token, the n³ Cholesky/triangular solves of the coefficients and of rounding), float64 work weighed by
   the device's float64 cost per flop, the format errors by a per-weight cost measured on the default model.
 
-The constants that are not counted from the code are measured (`MEASURED`, docs/big-models.md says how).
-Memory is in GiB (2³⁰ bytes), as bitplan's own `peak_rss_gb`.
+The constants below that are not counted from the code were measured (each comment says on what;
+docs/big-models.md has the figures). Memory is in GiB (2³⁰ bytes), as bitplan's own `peak_rss_gb`.
 """
 from __future__ import annotations
 
@@ -76,7 +76,6 @@ CPU_F64_COST = 2.0
 # which run at one rate there: nominal, not measured here.
 GPU_HALF_SPEEDUP = 8.0
 
-LDL_BLOCK = 16
 
 
 @dataclass(frozen=True)
