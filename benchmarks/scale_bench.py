@@ -165,8 +165,10 @@ def forecasts(folder: Path, out: Path, args) -> tuple:
     from bitplan.resources import Available, apply_job, profile_job
 
     free = Available(float("inf"), None)
+    settings = json.loads((out / "prof" / "profile.json").read_text()).get("settings", {})
     prof, _ = profile_job(str(folder), samples=args.samples, seqlen=args.seqlen, batch_size=args.batch_size,
-                          factor_groups=args.factor_groups, noise_samples=args.noise_samples,
+                          factor_groups=settings.get("factor_groups") or args.factor_groups,   # what the run chose
+                          noise_samples=args.noise_samples,
                           judge_samples=args.judge_samples, sketch_chunk=1, checkpoint_every=64,
                           formats=args.formats, device=args.device, dtype=args.dtype, free=free)
     app = None
