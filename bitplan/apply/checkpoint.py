@@ -11,6 +11,8 @@ Layout of a checkpoint folder:
                          like a linear's weight [vocab, hidden] under its module name, once: a head tied to it
                          has no tensor of its own (`quantization_config.tied_head`), and no fp16 copy is kept
     tokenizer files
+`write_checkpoint` writes a model held in memory; `write_checkpoint_parts` the same bytes from a model read one
+tensor at a time (bitplan.apply.source) and the job's part files, streamed (bitplan.apply.stream).
 The whole folder is written under a temporary name and renamed into place, so a reader never sees half of one;
 the sha256 of model.safetensors in config.json catches truncation and corruption on load. config.json lists the
 files bitplan wrote (`written_files`): replacing a checkpoint (`overwrite`) replaces those and keeps any other
