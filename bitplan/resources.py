@@ -36,6 +36,9 @@ BASE_HOST_BYTES = 0.22 * GIB
 RUNTIME_HOST_BYTES = 0.32 * GIB
 # a CUDA context with cuBLAS/cuSOLVER loaded adds host memory of its own (not measured here: a nominal figure);
 CUDA_HOST_BYTES = 1.5 * GIB
+# what opening a model for lazy apply adds (its skeleton on the meta device, buffers, tokenizer, the model's code):
+# 0.31 GiB on a model folder of the default model's shape (bitplan.apply.source.open_source);
+LAZY_OPEN_BYTES = 0.31 * GIB
 # and device memory (context, allocator reserve);
 CUDA_DEVICE_BYTES = 1.0 * GIB
 # vocab-wide float32 rows alive per token at the loss: logits, log-softmax (saved), its gradient, the logits'
@@ -451,7 +454,7 @@ def apply_plan_resources(config: dict | ModelShape, formats: dict[str, str], set
         layer_peak = max(layer_peak, APPLY_WEIGHT_BUFFERS * 8 * m * n + factors)
     # lazy: one tensor read at a time (the largest, the embedding, when the checkpoint is written) and each layer's
     # packed tensors in its part file; else the whole model and every packed layer until the checkpoint is written
-    held = shape.embedding_params * 4 if s.lazy else shape.params * db + packed
+    held = LAZY_OPEN_BYTES + shape.embedding_params * 4 if s.lazy else shape.params * db + packed
     workers = max(1, min(s.workers, rounding_layers or 1))
     host, dev = _split(s.device, workers * layer_peak, host_extra=held, ran=False)
     planned = sum(by_name[n].params if n in by_name else shape.embedding_params for n in formats)
