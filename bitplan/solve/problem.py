@@ -52,11 +52,11 @@ def resolve_scope(profile: Profile, scope: str | None, budget_kind: str, runtime
     """`all` (every planned weight, the embedding and an untied head included) or `blocks` (the block linears;
     the embedding and head stay fp16 unless pinned). Default: `all` for a byte budget, `blocks` for bpw; a profile
     without the embedding's records has only `blocks`, and `--scope all` on it says to remake it. A runtime other
-    than `any` has only `blocks` (vLLM runs the embedding and head unquantized)."""
+    than `any` has only `blocks` (bitplan's compressed-tensors export writes the embedding and head in fp16)."""
     if check_runtime(runtime) != "any":
         if scope is not None and str(scope).lower() != "blocks":
             raise BitplanError(f"--runtime {runtime} plans the block linears only (--scope blocks): its "
-                               "compressed-tensors path runs the token embedding and output head unquantized")
+                               "compressed-tensors export writes the token embedding and output head in fp16")
         return "blocks"
     if scope is not None:
         scope = str(scope).lower()
@@ -381,7 +381,7 @@ def build_instance(profile: Profile, objective: str | None = None, formats=None,
         outer = next((layers[i] for i in hits if layers[i].outer), None)
         if runtime != "any" and outer is not None and fmt.kind != "fp16":
             raise BitplanError(f"--pin {regex}={fmt.name}: --runtime {runtime} keeps {outer.name} ({outer.kind}) "
-                               "fp16; its compressed-tensors path runs the embedding and head unquantized")
+                               "fp16; bitplan's compressed-tensors export writes the embedding and head in fp16")
         for i in hits:
             reason = unsupported_reason(fmt, runtime, layers[i].shape) if fmt.kind != "fp16" else None
             if reason:

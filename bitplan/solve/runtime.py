@@ -1,7 +1,7 @@
 """What a plan must satisfy for a serving runtime (`solve --runtime`), checked on the plan's layers.
 
-vLLM: every format one it runs on the layer's shape (`bitplan.formats.runtimes`), the token embedding and head unquantized (its
-compressed-tensors path runs them in fp16), and the shards it fuses into one module (q/k/v → `qkv_proj`,
+vLLM: every format one it runs on the layer's shape (`bitplan.formats.runtimes`), the token embedding and head unquantized
+(`bitplan export compressed-tensors` writes them in fp16, as llm-compressor does by default), and the shards it fuses into one module (q/k/v → `qkv_proj`,
 gate/up → `gate_up_proj`) in one format per block, since a fused module has one scheme.
 """
 from __future__ import annotations
@@ -43,8 +43,8 @@ def runtime_violation(layers: Iterable[PlannedLayer], runtime: str) -> str | Non
         if reason:
             return f"layer {lp.name} is {lp.format}, which {runtime} cannot run: {reason}"
         if lp.kind in OUTER_KINDS and get_format(lp.format).kind != "fp16":
-            return (f"layer {lp.name} ({lp.kind}) is {lp.format}, but {runtime}'s compressed-tensors path runs the "
-                    "token embedding and output head unquantized; keep it fp16")
+            return (f"layer {lp.name} ({lp.kind}) is {lp.format}, but bitplan's compressed-tensors "
+                    "export writes the token embedding and output head in fp16; keep it fp16")
     for tie, module in FUSED[runtime].items():
         first: dict[int, PlannedLayer] = {}
         for lp in layers:
