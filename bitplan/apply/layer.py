@@ -22,8 +22,9 @@ import torch
 
 from ..errors import BitplanError
 from ..formats import Format, QuantizedWeight, rotate_weight, unrotate_weight
-from ..heldout import DEFAULT_SHRINK_TARGET, normalized_pair, rotate_factor, rotated_target, shrink
-from ..linalg import LDL, block_ldl
+from ..formats.hadamard import RandomizedHadamard
+from ..heldout import DEFAULT_SHRINK_TARGET, rotated_target
+from ..linalg import LDL, block_ldl, normalize
 from .ldlq import ldlq_round, proxy
 from .module import encode_seeds
 from ..profile.relerr import rotation_seeds
@@ -47,29 +48,46 @@ def tile_width(fmt: Format) -> int:
 
 
 def prepare_factor(H: torch.Tensor, seed: int | None, block: int, lam: float, name: str,
-                   target: str = DEFAULT_SHRINK_TARGET, device: torch.device | None = None):
+                   target: str = DEFAULT_SHRINK_TARGET, device: torch.device | None = None,
+                   consume: bool = False):
     """Rotate (seed None: not), normalize, shrink toward `target` by λ, and block-LDL a factor (on `device`
-    after the rotation); returns (normalized H, LDL)."""
-    H_rot, T = rotate_factor(H, seed), rotated_target(H, seed, target) if lam else None
+    after the rotation); returns (normalized H, LDL). `consume`: H (float64 on the CPU) may be overwritten, so
+    the steps run in its own buffer (a factor is n × n float64: 0.5 GiB at n = 8192)."""
+    T = rotated_target(H, seed, target) if lam else None       # reads H's diagonal: before H is rotated
+    H = H if consume and H.dtype == torch.float64 and H.device.type == "cpu" else H.to("cpu", torch.float64, copy=True)
+    if seed is not None:   # rotate_factor's two passes, each result copied back into H
+        had = RandomizedHadamard(H.shape[0], seed)
+        H.copy_(had.forward(H, dim=0))
+        H.copy_(had.forward(H, dim=1))
     if device is not None:
-        H_rot, T = H_rot.to(device), (T.to(device) if T is not None else None)
-    Hn, T = normalized_pair(H_rot, T)
-    del H_rot   # a factor is n × n float64: hold as few copies as the steps need
-    Hn = shrink(Hn, lam, T)
+        H, T = H.to(device), (T.to(device) if T is not None else None)
+    # normalized_pair and shrink, in place: the same operations, so the same values
+    mean_diag = H.diagonal().mean()
+    if not torch.isfinite(mean_diag) or mean_diag <= 0:
+        normalize(H)   # raises its clear error
+    if T is not None:
+        T.div_(mean_diag)
+    H.div_(mean_diag)
+    if lam:
+        if T is None:
+            T = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+        H.mul_(1.0 - lam).add_(T.mul_(lam))
     del T
-    return Hn, block_ldl(Hn, block, sigma=LDL.sigma, name=name)
+    return H, block_ldl(H, block, sigma=LDL.sigma, name=name)
 
 
 def quantize_layer(name: str, W: torch.Tensor, fmt: Format, rounding: str = "yaqa",
                    H_in: torch.Tensor | None = None, H_out: torch.Tensor | None = None,
                    shrink_out: float = 0.0, shrink_in: float = 0.0, target: str = DEFAULT_SHRINK_TARGET,
-                   seed: int = 0, device: torch.device | str | None = None) -> LayerResult:
+                   seed: int = 0, device: torch.device | str | None = None,
+                   consume_factors: bool = False) -> LayerResult:
     """Quantize one linear weight W [out, in] to `fmt`.
 
     H_in / H_out are the layer's factors in the original basis (float32/64); `yaqa` needs both, `ldlq` needs
     H_in = E[xxᵀ]; `rtn` needs neither. `shrink_out` / `shrink_in` move the normalized H_O / H_I (yaqa only)
     toward `target` (bitplan.heldout.SHRINK_TARGETS). `device` (default W's) runs the factors' preparation and
-    the error feedback; the results come back to the CPU.
+    the error feedback; the results come back to the CPU. `consume_factors`: H_in and H_out (float64) may be
+    overwritten, so their preparation needs no copies of them (apply passes sums it reads for this layer alone).
     """
     if rounding not in ROUNDINGS:
         raise BitplanError(f"unknown rounding {rounding!r}; choose one of {', '.join(ROUNDINGS)}")
@@ -110,17 +128,24 @@ def quantize_layer(name: str, W: torch.Tensor, fmt: Format, rounding: str = "yaq
             raise BitplanError(f"{name}: a {m}×{n} layer does not split into {TILE}×{bi} tiles for {fmt.name}; "
                                f"use --rounding rtn or a format with vector length 1, 2 or 4")
         Hi, ldl_in = prepare_factor(H_in, seed_in, bi, shrink_in if rounding == "yaqa" else 0.0,
-                                    f"{name} (H_in)", target, device)
-        Ho, ldl_out = (prepare_factor(H_out, seed_out, TILE, shrink_out, f"{name} (H_out)", target, device)
-                       if rounding == "yaqa" else (None, None))
+                                    f"{name} (H_in)", target, device, consume_factors)
+        del H_in
+        Ho, ldl_out = (prepare_factor(H_out, seed_out, TILE, shrink_out, f"{name} (H_out)", target, device,
+                                      consume_factors) if rounding == "yaqa" else (None, None))
+        del H_out
         W_dev, scale_dev = W_rot.to(device), scale.to(device)
         zero_dev = zero.to(device) if zero is not None else None
         rounded = ldlq_round(W_dev, fmt, scale_dev, zero_dev, ldl_in.L, ldl_out.L if ldl_out else None, bi, TILE)
+        sigma_in, sigma_out = ldl_in.sigma, ldl_out.sigma if ldl_out else 0.0
+        del ldl_in, ldl_out   # the L factors (n × n, m × m) are spent: free them before the proxies
         codes = rounded.codes.cpu()
         E = W_dev - rounded.W_hat
-        stats.update(sigma_in=ldl_in.sigma, sigma_out=ldl_out.sigma if ldl_out else 0.0,
-                     proxy=proxy(E, Hi, Ho), proxy_rtn=proxy(W_dev - fmt.round(W_dev, scale_dev, zero_dev), Hi, Ho))
-        del W_dev, E, rounded, Hi, Ho, ldl_in, ldl_out
+        del rounded
+        stats.update(sigma_in=sigma_in, sigma_out=sigma_out, proxy=proxy(E, Hi, Ho))
+        del E
+        E_rtn = W_dev - fmt.round(W_dev, scale_dev, zero_dev)
+        stats["proxy_rtn"] = proxy(E_rtn, Hi, Ho)
+        del W_dev, E_rtn, Hi, Ho
     qw = QuantizedWeight(fmt.name, (m, n), codes.to(torch.int32), params)
     tensors = fmt.pack(qw)
     # Dequantize from what is stored, so W_hat is exactly what a loaded checkpoint computes with.

@@ -52,7 +52,9 @@ def ldlq_round(W: torch.Tensor, fmt: Format, scale: torch.Tensor, zero: torch.Te
     # L̄_O with its columns grouped by row block: Lbar_cols[i] = L̄_O[:, i-block] (m × b_O).
     Lbar_cols = None
     if L_out is not None:
-        Lbar = L_out.to(W.device, dtype) - torch.eye(m, dtype=dtype, device=W.device)
+        # L_O − I without an m × m identity: x − 0 is x, so only the diagonal changes
+        Lbar = L_out.to(W.device, dtype, copy=True)
+        Lbar.diagonal().sub_(1.0)
         Lbar_cols = Lbar.view(m, nbr, block_out).permute(1, 0, 2)
     L_in_rows = L_in.to(W.device, dtype).view(nbc, block_in, n) if L_in is not None else None
 

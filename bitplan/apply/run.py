@@ -111,6 +111,17 @@ def layer_factors(profile: ProfileDir | None, name: str, rounding: str, shape: t
     return f
 
 
+def rounding_factors(f, method: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(H_in, H_out) that `method` rounds with: each the sum of both halves, added into the first half's buffer
+    (the same values as LayerFactors' sums, without a third n × n copy); `f` gives up every half it held."""
+    if method == "ldlq":
+        H_in, H_out = f.xtx_a.add_(f.xtx_b), None
+    else:
+        H_in, H_out = f.h_in_a.add_(f.h_in_b), f.h_out_a.add_(f.h_out_b)
+    f.h_out_a = f.h_in_a = f.h_out_b = f.h_in_b = f.xtx_a = f.xtx_b = None
+    return H_in, H_out
+
+
 def factor_sides(profile: ProfileDir | None, name: str) -> str | None:
     """What the profile keeps for `name`: "both" (Kronecker factors), "input" (the head input's Σhhᵀ alone, for
     one-sided LDLQ) or None."""
@@ -265,11 +276,12 @@ def apply_formats(model: str | LoadedModel | WeightSource, formats: dict[str, st
             lams = known if fits else auto_shrink(f, name, shrink_target)
         else:
             lams = Shrinkage(lam if method == "yaqa" else 0.0, 0.0, shrink_target)
-        H_in, H_out = (None, None) if f is None else ((f.xtx, None) if method == "ldlq" else (f.h_in, f.h_out))
         one_sided = f is not None and f.one_sided
-        del f   # the halves: the rounding needs only their sums
+        H_in, H_out = rounding_factors(f, method) if f is not None else (None, None)
+        del f
         res: LayerResult = quantize_layer(name, W.to(weight_dtype), fmt, method, H_in, H_out, shrink_out=lams.out,
-                                          shrink_in=lams.inp, target=shrink_target, device=device)
+                                          shrink_in=lams.inp, target=shrink_target, device=device,
+                                          consume_factors=True)
         del W, H_in, H_out
         stats = {**res.stats, **lams.stats(), "format": fmt.name, "rounding": method}
         if name in vocab:
