@@ -51,9 +51,14 @@ COEF_BUFFERS = 12
 # and float64 n×n buffers per factor side (rotated, normalized, Cholesky, L);
 APPLY_WEIGHT_BUFFERS = 12
 APPLY_FACTOR_BUFFERS = 2.5
-# the format errors of one matrix: bytes per weight, plus per (group size, vector length) of grid formats
-# (their normalized vectors and per-weight scales are kept for the matrix while each grid rounds it);
-FORMAT_BYTES_PER_WEIGHT = 32
+# the format errors of one m×n matrix (bitplan.profile.relerr): its rotated float32 copy (4 bytes per weight, and 4
+# more for a float32 copy of weights held in another dtype or on a device), then one block of rows at a time, of
+# FORMAT_BLOCK_BYTES / FORMAT_BLOCK_SIZING weights (relerr's BLOCK_BYTES / WORK_BYTES_PER_WEIGHT), whose working set
+# per weight is 45 bytes + 30 per (group size, vector length) of grid formats (their shared normalized vectors):
+# 147–165 bytes with the default 39 formats' four pairs on a 2048×1024 random matrix (benchmarks/relerr_memory.py)
+FORMAT_BLOCK_BYTES = 256 * 2 ** 20
+FORMAT_BLOCK_SIZING = 165
+FORMAT_BYTES_PER_WEIGHT = 45
 FORMAT_BYTES_PER_GRID_KEY = 30
 # time of the format errors per weight, in float32 flop equivalents of the forward pass: the default profile of the
 # default model (39 formats, 134.5 M weights, 357 s against its 275 s forward+backward of 64 K tokens; docs/
@@ -273,6 +278,13 @@ def factor_sum_bytes(linears: list[Linear], moments: bool = True) -> int:
     return sum(8 * (x.out_features ** 2 + (2 if moments else 1) * x.in_features ** 2) for x in linears)
 
 
+def format_bytes(m: int, n: int, grid_keys: int, copied: bool = False) -> int:
+    """Host bytes of one m×n matrix's format errors: its rotated copy (and a float32 copy when `copied`), and
+    one block of rows's working set (relerr's block sizing)."""
+    rows = max(1, min(m, FORMAT_BLOCK_BYTES // (FORMAT_BLOCK_SIZING * n)))
+    return (8 if copied else 4) * m * n + rows * n * (FORMAT_BYTES_PER_WEIGHT + FORMAT_BYTES_PER_GRID_KEY * grid_keys)
+
+
 def hessian_file_bytes(linears: list[Linear], moments: bool = True) -> int:
     """One half's float32 files (h_out, h_in, xtx), tensor bytes only."""
     return factor_sum_bytes(linears, moments) // 2
@@ -381,15 +393,17 @@ def profile_plan(config: dict | ModelShape, settings: ProfileSettings) -> Resour
     flops = sum(2 * (11.0 * x.out_features ** 3 + 12.7 * x.in_features ** 3) for x in linears) / W
     phases.append(Phase("layers", flops * f64 / fb, host, dev, "block LDL, held-out gains and λ of every layer"))
 
-    # formats: every matrix in every candidate format; the widest (the embedding) sets the peak
-    matrices = [x.params for x in linears] + [shape.embedding_params] * shape.outer_matrices()
-    per_weight = FORMAT_BYTES_PER_WEIGHT + FORMAT_BYTES_PER_GRID_KEY * s.grid_keys
-    host, dev = _split(s.device, weights + per_weight * max(matrices))
+    # formats: every matrix in every candidate format, a block of rows at a time; the largest sets the peak
+    shapes = [(x.out_features, x.in_features) for x in linears] + [(shape.vocab, shape.hidden)] * shape.outer_matrices()
+    matrices = [m * n for m, n in shapes]
+    copied = s.device != "cpu" or db != 4
+    fmt_peak = max(format_bytes(m, n, s.grid_keys, copied) for m, n in shapes)
+    host, dev = _split(s.device, weights + fmt_peak)
     per_weight_flops = (FORMAT_ROTATION_FLOPS + FORMAT_GRID_FLOPS * s.grid_formats
                         + FORMAT_OTHER_FLOPS * (s.formats - s.grid_formats))
     flops = sum(matrices) * per_weight_flops / W
-    phases.append(Phase("formats", flops / fb, host, dev, f"{s.formats} formats; {fmt_bytes(per_weight * max(matrices))} "
-                                                          "for the widest matrix"))
+    phases.append(Phase("formats", flops / fb, host, dev, f"{s.formats} formats; {fmt_bytes(fmt_peak)} for the "
+                                                          "largest matrix, in blocks of rows"))
 
     # judge: sampled windows, their factors for every layer at once (no groups), then one layer's judging
     if s.judge_samples:
@@ -519,8 +533,8 @@ def _advice(plan: ResourcePlan, worst: Phase, where: str) -> str:
     if worst.name == "noise":
         return "fewer --noise-samples (each caches every block's input and the vocab-wide log-probs)"
     if worst.name == "formats":
-        return ("fewer grid formats in --formats (the widest matrix, the embedding, is held in every grid's "
-                "normalized form), or a machine with more memory")
+        return ("fewer grid group sizes and vector lengths in --formats (a block of rows holds each one's "
+                "normalized form), or a machine with more memory (the largest matrix is held rotated)")
     if worst.name == "outer":
         return "a machine with more memory (the embedding's gradient and the model are held at once)"
     return ("the largest layer's float64 factors do not fit: a machine with more memory" if worst.name == "layers"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitplan.resources import (BASE_HOST_BYTES, GIB, Available, ModelShape, ProfileSettings, check,
+from bitplan.resources import (BASE_HOST_BYTES, GIB, RUNTIME_HOST_BYTES, Available, ModelShape, ProfileSettings, check,
                                choose_factor_groups, factor_sum_bytes, profile_plan)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
@@ -177,3 +177,20 @@ def test_a_real_run_that_cannot_fit_is_refused_in_one_line(tmp_path, monkeypatch
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: the profile needs") and "is free:" in err[-1]
     assert not any(line.startswith("error") for line in err[:-1])
+
+
+def test_format_errors_are_the_rotated_matrix_and_one_block_of_rows():
+    """By hand: Llama-3.2-1B's 128256 × 2048 embedding is measured 794 rows at a time (256 MiB / (165 · 2048));
+    a matrix smaller than a block is one block. The planner's block is relerr's."""
+    from bitplan.profile import relerr
+    from bitplan.resources import FORMAT_BLOCK_BYTES, FORMAT_BLOCK_SIZING, format_bytes
+
+    assert (FORMAT_BLOCK_BYTES, FORMAT_BLOCK_SIZING) == (relerr.BLOCK_BYTES, relerr.WORK_BYTES_PER_WEIGHT)
+    assert relerr.block_rows(128256, 2048) == 794
+    assert format_bytes(128256, 2048, 4) == 4 * 128256 * 2048 + 794 * 2048 * (45 + 30 * 4)
+    assert format_bytes(128256, 2048, 1, copied=True) == 8 * 128256 * 2048 + 794 * 2048 * (45 + 30)
+    assert format_bytes(576, 1536, 4) == 576 * 1536 * (4 + 165)
+    shape = ModelShape.from_config(load("llama-3.2-1b"))
+    plan = profile_plan(shape, ProfileSettings(samples=8, seqlen=256, judge_samples=0, grid_keys=4))
+    assert plan.phase("formats").host_bytes - plan.phase("load").host_bytes == \
+        pytest.approx(format_bytes(128256, 2048, 4) + RUNTIME_HOST_BYTES)
