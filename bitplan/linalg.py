@@ -48,10 +48,14 @@ def damped_cholesky(H: torch.Tensor, sigma: float = LDL.sigma, max_tries: int = 
     when max_tries steps are not enough (the factor is then not positive semi-definite in any useful sense).
     """
     H = H.to(torch.float64)
-    H = (H + H.T) / 2
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    S = H + H.T
+    S /= 2                      # (H + Hᵀ)/2 in one n × n buffer
     for k in range(1, max_tries + 1):
-        chol, info = torch.linalg.cholesky_ex(H + (k * sigma) * eye)
+        # S + kσ·I without an identity matrix (the same values: x + 0 off the diagonal)
+        A = S + 0.0
+        A.diagonal().add_(k * sigma)
+        chol, info = torch.linalg.cholesky_ex(A)
+        del A
         if int(info) == 0:
             return DampedCholesky(chol=chol, sigma=k * sigma)
     raise BitplanError(f"Hessian factor of {name} stays indefinite after damping by {max_tries * sigma:g}·I; "
