@@ -48,9 +48,12 @@ LOGIT_COPIES = 5
 # the shrunk factor, its Cholesky, the triangular solve) beyond the loaded halves, per side;
 COEF_BUFFERS = 12
 # apply's rounding of one m×n layer: float64 m×n buffers (W, rotated W, scale, zero, E, M, T, Ŵ, codes, ...)
-# and float64 n×n buffers per factor side (rotated, normalized, Cholesky, L);
+# and float64 n×n buffers per factor side (the summed factor prepared in place, the Cholesky's symmetrized and
+# damped copies and factor, L, L_O − I): 3.42 GiB at the peak of a 2048×8192 yaqa int4-g128 layer from both
+# halves as read (3.56 GiB before the factors were summed and prepared in their own buffers), 5.8 × 8·4096² bytes
+# of a 1024×4096 one (benchmarks/apply_memory.py; 2026-12-06, 2-core CPU beside other jobs)
 APPLY_WEIGHT_BUFFERS = 12
-APPLY_FACTOR_BUFFERS = 2.5
+APPLY_FACTOR_BUFFERS = 3.5
 # the format errors of one m×n matrix (bitplan.profile.relerr): its rotated float32 copy (4 bytes per weight, and 4
 # more for a float32 copy of weights held in another dtype or on a device), then one block of rows at a time, of
 # FORMAT_BLOCK_BYTES / FORMAT_BLOCK_SIZING weights (relerr's BLOCK_BYTES / WORK_BYTES_PER_WEIGHT), whose working set
@@ -462,10 +465,12 @@ def apply_plan_resources(config: dict | ModelShape, formats: dict[str, str], set
             flops += FEEDBACK_COST * feedback + (APPLY_GRID_FLOPS * m * n if fmt.kind == "grid" else 0)
         elif fmt.kind == "grid":
             flops += m * n * FORMAT_GRID_FLOPS
-        # both halves as read (float64, Σxxᵀ included), the sums of the halves, the rounding's factor buffers
-        factors = (16 * (m * m + 2 * n * n) + 8 * (m * m + n * n) if two_sided else 24 * n * n if one_sided else 0) \
+        # both halves as read (float64, Σxxᵀ included; the sums land in the first half's buffers, the rest is freed),
+        # or later the rounding's weight-sized and factor buffers, whichever is larger
+        read = (16 * (m * m + 2 * n * n) if x is not None else 16 * n * n) if one_sided else 0
+        rounding_bytes = APPLY_WEIGHT_BUFFERS * 8 * m * n \
             + APPLY_FACTOR_BUFFERS * 8 * ((m * m if two_sided else 0) + (n * n if one_sided else 0))
-        layer_peak = max(layer_peak, APPLY_WEIGHT_BUFFERS * 8 * m * n + factors)
+        layer_peak = max(layer_peak, read, rounding_bytes)
     # lazy: one tensor read at a time (the largest, the embedding, when the checkpoint is written) and each layer's
     # packed tensors in its part file; else the whole model and every packed layer until the checkpoint is written
     held = LAZY_OPEN_BYTES + shape.embedding_params * 4 if s.lazy else shape.params * db + packed
