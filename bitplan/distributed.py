@@ -63,6 +63,14 @@ class Ranks:
         """This rank's items: every world-th one, starting at its rank."""
         return list(items[self.rank::self.world])
 
+    @staticmethod
+    def close() -> None:
+        """Leave torchrun's group once every rank is done: a gloo group left to the interpreter's exit can abort
+        (`terminate called without an active exception`) in a rank that exits while another still works."""
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

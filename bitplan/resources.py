@@ -122,6 +122,11 @@ class ModelShape:
     @classmethod
     def from_config(cls, config: dict, name: str = "model") -> "ModelShape":
         cfg = {**config, **(config.get("text_config") or {})}
+        experts = next((int(cfg[k]) for k in ("num_local_experts", "num_experts", "n_routed_experts")
+                        if isinstance(cfg.get(k), int) and cfg[k] > 1), None)
+        if experts:
+            raise BitplanError(f"{name} is a mixture-of-experts model ({experts} experts per block): bitplan cannot "
+                               "quantize mixture-of-experts models yet, so it has no resource plan for one")
         try:
             hidden, layers = int(cfg["hidden_size"]), int(cfg["num_hidden_layers"])
             heads, vocab = int(cfg["num_attention_heads"]), int(cfg["vocab_size"])

@@ -194,3 +194,13 @@ def test_format_errors_are_the_rotated_matrix_and_one_block_of_rows():
     plan = profile_plan(shape, ProfileSettings(samples=8, seqlen=256, judge_samples=0, grid_keys=4))
     assert plan.phase("formats").host_bytes - plan.phase("load").host_bytes == \
         pytest.approx(format_bytes(128256, 2048, 4) + RUNTIME_HOST_BYTES)
+
+
+def test_a_mixture_of_experts_config_is_refused_in_one_line():
+    from bitplan.errors import BitplanError
+
+    config = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "vocab_size": 100, "num_local_experts": 8, "model_type": "mixtral"}
+    with pytest.raises(BitplanError, match="mixture-of-experts model \\(8 experts"):
+        ModelShape.from_config(config, "moe")
+    ModelShape.from_config({**config, "num_local_experts": 1}, "dense")  # one expert is a dense MLP

@@ -137,5 +137,9 @@ def main() -> None:
         raise
     if code == 130:
         _interrupted()
+    if "torch.distributed" in sys.modules:  # under torchrun: every rank finished the command
+        from ..distributed import Ranks
+
+        Ranks.close()
     if isinstance(code, int) and not isinstance(code, bool) and code:
         sys.exit(code)
