@@ -41,25 +41,41 @@ class DampedCholesky:
 
 
 def damped_cholesky(H: torch.Tensor, sigma: float = LDL.sigma, max_tries: int = 40,
-                    name: str = "a layer") -> DampedCholesky:
+                    name: str = "a layer", overwrite: bool = False) -> DampedCholesky:
     """Cholesky of H + k·σ·I for the smallest k = 1, 2, … that succeeds (YAQA's adaptive damping).
 
     H should be normalized first: σ is added as an absolute amount. Raises BitplanError naming `name`
     when max_tries steps are not enough (the factor is then not positive semi-definite in any useful sense).
+    `overwrite`: H (float64) may be overwritten, so the work needs one n × n buffer besides the result, not two.
     """
-    H = H.to(torch.float64)
-    S = H + H.T
-    S /= 2                      # (H + Hᵀ)/2 in one n × n buffer
+    if overwrite and H.dtype == torch.float64:
+        S = symmetrize_(H)
+    else:
+        H = H.to(torch.float64)
+        S = H + H.T
+        S /= 2                  # (H + Hᵀ)/2 in one n × n buffer
+    diagonal = S.diagonal().clone()
     for k in range(1, max_tries + 1):
-        # S + kσ·I without an identity matrix (the same values: x + 0 off the diagonal)
-        A = S + 0.0
-        A.diagonal().add_(k * sigma)
-        chol, info = torch.linalg.cholesky_ex(A)
-        del A
+        S.diagonal().copy_(diagonal + k * sigma)   # S + kσ·I in place: the same values as adding an identity
+        chol, info = torch.linalg.cholesky_ex(S)
         if int(info) == 0:
             return DampedCholesky(chol=chol, sigma=k * sigma)
+        del chol
     raise BitplanError(f"Hessian factor of {name} stays indefinite after damping by {max_tries * sigma:g}·I; "
                        "its calibration statistics are broken (non-finite or far from positive semi-definite)")
+
+
+def symmetrize_(H: torch.Tensor, tile: int = 1024) -> torch.Tensor:
+    """H ← (H + Hᵀ)/2 in place, a pair of tiles at a time (the same values as the out-of-place sum)."""
+    n = H.shape[0]
+    for i in range(0, n, tile):
+        for j in range(0, i + 1, tile):
+            lower, upper = H[i:i + tile, j:j + tile], H[j:j + tile, i:i + tile]
+            mean = lower + upper.T
+            mean /= 2
+            lower.copy_(mean)
+            upper.copy_(mean.T)
+    return H
 
 
 @dataclass
@@ -77,11 +93,12 @@ class BlockLDL:
 
 
 def block_ldl(H: torch.Tensor, block: int = LDL.block, *, sigma: float = LDL.sigma, max_tries: int = 40,
-              name: str = "a layer", damp: bool = True) -> BlockLDL:
+              name: str = "a layer", damp: bool = True, overwrite: bool = False) -> BlockLDL:
     """H (+ damping) = L D Lᵀ with L unit block-lower-triangular and D block-diagonal (blocks of `block`).
 
-    From Cholesky H = C Cᵀ: D_i = C_ii C_iiᵀ and L = C · blockdiag(C_ii)⁻¹. With damp=False, H must
-    already be positive definite (sigma is then 0).
+    From Cholesky H = C Cᵀ: D_i = C_ii C_iiᵀ and L = C · blockdiag(C_ii)⁻¹, computed in C's own buffer. With
+    damp=False, H must already be positive definite (sigma is then 0). `overwrite`: H (float64) may be
+    overwritten (see damped_cholesky), so the peak is two n × n buffers, H and L.
     """
     n = H.shape[0]
     if H.shape != (n, n):
@@ -89,7 +106,7 @@ def block_ldl(H: torch.Tensor, block: int = LDL.block, *, sigma: float = LDL.sig
     if n % block:
         raise BitplanError(f"{name}: dimension {n} is not a multiple of the LDL block {block}")
     if damp:
-        dc = damped_cholesky(H, sigma=sigma, max_tries=max_tries, name=name)
+        dc = damped_cholesky(H, sigma=sigma, max_tries=max_tries, name=name, overwrite=overwrite)
         C, total = dc.chol, dc.sigma
     else:
         C, info = torch.linalg.cholesky_ex(((H + H.T) / 2).to(torch.float64))
@@ -101,7 +118,10 @@ def block_ldl(H: torch.Tensor, block: int = LDL.block, *, sigma: float = LDL.sig
     diag = torch.stack([Cb[i, :, i, :] for i in range(nb)])                     # [nb, b, b] lower-triangular
     eye = torch.eye(block, dtype=C.dtype, device=C.device).expand(nb, block, block)
     inv = torch.linalg.solve_triangular(diag, eye, upper=False)                 # C_ii⁻¹
-    L = torch.einsum("rjk,jkl->rjl", C.view(n, nb, block), inv).reshape(n, n)
+    L = C
+    for j in range(nb):   # block column j of C times C_jj⁻¹, in place; its rows above block j are zero
+        cols = slice(j * block, (j + 1) * block)
+        L[j * block:, cols] = L[j * block:, cols] @ inv[j]
     Lb = L.view(nb, block, nb, block)
     for i in range(nb):  # exactly I (C_ii C_ii⁻¹ is I only up to rounding): no feedback inside a tile
         Lb[i, :, i, :] = torch.eye(block, dtype=C.dtype, device=C.device)
@@ -114,3 +134,19 @@ def ldl_gain(H: torch.Tensor, ldl: LDLSettings = LDL, name: str = "a layer") -> 
     on one side, judged in-sample (on the same factor the LDL was computed from)."""
     Hn = normalize(H.to(torch.float64))
     return block_ldl(Hn, ldl.block, sigma=ldl.sigma, name=name).trace_d / float(Hn.diagonal().sum())
+
+
+def relative_error(W: torch.Tensor, W_hat: torch.Tensor, block_bytes: int = 64 * 2 ** 20) -> float:
+    """‖W − Ŵ‖² / ‖W‖² in float64, a block of rows at a time (a 128256-row embedding needs no float64 copy)."""
+    rows = max(1, block_bytes // (8 * max(1, W.shape[-1])))
+    return relative_error_of_blocks((W[r:r + rows], W_hat[r:r + rows]) for r in range(0, W.shape[0], rows))
+
+
+def relative_error_of_blocks(blocks) -> float:
+    """relative_error over (W, Ŵ) pairs of row blocks, e.g. a weight read from its file a block at a time."""
+    num = den = 0.0
+    for w, w_hat in blocks:
+        w = w.to(torch.float64)
+        num += float((w - w_hat.to(torch.float64)).pow(2).sum())
+        den += float(w.pow(2).sum())
+    return num / max(den, 1e-300)

@@ -47,13 +47,13 @@ LOGIT_COPIES = 5
 # float64 n×n buffers alive at once in one layer's coefficients (rotated halves, judges' Cholesky factors,
 # the shrunk factor, its Cholesky, the triangular solve) beyond the loaded halves, per side;
 COEF_BUFFERS = 12
-# apply's rounding of one m×n layer: float64 m×n buffers (W, rotated W, scale, zero, E, M, T, Ŵ, codes, ...)
-# and float64 n×n buffers per factor side (the summed factor prepared in place, the Cholesky's symmetrized and
-# damped copies and factor, L, L_O − I): 3.42 GiB at the peak of a 2048×8192 yaqa int4-g128 layer from both
-# halves as read (3.56 GiB before the factors were summed and prepared in their own buffers), 5.8 × 8·4096² bytes
-# of a 1024×4096 one (benchmarks/apply_memory.py; 2026-12-06, 2-core CPU beside other jobs)
-APPLY_WEIGHT_BUFFERS = 12
-APPLY_FACTOR_BUFFERS = 3.5
+# apply's rounding of one m×n layer (bitplan.apply.layer), in float64: the factors are read as one summed n×n buffer
+# per side, each block-LDL'd in its own buffer plus its Cholesky factor (which becomes L), so two n×n buffers of
+# the side being split beside the other side's; then L of both sides and m×n buffers (rotated W, scale, zero, the
+# feedback M, Ŵ, codes, then E, the error of round-to-nearest and the proxies' products; glibc's retained blocks):
+# APPLY_WEIGHT_BUFFERS of them, fitted to the peak of a 8192×2048 yaqa higgs-p2 layer at Llama-3.2-1B's shape,
+# 1.51 GiB above the process (benchmarks/apply_memory.py; 2026-12-06, 2-core CPU beside a profile)
+APPLY_WEIGHT_BUFFERS = 8
 # the format errors of one m×n matrix (bitplan.profile.relerr): its rotated float32 copy (4 bytes per weight, and 4
 # more for a float32 copy of weights held in another dtype or on a device), then one block of rows at a time, of
 # FORMAT_BLOCK_BYTES / FORMAT_BLOCK_SIZING weights (relerr's BLOCK_BYTES / WORK_BYTES_PER_WEIGHT), whose working set
@@ -470,15 +470,15 @@ def apply_plan_resources(config: dict | ModelShape, formats: dict[str, str], set
             flops += FEEDBACK_COST * feedback + (APPLY_GRID_FLOPS * m * n if fmt.kind == "grid" else 0)
         elif fmt.kind == "grid":
             flops += m * n * FORMAT_GRID_FLOPS
-        # both halves as read (float64, Σxxᵀ included; the sums land in the first half's buffers, the rest is freed),
-        # or later the rounding's weight-sized and factor buffers, whichever is larger
-        read = (16 * (m * m + 2 * n * n) if x is not None else 16 * n * n) if one_sided else 0
-        rounding_bytes = APPLY_WEIGHT_BUFFERS * 8 * m * n \
-            + APPLY_FACTOR_BUFFERS * 8 * ((m * m if two_sided else 0) + (n * n if one_sided else 0))
-        layer_peak = max(layer_peak, read, rounding_bytes)
-    # lazy: one tensor read at a time (the largest, the embedding, when the checkpoint is written) and each layer's
-    # packed tensors in its part file; else the whole model and every packed layer until the checkpoint is written
-    held = LAZY_OPEN_BYTES + shape.embedding_params * 4 if s.lazy else shape.params * db + packed
+        # the factors' block LDL (two n×n buffers of the side being split, the other side's sum or L beside them),
+        # or later both L and the rounding's weight-sized buffers, whichever is larger
+        sides = [n * n] + ([m * m] if two_sided else []) if one_sided else []
+        ldl_bytes = 8 * (sum(sides) + max(sides)) + 4 * m * n if sides else 0
+        rounding_bytes = APPLY_WEIGHT_BUFFERS * 8 * m * n + 8 * sum(sides)
+        layer_peak = max(layer_peak, ldl_bytes, rounding_bytes)
+    # lazy: a block of rows of one tensor at a time (bitplan.shards) and each layer's packed tensors in its part
+    # file; else the whole model and every packed layer until the checkpoint is written
+    held = LAZY_OPEN_BYTES if s.lazy else shape.params * db + packed
     workers = max(1, min(s.workers, rounding_layers or 1))
     host, dev = _split(s.device, workers * layer_peak, host_extra=held, ran=False)
     planned = sum(by_name[n].params if n in by_name else shape.embedding_params for n in formats)

@@ -95,3 +95,19 @@ def test_the_ldl_settings_are_those_the_shipped_profile_records():
     assert recorded["fingerprint"]["ldl_block"] == LDL.block and recorded["fingerprint"]["ldl_sigma"] == LDL.sigma
     with pytest.raises(AttributeError):
         LDL.sigma = 0.02  # frozen: no caller can change them for everyone
+
+
+def test_overwriting_ldl_equals_the_copying_one():
+    """overwrite=True symmetrizes and damps in H's own buffer: bit for bit the copying path, H then spent."""
+    from bitplan.linalg import relative_error, symmetrize_
+
+    A = torch.randn(100, 100, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    H = normalize(A @ A.T + 0.01 * A)                                    # not quite symmetric
+    assert torch.equal(symmetrize_(H.clone(), tile=32), (H + H.T) / 2)
+    ref = block_ldl(H[:96, :96], 16)
+    got = block_ldl(H[:96, :96].clone(), 16, overwrite=True)
+    assert torch.equal(ref.L, got.L) and torch.equal(ref.D, got.D) and ref.sigma == got.sigma
+    W = torch.randn(300, 7, dtype=torch.float64)
+    W_hat = W + 0.1 * torch.randn(300, 7, dtype=torch.float64)
+    want = float((W - W_hat).pow(2).sum() / W.pow(2).sum())
+    assert relative_error(W.float(), W_hat, block_bytes=8 * 7 * 16) == pytest.approx(want, rel=1e-6)

@@ -22,10 +22,11 @@ import torch
 
 from ..errors import BitplanError
 from ..formats import Format, QuantizedWeight, rotate_weight, unrotate_weight
-from ..formats.hadamard import RandomizedHadamard
+from ..formats.hadamard import RandomizedHadamard, rotate_in_place
 from ..heldout import DEFAULT_SHRINK_TARGET, rotated_target
-from ..linalg import LDL, block_ldl, normalize
-from .ldlq import ldlq_round, proxy
+from ..memory import release_freed_memory
+from ..linalg import LDL, BlockLDL, block_ldl, normalize, relative_error
+from .ldlq import ldlq_round, proxy_from_ldl
 from .module import encode_seeds
 from ..profile.relerr import rotation_seeds
 
@@ -47,18 +48,16 @@ def tile_width(fmt: Format) -> int:
     return TILE * fmt.vector_dim // math.gcd(TILE, fmt.vector_dim)
 
 
-def prepare_factor(H: torch.Tensor, seed: int | None, block: int, lam: float, name: str,
-                   target: str = DEFAULT_SHRINK_TARGET, device: torch.device | None = None,
-                   consume: bool = False):
-    """Rotate (seed None: not), normalize, shrink toward `target` by λ, and block-LDL a factor (on `device`
-    after the rotation); returns (normalized H, LDL). `consume`: H (float64 on the CPU) may be overwritten, so
-    the steps run in its own buffer (a factor is n × n float64: 0.5 GiB at n = 8192)."""
+def prepared_factor(H: torch.Tensor, seed: int | None, lam: float, target: str = DEFAULT_SHRINK_TARGET,
+                    device: torch.device | None = None, consume: bool = False) -> torch.Tensor:
+    """H rotated (seed None: not), normalized and shrunk toward `target` by λ, float64 in a buffer of its own (on
+    `device` after the rotation). `consume`: H (float64 on the CPU) may be overwritten, so the steps run in its
+    own buffer (a factor is n × n float64: 0.5 GiB at n = 8192)."""
     T = rotated_target(H, seed, target) if lam else None       # reads H's diagonal: before H is rotated
     H = H if consume and H.dtype == torch.float64 and H.device.type == "cpu" else H.to("cpu", torch.float64, copy=True)
-    if seed is not None:   # rotate_factor's two passes, each result copied back into H
+    if seed is not None:
         had = RandomizedHadamard(H.shape[0], seed)
-        H.copy_(had.forward(H, dim=0))
-        H.copy_(had.forward(H, dim=1))
+        rotate_in_place(H, had, had)     # rotate_factor's two passes
     if device is not None:
         H, T = H.to(device), (T.to(device) if T is not None else None)
     # normalized_pair and shrink, in place: the same operations, so the same values
@@ -72,8 +71,20 @@ def prepare_factor(H: torch.Tensor, seed: int | None, block: int, lam: float, na
         if T is None:
             T = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
         H.mul_(1.0 - lam).add_(T.mul_(lam))
-    del T
-    return H, block_ldl(H, block, sigma=LDL.sigma, name=name)
+    return H
+
+
+def prepare_factor(H: torch.Tensor, seed: int | None, block: int, lam: float, name: str,
+                   target: str = DEFAULT_SHRINK_TARGET, device: torch.device | None = None,
+                   consume: bool = False) -> BlockLDL:
+    """The block LDL of `prepared_factor`, split in that factor's own buffer: at most two n × n float64 buffers
+    at once. The factor itself is not kept: L, D and σ give it back where needed (`proxy_from_ldl`); with
+    `consume`, H is left empty (its storage released, whoever else holds it)."""
+    prepared = prepared_factor(H, seed, lam, target, device, consume)
+    ldl = block_ldl(prepared, block, sigma=LDL.sigma, name=name, overwrite=True)
+    if consume:   # spent: release its storage now, though the caller still holds the tensor (it is left empty)
+        H.set_()
+    return ldl
 
 
 def quantize_layer(name: str, W: torch.Tensor, fmt: Format, rounding: str = "yaqa",
@@ -87,65 +98,72 @@ def quantize_layer(name: str, W: torch.Tensor, fmt: Format, rounding: str = "yaq
     H_in = E[xxᵀ]; `rtn` needs neither. `shrink_out` / `shrink_in` move the normalized H_O / H_I (yaqa only)
     toward `target` (bitplan.heldout.SHRINK_TARGETS). `device` (default W's) runs the factors' preparation and
     the error feedback; the results come back to the CPU. `consume_factors`: H_in and H_out (float64) may be
-    overwritten, so their preparation needs no copies of them (apply passes sums it reads for this layer alone).
+    overwritten and are left empty, so their preparation needs no copies of them and their memory is released
+    as soon as their LDL is made (apply passes sums it reads for this layer alone).
     """
     if rounding not in ROUNDINGS:
         raise BitplanError(f"unknown rounding {rounding!r}; choose one of {', '.join(ROUNDINGS)}")
     if not torch.isfinite(W).all():
         raise BitplanError(f"{name}: weight has NaN or Inf values")
     device = torch.device(device) if device is not None else W.device
-    W = W.detach().to("cpu", torch.float64)
+    W = W.detach().to("cpu")     # kept in its own dtype for the relative error; the rounding works in float64
     m, n = W.shape
     if fmt.kind == "fp16":
         w16 = W.to(torch.float16)
-        return LayerResult(name, fmt.name, {"weight": w16}, w16.to(torch.float32), {"rel_err": _rel(W, w16.double())})
+        return LayerResult(name, fmt.name, {"weight": w16}, w16.to(torch.float32), {"rel_err": relative_error(W, w16)})
 
     if not fmt.applicable(m, n):
         raise BitplanError(f"{name}: {fmt.name} cannot store a {m}×{n} layer (rows must be whole "
                            f"{getattr(fmt, 'block_size', 1)}-weight blocks); choose another format for it")
-    if fmt.rotated:
-        seed_out, seed_in = rotation_seeds(name, seed)
-        W_rot = rotate_weight(W, seed_out, seed_in)
-        params = fmt.fit(W_rot.to(torch.float32))
-    else:  # ggml: unrotated, the scales weighted by the inputs' second moments where known
-        seed_out = seed_in = None
-        W_rot = W
-        importance = H_in.detach().to(torch.float64).diagonal().cpu() if H_in is not None else None
-        params = fmt.fit(W.to(torch.float32), importance)
-    scale, zero = fmt.per_weight(params, n)
-    scale, zero = scale.double(), (zero.double() if zero is not None else None)
+    seed_out, seed_in = rotation_seeds(name, seed) if fmt.rotated else (None, None)
+    # ggml formats (unrotated) weight their scales by the inputs' second moments where known
+    importance = (H_in.detach().diagonal().to("cpu", torch.float64, copy=True)   # a copy: H_in may be consumed
+                  if H_in is not None and not fmt.rotated else None)
     stats: dict = {}
-    if rounding == "rtn":
-        if fmt.rotated:
-            codes = fmt.quantize(W_rot.to(torch.float32)).codes  # fit is deterministic: the same params
-        else:
-            codes = fmt.encode(W_rot.to(torch.float32), scale, zero)
-    else:
+    if rounding != "rtn":
+        # The factors first, while no weight-sized buffer is held: their LDL is the largest step (two n × n).
         if H_in is None or (rounding == "yaqa" and H_out is None):
             raise BitplanError(f"{name}: {rounding} rounding needs the profile's Hessian factors for this layer")
         bi = tile_width(fmt)
         if n % bi or m % TILE:
             raise BitplanError(f"{name}: a {m}×{n} layer does not split into {TILE}×{bi} tiles for {fmt.name}; "
                                f"use --rounding rtn or a format with vector length 1, 2 or 4")
-        Hi, ldl_in = prepare_factor(H_in, seed_in, bi, shrink_in if rounding == "yaqa" else 0.0,
-                                    f"{name} (H_in)", target, device, consume_factors)
-        del H_in
-        Ho, ldl_out = (prepare_factor(H_out, seed_out, TILE, shrink_out, f"{name} (H_out)", target, device,
-                                      consume_factors) if rounding == "yaqa" else (None, None))
-        del H_out
+        ldl_in = prepare_factor(H_in, seed_in, bi, shrink_in if rounding == "yaqa" else 0.0,
+                                f"{name} (H_in)", target, device, consume_factors)
+        ldl_out = (prepare_factor(H_out, seed_out, TILE, shrink_out, f"{name} (H_out)", target, device,
+                                  consume_factors) if rounding == "yaqa" else None)
+        del H_in, H_out
+        stats.update(sigma_in=ldl_in.sigma, sigma_out=ldl_out.sigma if ldl_out else 0.0)
+    if fmt.rotated:
+        W_rot = rotate_weight(W.to(torch.float64), seed_out, seed_in)
+        params = fmt.fit(W_rot.to(torch.float32))
+    else:
+        W_rot = W.to(torch.float64)
+        params = fmt.fit(W.to(torch.float32), importance)
+    scale, zero = fmt.per_weight(params, n)
+    scale, zero = scale.double(), (zero.double() if zero is not None else None)
+    if rounding == "rtn":
+        if fmt.rotated:
+            codes = fmt.quantize(W_rot.to(torch.float32)).codes  # fit is deterministic: the same params
+        else:
+            codes = fmt.encode(W_rot.to(torch.float32), scale, zero)
+        del W_rot, scale, zero
+    else:
         W_dev, scale_dev = W_rot.to(device), scale.to(device)
         zero_dev = zero.to(device) if zero is not None else None
-        rounded = ldlq_round(W_dev, fmt, scale_dev, zero_dev, ldl_in.L, ldl_out.L if ldl_out else None, bi, TILE)
-        sigma_in, sigma_out = ldl_in.sigma, ldl_out.sigma if ldl_out else 0.0
-        del ldl_in, ldl_out   # the L factors (n × n, m × m) are spent: free them before the proxies
+        del W_rot, scale, zero
+        rounded = ldlq_round(W_dev, fmt, scale_dev, zero_dev, ldl_in.L, ldl_out.L if ldl_out else None, bi, TILE,
+                             keep_targets=False)
         codes = rounded.codes.cpu()
         E = W_dev - rounded.W_hat
         del rounded
-        stats.update(sigma_in=sigma_in, sigma_out=sigma_out, proxy=proxy(E, Hi, Ho))
+        release_freed_memory()   # the rounding's many small temporaries, before the proxies' large ones
+        E_rtn = W_dev.sub_(fmt.round(W_dev, scale_dev, zero_dev))   # W_dev is spent: its buffer holds E_rtn
+        del W_dev, scale_dev, zero_dev
+        stats["proxy"] = proxy_from_ldl(E, ldl_in, ldl_out)
         del E
-        E_rtn = W_dev - fmt.round(W_dev, scale_dev, zero_dev)
-        stats["proxy_rtn"] = proxy(E_rtn, Hi, Ho)
-        del W_dev, E_rtn, Hi, Ho
+        stats["proxy_rtn"] = proxy_from_ldl(E_rtn, ldl_in, ldl_out)
+        del E_rtn, ldl_in, ldl_out
     qw = QuantizedWeight(fmt.name, (m, n), codes.to(torch.int32), params)
     tensors = fmt.pack(qw)
     # Dequantize from what is stored, so W_hat is exactly what a loaded checkpoint computes with.
@@ -155,9 +173,5 @@ def quantize_layer(name: str, W: torch.Tensor, fmt: Format, rounding: str = "yaq
         W_hat = unrotate_weight(W_hat_rot.to(torch.float64), seed_out, seed_in)
     else:
         W_hat = W_hat_rot.to(torch.float64)
-    stats["rel_err"] = _rel(W, W_hat)
+    stats["rel_err"] = relative_error(W, W_hat)
     return LayerResult(name, fmt.name, tensors, W_hat.to(torch.float32), stats)
-
-
-def _rel(W: torch.Tensor, W_hat: torch.Tensor) -> float:
-    return float((W - W_hat).pow(2).sum() / W.pow(2).sum().clamp_min(1e-300))

@@ -30,6 +30,8 @@ from ..errors import BitplanError
 from ..formats import get_format
 from ..heldout import DEFAULT_SHRINK_TARGET, Shrinkage, check_target
 from ..io import atomic_path
+from ..linalg import relative_error_of_blocks
+from ..memory import map_large_blocks, release_freed_memory
 from ..models import LoadedModel, find_linears
 from ..profile.directory import ProfileDir
 from ..progress import Progress
@@ -67,25 +69,6 @@ def _read_part(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict] | N
         return None
 
 
-@functools.cache
-def _libc():
-    import ctypes
-
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:   # not glibc
-        return None
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed on the heap back to the system (glibc's malloc_trim). A layer's rounding frees tens of MB
-    of temporaries; glibc keeps such blocks for reuse, and across layers of other sizes they pile up as resident
-    fragments (measured on the default model: ~150 MB of apply's peak). Elsewhere than glibc: nothing."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
 def _note(text: str) -> None:
     from rich.console import Console
     from rich.markup import escape
@@ -94,32 +77,43 @@ def _note(text: str) -> None:
 
 
 def layer_factors(profile: ProfileDir | None, name: str, rounding: str, shape: tuple[int, int] | None = None):
-    """A layer's factors from the profile, or the error that says what to pass instead. `shape` (the weight's
-    [out, in]) is checked against the factors' sizes: factors of another model fail here, not in the rounding."""
-    if profile is None:
-        raise BitplanError(f"{rounding} rounding needs a profile with Hessian factors (hessians/); "
-                           "pass the profile, or use --rounding rtn")
-    f = profile.factors(name, rounding)
-    if shape is not None and f.one_sided and f.xtx_a.shape[0] != shape[1]:
-        raise BitplanError(f"the factor of {name} in {profile.path} is {f.xtx_a.shape[0]}×{f.xtx_a.shape[0]}, the "
-                           f"model's weight has {shape[1]} columns: the profile is of another model; "
-                           "pass this model's profile with --profile")
-    if shape is not None and not f.one_sided and (f.h_out_a.shape[0], f.h_in_a.shape[0]) != tuple(shape):
-        raise BitplanError(f"the factors of {name} in {profile.path} are {f.h_out_a.shape[0]}×{f.h_in_a.shape[0]}, "
-                           f"the model's weight is {shape[0]}×{shape[1]}: the profile is of another model; "
-                           "pass this model's profile with --profile")
+    """A layer's factors from the profile (both halves, for choosing λ), or the error that says what to pass
+    instead. `shape` (the weight's [out, in]) is checked against the factors' sizes."""
+    f = _profile_with_factors(profile, rounding).factors(name, rounding)
+    _check_shape(profile, name, f.xtx_a if f.one_sided else f.h_in_a, None if f.one_sided else f.h_out_a, shape)
     return f
 
 
-def rounding_factors(f, method: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(H_in, H_out) that `method` rounds with: each the sum of both halves, added into the first half's buffer
-    (the same values as LayerFactors' sums, without a third n × n copy); `f` gives up every half it held."""
-    if method == "ldlq":
-        H_in, H_out = f.xtx_a.add_(f.xtx_b), None
-    else:
-        H_in, H_out = f.h_in_a.add_(f.h_in_b), f.h_out_a.add_(f.h_out_b)
-    f.h_out_a = f.h_in_a = f.h_out_b = f.h_in_b = f.xtx_a = f.xtx_b = None
-    return H_in, H_out
+def rounding_factors(profile: ProfileDir | None, name: str, rounding: str, shape: tuple[int, int] | None = None):
+    """(H_in, H_out, one_sided): what `rounding` rounds `name` with, each the sum of both halves in float64,
+    read without the factors it does not use; checked against the weight's `shape` as layer_factors does."""
+    sums = _profile_with_factors(profile, rounding).summed_factors(name, rounding)
+    H_in = sums.tensors.get("xtx" if rounding == "ldlq" else "h_in")
+    H_out = sums.tensors.get("h_out")
+    _check_shape(profile, name, H_in, H_out, shape)
+    return H_in, H_out, sums.one_sided
+
+
+def _profile_with_factors(profile: ProfileDir | None, rounding: str) -> ProfileDir:
+    if profile is None:
+        raise BitplanError(f"{rounding} rounding needs a profile with Hessian factors (hessians/); "
+                           "pass the profile, or use --rounding rtn")
+    return profile
+
+
+def _check_shape(profile: ProfileDir, name: str, H_in: torch.Tensor, H_out: torch.Tensor | None,
+                 shape: tuple[int, int] | None) -> None:
+    """Factors of another model fail here, not in the rounding."""
+    if shape is None:
+        return
+    if H_out is None and H_in.shape[0] != shape[1]:
+        raise BitplanError(f"the factor of {name} in {profile.path} is {H_in.shape[0]}×{H_in.shape[0]}, the "
+                           f"model's weight has {shape[1]} columns: the profile is of another model; "
+                           "pass this model's profile with --profile")
+    if H_out is not None and (H_out.shape[0], H_in.shape[0]) != tuple(shape):
+        raise BitplanError(f"the factors of {name} in {profile.path} are {H_out.shape[0]}×{H_in.shape[0]}, "
+                           f"the model's weight is {shape[0]}×{shape[1]}: the profile is of another model; "
+                           "pass this model's profile with --profile")
 
 
 def factor_sides(profile: ProfileDir | None, name: str) -> str | None:
@@ -268,17 +262,18 @@ def apply_formats(model: str | LoadedModel | WeightSource, formats: dict[str, st
         if cached is not None:
             return name, *cached
         W = source.weight(name)
-        f = layer_factors(profile, name, method, tuple(W.shape)) if method != "rtn" else None
         if method == "yaqa" and lam == "auto":
-            known = profile.shrinkage(name)
-            # the profile's choice when it was made from these factors (same samples and target), else recomputed
-            fits = known is not None and known.samples == f.samples and known.target == shrink_target
-            lams = known if fits else auto_shrink(f, name, shrink_target)
+            known = _profile_with_factors(profile, method).shrinkage(name)
+            # the profile's choice when it was made from these factors (same samples and target), else
+            # recomputed from both halves (read for that alone, before the sums the rounding reads)
+            fits = (known is not None and known.samples == profile.factor_samples(name)
+                    and known.target == shrink_target)
+            lams = known if fits else auto_shrink(layer_factors(profile, name, method, tuple(W.shape)), name,
+                                                  shrink_target)
         else:
             lams = Shrinkage(lam if method == "yaqa" else 0.0, 0.0, shrink_target)
-        one_sided = f is not None and f.one_sided
-        H_in, H_out = rounding_factors(f, method) if f is not None else (None, None)
-        del f
+        H_in, H_out, one_sided = (rounding_factors(profile, name, method, tuple(W.shape)) if method != "rtn"
+                                  else (None, None, False))
         res: LayerResult = quantize_layer(name, W.to(weight_dtype), fmt, method, H_in, H_out, shrink_out=lams.out,
                                           shrink_in=lams.inp, target=shrink_target, device=device,
                                           consume_factors=True)
@@ -303,6 +298,7 @@ def apply_formats(model: str | LoadedModel | WeightSource, formats: dict[str, st
             _note(note)
     layers: dict[str, dict[str, torch.Tensor]] = {}
     stats: dict[str, dict] = {}
+    map_large_blocks()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -318,8 +314,7 @@ def apply_formats(model: str | LoadedModel | WeightSource, formats: dict[str, st
         torch.set_num_threads(threads)
     for name in formats:   # an embedding or head planned fp16: its stats as the fp16 tensor the file keeps
         if name not in work:
-            W = source.weight(name).double()
-            err = float((W - W.half().double()).pow(2).sum() / W.pow(2).sum().clamp_min(1e-300))
+            err = relative_error_of_blocks((w, w.half()) for w in source.chunks(f"{name}.weight"))
             stats[name] = {"format": fmts[name].name, "rounding": "rtn", "kind": vocab[name], "rel_err": err}
     ranks.barrier()
     if not ranks.main:

@@ -356,7 +356,21 @@ def rotate_weight(W: torch.Tensor, seed_out: int, seed_in: int) -> torch.Tensor:
     if not isinstance(W, torch.Tensor) or W.dim() != 2:
         raise BitplanError(f"rotate_weight expects a 2-D weight tensor, got {getattr(W, 'shape', type(W))}")
     m, n = W.shape
-    return RandomizedHadamard(n, seed_in).forward(RandomizedHadamard(m, seed_out).forward(W, dim=0), dim=1)
+    return rotate_in_place(W.clone(), RandomizedHadamard(m, seed_out), RandomizedHadamard(n, seed_in))
+
+
+def rotate_in_place(X: torch.Tensor, had_out: RandomizedHadamard, had_in: RandomizedHadamard,
+                    inverse: bool = False, block_bytes: int = 16 * 2 ** 20) -> torch.Tensor:
+    """X ← R_m X R_nᵀ (inverse: R_mᵀ X R_n), along dim 0 a block of columns at a time, then along dim 1 a block
+    of rows at a time. Each vector is transformed alone, so the values are those of whole-matrix passes, without
+    their temporaries (several copies of X: 2 GiB for an 8192² float64 factor)."""
+    m, n = X.shape
+    step = max(1, block_bytes // (X.element_size() * max(m, n)))
+    for c in range(0, n, step):
+        X[:, c:c + step] = had_out._along(X[:, c:c + step], 0, inverse)
+    for r in range(0, m, step):
+        X[r:r + step] = had_in._along(X[r:r + step], 1, inverse)
+    return X
 
 
 def unrotate_weight(W_rot: torch.Tensor, seed_out: int, seed_in: int) -> torch.Tensor:
@@ -364,4 +378,5 @@ def unrotate_weight(W_rot: torch.Tensor, seed_out: int, seed_in: int) -> torch.T
     if not isinstance(W_rot, torch.Tensor) or W_rot.dim() != 2:
         raise BitplanError(f"unrotate_weight expects a 2-D weight tensor, got {getattr(W_rot, 'shape', type(W_rot))}")
     m, n = W_rot.shape
-    return RandomizedHadamard(n, seed_in).inverse(RandomizedHadamard(m, seed_out).inverse(W_rot, dim=0), dim=1)
+    return rotate_in_place(W_rot.clone(), RandomizedHadamard(m, seed_out), RandomizedHadamard(n, seed_in),
+                           inverse=True)

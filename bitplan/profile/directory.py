@@ -16,7 +16,8 @@ from pathlib import Path
 
 from ..errors import BitplanError
 from ..heldout import Shrinkage
-from .hessians import HALVES, HESSIAN_DIR, LayerFactors, factors_path, load_factors
+from .hessians import (HALVES, HESSIAN_DIR, LayerFactors, SummedFactors, factor_samples, factors_path, load_factors,
+                       read_summed_factors)
 from .schema import Profile, load_profile
 
 PROFILE_FILE = "profile.json"
@@ -68,6 +69,15 @@ class ProfileDir:
             raise BitplanError(f"the profile's factors for {layer} lack Σxxᵀ (needed by --rounding ldlq): the profile "
                                "was made by an older bitplan; re-run `bitplan profile`")
         return f
+
+    def summed_factors(self, layer: str, rounding: str) -> SummedFactors:
+        """What `rounding` rounds `layer` with, each summed over the halves in float64 (ldlq: Σxxᵀ; yaqa: H_I and
+        H_O), reading no other factor: a layer's rounding then holds one n × n buffer per side."""
+        return read_summed_factors(self.path, layer, ("xtx",) if rounding == "ldlq" else ("h_in", "h_out"))
+
+    def factor_samples(self, layer: str) -> int:
+        """Both halves' factor samples of `layer`, from the files' metadata."""
+        return factor_samples(self.path, layer)
 
     def factors_id(self, layer: str) -> str:
         """Changes when a layer's factor files do (size and modification time), without reading them."""

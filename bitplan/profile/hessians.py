@@ -17,6 +17,7 @@ the outer phase's windows of that half, with metadata format, name, half, sample
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from safetensors.torch import save_file
 
 from ..errors import BitplanError
 from ..io import atomic_path
+from ..shards import Shards, read_header
 from .factors import FactorSums
 
 HESSIAN_DIR = "hessians"
@@ -137,22 +139,15 @@ def stored_sides(profile_dir: str | Path, name: str) -> str | None:
     return "both"
 
 
-def read_half_factors(path: str | Path, dtype: torch.dtype = torch.float64,
-                      device: torch.device | str = "cpu") -> tuple[FactorSums, dict]:
-    """One half's sums (in `dtype` on `device`); a one-sided file (Σxxᵀ alone) gives h_out and h_in None and
-    grad_sq 0."""
+@contextmanager
+def _half_file(path: str | Path):
+    """An open hessians file and its metadata; a missing, damaged or foreign file fails with a clear error."""
     path = Path(path)
     if not path.is_file():
         raise BitplanError(f"Hessian factors not found: {path} (a profile without hessians/? re-run `bitplan profile`)")
     try:
         with safe_open(str(path), framework="pt") as fh:
-            meta = json.loads((fh.metadata() or {})["bitplan"])
-            if meta.get("sides") == "input":
-                h_out = h_in = None
-                meta = {"grad_sq": 0.0, "sketch_chunk": 0, **meta}
-            else:
-                h_out, h_in = (fh.get_tensor(k).to(device, dtype) for k in ("h_out", "h_in"))
-            xtx = fh.get_tensor("xtx").to(device, dtype) if "xtx" in fh.keys() else None
+            yield fh, json.loads((fh.metadata() or {})["bitplan"])
     except SafetensorError as e:   # truncated (a full disk, a copy cut short) or overwritten
         profile = path.parent.parent.parent
         raise BitplanError(f"the Hessian file {path} is damaged ({e}); re-make the profile's factors: "
@@ -160,8 +155,75 @@ def read_half_factors(path: str | Path, dtype: torch.dtype = torch.float64,
                            "with") from None
     except (KeyError, ValueError, OSError, json.JSONDecodeError) as e:
         raise BitplanError(f"{path} is not a bitplan Hessian file ({type(e).__name__}: {e})") from None
+
+
+def read_half_factors(path: str | Path, dtype: torch.dtype = torch.float64,
+                      device: torch.device | str = "cpu") -> tuple[FactorSums, dict]:
+    """One half's sums (in `dtype` on `device`); a one-sided file (Σxxᵀ alone) gives h_out and h_in None and
+    grad_sq 0."""
+    with _half_file(path) as (fh, meta):
+        if meta.get("sides") == "input":
+            h_out = h_in = None
+            meta = {"grad_sq": 0.0, "sketch_chunk": 0, **meta}
+        else:
+            h_out, h_in = (fh.get_tensor(k).to(device, dtype) for k in ("h_out", "h_in"))
+        xtx = fh.get_tensor("xtx").to(device, dtype) if "xtx" in fh.keys() else None
     return FactorSums(h_out, h_in, xtx, meta["grad_sq"], meta["samples"], meta["tokens"],
                       meta.get("window_grad_sq")), meta
+
+
+@dataclass
+class SummedFactors:
+    """The tensors one rounding needs, each the sum of both halves in float64: nothing else is read."""
+    tensors: dict[str, torch.Tensor]    # of "h_out", "h_in", "xtx": those asked for
+    samples: int                        # both halves' samples
+    one_sided: bool                     # the file keeps Σxxᵀ alone
+
+
+def factor_samples(profile_dir: str | Path, name: str) -> int:
+    """Both halves' samples of `name`'s factors, from the files' metadata alone."""
+    total = 0
+    for half in HALVES:
+        with _half_file(factors_path(profile_dir, name, half)) as (_, meta):
+            total += meta["samples"]
+    return total
+
+
+def read_summed_factors(profile_dir: str | Path, name: str, keys: tuple[str, ...],
+                        device: torch.device | str = "cpu") -> SummedFactors:
+    """The sums over both halves of `keys` ("h_out", "h_in", "xtx"), float64 on `device`: each half's float32
+    tensor is read from its file a block of rows at a time (plain reads, bitplan.shards) and added into one float64
+    buffer (the same values as LayerFactors' sums), so a layer's rounding holds one n × n buffer per key and
+    never the factors it does not use, nor a float32 copy or mapped pages of one."""
+    sums: dict[str, torch.Tensor] = {}
+    samples, one_sided = 0, False
+    for half in HALVES:
+        path = factors_path(profile_dir, name, half)
+        with _half_file(path) as (fh, meta):    # the header, checked; the data is read below
+            samples += meta["samples"]
+            one_sided = meta.get("sides") == "input"
+            stored = set(fh.keys())
+        for key in keys:
+            if key not in stored and one_sided:
+                raise BitplanError(f"the profile keeps only Σxxᵀ for {name} (its output side would be "
+                                   "vocabulary-sized): it is rounded with ldlq")
+            if key not in stored:
+                what = "Σxxᵀ (needed by --rounding ldlq)" if key == "xtx" else key
+                raise BitplanError(f"the profile's factors for {name} lack {what} ({path}): the profile was "
+                                   "made by an older bitplan; re-run `bitplan profile`")
+        infos = read_header(path)[0]
+        for key in keys:
+            shards = Shards(path.parent, {key: infos[key]})
+            total = sums.setdefault(key, torch.empty(infos[key].shape, dtype=torch.float64, device=device))
+            row = 0
+            for block in shards.chunks(key):
+                rows = total[row:row + block.shape[0]]
+                if half == HALVES[0]:
+                    rows.copy_(block)
+                else:
+                    rows.add_(block.to(device))
+                row += block.shape[0]
+    return SummedFactors(sums, samples, one_sided)
 
 
 def load_factors(profile_dir: str | Path, name: str, dtype: torch.dtype = torch.float64,

@@ -89,3 +89,18 @@ def test_bad_tiling_is_an_error():
     fmt, W, scale, zero = setup("higgs-p3-n512-g64", 32, 96)
     with pytest.raises(BitplanError, match="multiple of"):
         ldlq_round(W, fmt, scale, zero, None, None, 16, 16)
+
+
+@pytest.mark.parametrize("sides", ["both", "input", "output"])
+def test_proxy_from_ldl_is_the_proxy_with_the_undamped_factors(sides):
+    """proxy_from_ldl recovers H = L D Lᵀ − σI from a damped, overwritten factor: the float64 proxy's value."""
+    from bitplan.apply.ldlq import proxy_from_ldl
+
+    m, n = 32, 96
+    E = torch.randn(m, n, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    H_in, H_out = spd(n, 6, rank=8, ridge=0.0), spd(m, 7, rank=4, ridge=0.0)   # singular: damping is needed
+    ldl_in = block_ldl(H_in.clone(), 48, overwrite=True) if sides != "output" else None
+    ldl_out = block_ldl(H_out.clone(), 16, overwrite=True) if sides != "input" else None
+    assert (ldl_in or ldl_out).sigma > 0
+    want = proxy(E, H_in if ldl_in else None, H_out if ldl_out else None)
+    assert proxy_from_ldl(E, ldl_in, ldl_out) == pytest.approx(want, rel=1e-9)
