@@ -261,19 +261,19 @@ def apply_formats(model: str | LoadedModel | WeightSource, formats: dict[str, st
         cached = _read_part(part, key)
         if cached is not None:
             return name, *cached
-        W = source.weight(name)
+        shape = tuple(source.tensor_info(f"{name}.weight")[1])   # the weight is read after its factors
         if method == "yaqa" and lam == "auto":
             known = _profile_with_factors(profile, method).shrinkage(name)
             # the profile's choice when it was made from these factors (same samples and target), else
             # recomputed from both halves (read for that alone, before the sums the rounding reads)
             fits = (known is not None and known.samples == profile.factor_samples(name)
                     and known.target == shrink_target)
-            lams = known if fits else auto_shrink(layer_factors(profile, name, method, tuple(W.shape)), name,
-                                                  shrink_target)
+            lams = known if fits else auto_shrink(layer_factors(profile, name, method, shape), name, shrink_target)
         else:
             lams = Shrinkage(lam if method == "yaqa" else 0.0, 0.0, shrink_target)
-        H_in, H_out, one_sided = (rounding_factors(profile, name, method, tuple(W.shape)) if method != "rtn"
+        H_in, H_out, one_sided = (rounding_factors(profile, name, method, shape) if method != "rtn"
                                   else (None, None, False))
+        W = source.weight(name)
         res: LayerResult = quantize_layer(name, W.to(weight_dtype), fmt, method, H_in, H_out, shrink_out=lams.out,
                                           shrink_in=lams.inp, target=shrink_target, device=device,
                                           consume_factors=True)

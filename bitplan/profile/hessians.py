@@ -223,6 +223,7 @@ def read_summed_factors(profile_dir: str | Path, name: str, keys: tuple[str, ...
                 else:
                     rows.add_(block.to(device))
                 row += block.shape[0]
+                del block, rows   # before the next block is read
     return SummedFactors(sums, samples, one_sided)
 
 
