@@ -136,17 +136,19 @@ def ldl_gain(H: torch.Tensor, ldl: LDLSettings = LDL, name: str = "a layer") -> 
     return block_ldl(Hn, ldl.block, sigma=ldl.sigma, name=name).trace_d / float(Hn.diagonal().sum())
 
 
-def relative_error(W: torch.Tensor, W_hat: torch.Tensor, block_bytes: int = 64 * 2 ** 20) -> float:
+def relative_error(W: torch.Tensor, W_hat: torch.Tensor) -> float:
     """‖W − Ŵ‖² / ‖W‖² in float64, a block of rows at a time (a 128256-row embedding needs no float64 copy)."""
-    rows = max(1, block_bytes // (8 * max(1, W.shape[-1])))
-    return relative_error_of_blocks((W[r:r + rows], W_hat[r:r + rows]) for r in range(0, W.shape[0], rows))
+    return relative_error_of_blocks([(W, W_hat)])
 
 
-def relative_error_of_blocks(blocks) -> float:
-    """relative_error over (W, Ŵ) pairs of row blocks, e.g. a weight read from its file a block at a time."""
+def relative_error_of_blocks(blocks, block_bytes: int = 16 * 2 ** 20) -> float:
+    """relative_error over (W, Ŵ) pairs of row blocks (e.g. a weight read from its file a block at a time), each
+    taken in float64 a few rows at a time: about four float64 copies of `block_bytes` at once."""
     num = den = 0.0
-    for w, w_hat in blocks:
-        w = w.to(torch.float64)
-        num += float((w - w_hat.to(torch.float64)).pow(2).sum())
-        den += float(w.pow(2).sum())
+    for W, W_hat in blocks:
+        rows = max(1, block_bytes // (8 * max(1, W[0].numel() if W.dim() > 1 else 1)))
+        for r in range(0, W.shape[0], rows):
+            w = W[r:r + rows].to(torch.float64)
+            num += float((w - W_hat[r:r + rows].to(torch.float64)).pow(2).sum())
+            den += float(w.pow(2).sum())
     return num / max(den, 1e-300)

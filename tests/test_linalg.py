@@ -99,7 +99,7 @@ def test_the_ldl_settings_are_those_the_shipped_profile_records():
 
 def test_overwriting_ldl_equals_the_copying_one():
     """overwrite=True symmetrizes and damps in H's own buffer: bit for bit the copying path, H then spent."""
-    from bitplan.linalg import relative_error, symmetrize_
+    from bitplan.linalg import relative_error, relative_error_of_blocks, symmetrize_
 
     A = torch.randn(100, 100, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     H = normalize(A @ A.T + 0.01 * A)                                    # not quite symmetric
@@ -110,4 +110,6 @@ def test_overwriting_ldl_equals_the_copying_one():
     W = torch.randn(300, 7, dtype=torch.float64)
     W_hat = W + 0.1 * torch.randn(300, 7, dtype=torch.float64)
     want = float((W - W_hat).pow(2).sum() / W.pow(2).sum())
-    assert relative_error(W.float(), W_hat, block_bytes=8 * 7 * 16) == pytest.approx(want, rel=1e-6)
+    assert relative_error(W.float(), W_hat) == pytest.approx(want, rel=1e-6)
+    assert relative_error_of_blocks([(W[:100], W_hat[:100]), (W[100:], W_hat[100:])], block_bytes=8 * 7 * 16) \
+        == pytest.approx(want, rel=1e-12)
