@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -27,6 +28,26 @@ TINY_TEXT = (
     "To be or not to be, that is the question. All that glitters is not gold. "
     "The union of the states is strong, and the people are prosperous and free. "
 ) * 40
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """`bitplan ARGS` run in this process: (exit code, stdout, stderr), printed 200 columns wide."""
+    from bitplan.cli import console, main
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["bitplan", *map(str, args)])
+        monkeypatch.setenv("COLUMNS", "200")
+        monkeypatch.setattr(console, "width", 200)  # the console was made before any COLUMNS set here
+        code = 0
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
 
 
 @pytest.fixture(autouse=True)

@@ -55,6 +55,13 @@ def _round_codes(T: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _VllmInt(Format):
+    KIND = ""   # "sint" or "uint": the name's prefix and the format's kind
+
+    @classmethod
+    def make(cls, b: int, g: int, mse_q: float) -> "_VllmInt":
+        return cls(name=f"{cls.KIND}{b}-g{g}", kind=cls.KIND, nominal_bits=float(b), group_size=g, vector_dim=1,
+                   code_bits=b, mse_q=mse_q, rotated=False, codebook_bits=0)
+
     def _check(self, T: torch.Tensor, scale, zero, what: str) -> None:
         need_zero = self.has_zero
         if scale is None or (need_zero and zero is None):
@@ -68,10 +75,7 @@ class _VllmInt(Format):
 
 @dataclass(frozen=True)
 class SymIntFormat(_VllmInt):
-    @classmethod
-    def make(cls, b: int, g: int, mse_q: float) -> "SymIntFormat":
-        return cls(name=f"sint{b}-g{g}", kind="sint", nominal_bits=float(b), group_size=g, vector_dim=1,
-                   code_bits=b, mse_q=mse_q, rotated=False, codebook_bits=0)
+    KIND = "sint"
 
     @property
     def offset(self) -> int:
@@ -104,10 +108,7 @@ class SymIntFormat(_VllmInt):
 
 @dataclass(frozen=True)
 class ZeroPointIntFormat(_VllmInt):
-    @classmethod
-    def make(cls, b: int, g: int, mse_q: float) -> "ZeroPointIntFormat":
-        return cls(name=f"uint{b}-g{g}", kind="uint", nominal_bits=float(b), group_size=g, vector_dim=1,
-                   code_bits=b, mse_q=mse_q, rotated=False, codebook_bits=0)
+    KIND = "uint"
 
     @property
     def has_zero(self) -> bool:

@@ -4,7 +4,6 @@ transformers loads the folder with the checkpoint's logits, and what vLLM cannot
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig, LlamaConfig, LlamaForCausalLM
 
 from bitplan.apply import apply_formats, load_quantized
-from bitplan.cli import main
 from bitplan.errors import BitplanError
 from bitplan.export import export_compressed_tensors
 from bitplan.formats import get_format
@@ -199,25 +197,16 @@ def test_refuses_what_vllm_cannot_run(tmp_path, tiny_tokenizer, case):
     assert not out.exists() and not list(tmp_path.glob(".ct.*"))
 
 
-def run(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["bitplan", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
-def test_cli_prints_groups_and_the_serve_line(tmp_path, tiny_tokenizer, monkeypatch, capsys):
+def test_cli_prints_groups_and_the_serve_line(tmp_path, tiny_tokenizer, monkeypatch, capsys, cli):
     lm = build(tmp_path, tiny_tokenizer)
     formats = by_group(lm, lambda b, g: {"qkv": "sint4-g128", "down": "uint8-g64"}.get(g, "sint8-g32"))
     formats["model.layers.1.self_attn.o_proj"] = "fp16"
     ckpt, out = tmp_path / "q", tmp_path / "ct"
     apply_formats(lm, formats, ckpt, rounding="rtn", progress=False)
     (ckpt / "generation_config.json").write_text('{"bos_token_id": 0, "eos_token_id": 1}\n')
-    code, stdout, err = run(monkeypatch, capsys, "export", "compressed-tensors", str(ckpt), "-o", str(out))
+    code, stdout, err = cli("export", "compressed-tensors", str(ckpt), "-o", str(out))
     assert code == 0, err
     assert (out / "generation_config.json").read_text() == (ckpt / "generation_config.json").read_text()
     rows = [[c.strip() for c in line.split("│")[1:-1]] for line in stdout.splitlines() if line.startswith("│")]
@@ -226,7 +215,7 @@ def test_cli_prints_groups_and_the_serve_line(tmp_path, tiny_tokenizer, monkeypa
     assert ["sint8-g32", "8", "32", "no", "5"] in rows, stdout
     assert ["fp16 (ignore)", "16", "", "", "2"] in rows, stdout   # o_proj of block 1 and the head
     assert f"vllm serve {out} --dtype float16" in " ".join(stdout.split())
-    code, stdout, err = run(monkeypatch, capsys, "export", "compressed-tensors", str(ckpt), "-o", str(out))
+    code, stdout, err = cli("export", "compressed-tensors", str(ckpt), "-o", str(out))
     assert code == 2 and "not empty" in err and len(err.strip().splitlines()) == 1, err
 
 

@@ -2,31 +2,20 @@
 exit code 2."""
 from __future__ import annotations
 
-import sys
 
 import gguf
 import pytest
 
-from bitplan.cli import main
 
 from tests.export.test_gguf import build
 
 
-def run(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["bitplan", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
-def test_export_gguf_prints_types_and_sizes(tmp_path, tiny_tokenizer, monkeypatch, capsys):
+def test_export_gguf_prints_types_and_sizes(tmp_path, tiny_tokenizer, monkeypatch, capsys, cli):
     folder, ckpt, formats = build(tmp_path, tiny_tokenizer, False, mix=["q4_K", "q8_0"])
     path = tmp_path / "model.gguf"
-    code, out, err = run(monkeypatch, capsys, "export", "gguf", str(ckpt), "-o", str(path), "--other-type", "f32")
+    code, out, err = cli("export", "gguf", str(ckpt), "-o", str(path), "--other-type", "f32")
     assert code == 0, err
     reader = gguf.GGUFReader(path)
     n_q4k = sum(t.tensor_type == gguf.GGMLQuantizationType.Q4_K for t in reader.tensors)
@@ -44,9 +33,9 @@ def test_export_gguf_prints_types_and_sizes(tmp_path, tiny_tokenizer, monkeypatc
     (["export", "gguf", "{tmp}", "--embedding-type", "q3_K"], "--embedding-type q3_K"),
     (["export", "tensor-types", "{tmp}/plan.json"], "plan not found"),
 ])
-def test_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, message):
+def test_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, message, cli):
     args = [a.format(tmp=tmp_path) for a in args]
-    code, out, err = run(monkeypatch, capsys, *args, "-o", str(tmp_path / "x.out"))
+    code, out, err = cli(*args, "-o", str(tmp_path / "x.out"))
     assert code == 2 and message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) <= 2   # one line, wrapped at most once
     assert not (tmp_path / "x.out").exists()

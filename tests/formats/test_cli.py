@@ -3,27 +3,14 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 
 from bitplan.formats import all_formats, default_candidates
 
 
-def run(monkeypatch, capsys, *args):
-    from bitplan.cli import console, main
-
-    monkeypatch.setattr(sys, "argv", ["bitplan", "formats", *args])
-    monkeypatch.setattr(console, "width", 200)  # the console was created before any COLUMNS we could set
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
-def test_json_lists_every_format(monkeypatch, capsys):
-    code, out, _ = run(monkeypatch, capsys, "--json")
+def test_json_lists_every_format(monkeypatch, capsys, cli):
+    code, out, _ = cli("formats", "--json")
     assert code == 0
     rows = json.loads(out)
     assert [r["name"] for r in rows] == [f.name for f in all_formats()]
@@ -32,16 +19,16 @@ def test_json_lists_every_format(monkeypatch, capsys):
     assert abs(r["shannon_ratio"] - r["mse_q"] * 256) < 1e-12 and r["default_candidate"]
 
 
-def test_table_of_candidates(monkeypatch, capsys):
-    code, out, _ = run(monkeypatch, capsys, "--candidates")
+def test_table_of_candidates(monkeypatch, capsys, cli):
+    code, out, _ = cli("formats", "--candidates")
     assert code == 0
     for f in default_candidates():
         assert f.name in out
     assert "higgs-p2-n8-g64" not in out and "int5-g32" not in out  # not candidates
 
 
-def test_bad_kind(monkeypatch, capsys):
-    code, _, err = run(monkeypatch, capsys, "--kind", "nf4")
+def test_bad_kind(monkeypatch, capsys, cli):
+    code, _, err = cli("formats", "--kind", "nf4")
     assert code == 2 and "unknown kind" in err and "Traceback" not in err
 
 
@@ -50,7 +37,7 @@ def table_cells(text: str, column: int) -> list[str]:
     return [line.split("│")[column + 1].strip() for line in text.splitlines() if line.startswith("│")]
 
 
-def test_format_names_are_never_cut_at_80_columns(monkeypatch, capsys):
+def test_format_names_are_never_cut_at_80_columns(monkeypatch, cli):
     """Users type these names into --formats and --pin: at 80 columns rich cut 100 of them to `higgs-pN-…`."""
     from rich.console import Console
 
@@ -58,7 +45,7 @@ def test_format_names_are_never_cut_at_80_columns(monkeypatch, capsys):
 
     narrow = Console(width=80, record=True, file=io.StringIO())
     monkeypatch.setattr(formats_cmd, "console", narrow)
-    code, _, _ = run(monkeypatch, capsys)
+    code, _, _ = cli("formats")
     assert code == 0
     text = narrow.export_text()
     assert table_cells(text, 0) == [f.name for f in all_formats()]

@@ -28,24 +28,11 @@ def profile_dir(tmp_path):
     return tmp_path / "prof"
 
 
-def run(monkeypatch, capsys, *args):
-    """main() in-process; returns (exit code, stdout, stderr)."""
-    from bitplan.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["bitplan", "solve", *map(str, args)])
-    monkeypatch.setenv("COLUMNS", "200")
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
-def test_solve_writes_a_plan_and_explains_it(monkeypatch, capsys, profile_dir, tmp_path):
+def test_solve_writes_a_plan_and_explains_it(monkeypatch, capsys, profile_dir, tmp_path, cli):
     out = tmp_path / "plan.json"
-    code, stdout, _ = run(monkeypatch, capsys, profile_dir, "--budget", "4bpw", "-o", out)
+    code, stdout, _ = cli("solve", profile_dir, "--budget", "4bpw", "-o", out)
     assert code == 0
     plan = json.loads(out.read_text())
     assert plan["totals"]["storage_bpw"] <= 4 and plan["objective"] == "yaqa"
@@ -53,7 +40,7 @@ def test_solve_writes_a_plan_and_explains_it(monkeypatch, capsys, profile_dir, t
     assert plan["coefficient"] == "alpha_yaqa_heldout"   # the fixture has no judge
     for heading in ("formats by projection kind", "by depth", "largest predicted ΔKL", "best uniform"):
         assert heading in stdout
-    code, stdout, err = run(monkeypatch, capsys, profile_dir, "--budget", "6bpw", "-o", out, "--objective", "noise",
+    code, stdout, err = cli("solve", profile_dir, "--budget", "6bpw", "-o", out, "--objective", "noise",
                           "--solver", "ilp", "--tie", "qkv", "--pin", "gate_proj=int8-g64", "--max-bits", "8")
     assert code == 0 and "objective noise: alpha_noise (as asked)" in stdout, err
     plan = json.loads(out.read_text())
@@ -61,9 +48,9 @@ def test_solve_writes_a_plan_and_explains_it(monkeypatch, capsys, profile_dir, t
     assert plan["constraints"]["tie"] == ["qkv"] and plan["solver"]["name"] == "ilp"
 
 
-def test_sweep_writes_a_pareto_table_and_a_plot(monkeypatch, capsys, profile_dir, tmp_path):
+def test_sweep_writes_a_pareto_table_and_a_plot(monkeypatch, capsys, profile_dir, tmp_path, cli):
     out = tmp_path / "sweep" / "plan.json"
-    code, stdout, _ = run(monkeypatch, capsys, profile_dir, "--sweep", "2:5:0.5", "-o", out)
+    code, stdout, _ = cli("solve", profile_dir, "--sweep", "2:5:0.5", "-o", out)
     assert code == 0 and not out.exists()  # no --budget: the sweep only
     rows = list(csv.DictReader(open(out.with_name("plan-sweep.csv"))))
     assert [float(r["budget_bpw"]) for r in rows] == [2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0]
@@ -87,10 +74,10 @@ def test_sweep_writes_a_pareto_table_and_a_plot(monkeypatch, capsys, profile_dir
         saved = load_plan(out.with_name(r["plan_file"]))
         assert saved.formats == alone.formats and saved.budget["given"] == alone.budget["given"]
         assert saved.totals["predicted_dkl"] == pytest.approx(float(r["predicted_dkl"]), rel=1e-12)
-    code, _, _ = run(monkeypatch, capsys, profile_dir, "--sweep", "3:4:0.5", "--budget", "3.5bpw", "-o", out)
+    code, _, _ = cli("solve", profile_dir, "--sweep", "3:4:0.5", "--budget", "3.5bpw", "-o", out)
     assert code == 0 and out.exists()
     folder = tmp_path / "into"  # -o DIR/ (not there yet): the files go inside it
-    code, _, _ = run(monkeypatch, capsys, profile_dir, "--sweep", "3:4:0.5", "--budget", "3.5bpw", "-o", f"{folder}/")
+    code, _, _ = cli("solve", profile_dir, "--sweep", "3:4:0.5", "--budget", "3.5bpw", "-o", f"{folder}/")
     assert code == 0
     assert sorted(p.name for p in folder.iterdir()) == ["plan-3.5bpw.json", "plan-3bpw.json", "plan-4bpw.json",
                                                         "plan-sweep.csv", "plan-sweep.png", "plan.json"]
@@ -126,14 +113,14 @@ def _bad_profile(tmp_path, what):
     (["--budget", "3bpw", "--resource", "missing.json", "--solver", "ilp"], "not found"),
     (["-o", "x.json"], "give a --budget (e.g. 3.25bpw or 2.1GB) or a --sweep A:B:STEP"),  # not A🅱STEP
 ])
-def test_bad_input_is_one_line_and_exit_2(monkeypatch, capsys, profile_dir, tmp_path, args, message):
+def test_bad_input_is_one_line_and_exit_2(monkeypatch, capsys, profile_dir, tmp_path, args, message, cli):
     prof = profile_dir
     args = list(args)
     for a in list(args):
         if a.startswith("PROFILE="):
             args.remove(a)
             prof = _bad_profile(tmp_path, a.split("=")[1])
-    code, _, err = run(monkeypatch, capsys, prof, *args, *([] if "-o" in args else ["-o", tmp_path / "p.json"]))
+    code, _, err = cli("solve", prof, *args, *([] if "-o" in args else ["-o", tmp_path / "p.json"]))
     assert code == 2
     assert message in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -163,7 +150,7 @@ def body_cells(text: str, title: str) -> list[list[str]]:
     return rows
 
 
-def test_layer_and_format_names_are_never_cut_at_80_columns(monkeypatch, capsys, tmp_path):
+def test_layer_and_format_names_are_never_cut_at_80_columns(monkeypatch, capsys, tmp_path, cli):
     """The names users type back into --formats and --pin appear whole in every table at 80 columns."""
     from rich.console import Console
 
@@ -177,7 +164,7 @@ def test_layer_and_format_names_are_never_cut_at_80_columns(monkeypatch, capsys,
     narrow = Console(width=80, record=True, file=io.StringIO())
     monkeypatch.setattr(solve_cmd, "console", narrow)
     out = tmp_path / "plan.json"
-    code, _, err = run(monkeypatch, capsys, tmp_path / "prof", "--budget", "3.3bpw", "--top", "28", "-o", out,
+    code, _, err = cli("solve", tmp_path / "prof", "--budget", "3.3bpw", "--top", "28", "-o", out,
                        "--sweep", "3.5:4.5:0.25")
     assert code == 0, err
     text = narrow.export_text()
@@ -208,17 +195,17 @@ def words(result):
 
 
 def test_solve_says_which_rounding_the_plan_is_for_and_whether_its_profile_can_serve_it(
-        monkeypatch, capsys, profile_dir, tmp_path):
+        monkeypatch, capsys, profile_dir, tmp_path, cli):
     out = tmp_path / "plan.json"
     note = "needs the Hessian factors (hessians/)"
-    code, stdout, _ = words(run(monkeypatch, capsys, profile_dir, "--budget", "4bpw", "-o", out))
+    code, stdout, _ = words(cli("solve", profile_dir, "--budget", "4bpw", "-o", out))
     assert code == 0 and "rounding yaqa" in stdout and json.loads(out.read_text())["rounding"] == "yaqa"
     assert note in stdout and "--objective hessian" in stdout  # a profile folder without hessians/
-    code, stdout, _ = words(run(monkeypatch, capsys, profile_dir, "--budget", "4bpw", "-o", out,
+    code, stdout, _ = words(cli("solve", profile_dir, "--budget", "4bpw", "-o", out,
                                 "--objective", "hessian"))
     assert code == 0 and "rounding rtn" in stdout and note not in stdout  # round-to-nearest needs no factors
     (profile_dir / "hessians").mkdir()
-    code, stdout, _ = words(run(monkeypatch, capsys, profile_dir, "--budget", "4bpw", "-o", out))
+    code, stdout, _ = words(cli("solve", profile_dir, "--budget", "4bpw", "-o", out))
     assert code == 0 and "rounding yaqa" in stdout and note not in stdout
 
 
