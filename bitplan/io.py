@@ -1,8 +1,10 @@
-"""Atomic file writes: a reader never sees a half-written file, a killed job loses nothing it had finished."""
+"""Atomic file and folder writes: a reader never sees a half-written file, a killed job loses nothing it had
+finished."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,18 +21,51 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o644)  # mkstemp makes files private (0600); results are ordinary files
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
+        with refused_writes_in_one_line(path):
+            yield tmp_path
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+@contextmanager
+def atomic_folder(out: str | os.PathLike, merge=None) -> Iterator[Path]:
+    """Yield a temporary folder next to `out`, moved into place only if the block succeeds: renamed over a missing
+    or empty `out`, or, into a folder that holds files, by `merge(tmp, out)` (without one, such a folder is an
+    error its caller should have refused up front). A write the system refused becomes `write_failure`'s one line;
+    the temporary folder is removed whatever happens."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with refused_writes_in_one_line(out):
+            yield tmp
+            if out.is_dir() and any(out.iterdir()):
+                if merge is None:
+                    raise FileExistsError(f"{out} is not empty")
+                merge(tmp, out)
+            else:
+                if out.is_dir():
+                    out.rmdir()
+                os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def refused_writes_in_one_line(path: str | os.PathLike) -> Iterator[None]:
+    """A write to `path` that the system refuses inside the block raises `write_failure`'s one line instead."""
+    try:
+        yield
     except Exception as e:
         failure = write_failure(e, path)
         if failure is None:
             raise
         raise failure from None
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
 
 
 def write_failure(error: BaseException, path: str | os.PathLike):

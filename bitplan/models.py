@@ -197,23 +197,34 @@ def _hub_folder(repo_id: str) -> Path:
                            f"downloadable here ({type(e).__name__})") from None
 
 
-def _load_folder(path: Path, spec: str, dtype: torch.dtype | str, device: torch.device = torch.device("cpu")):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def read_causal_config(path: Path, spec: str,
+                       checkpoint_hint: str = "open it with bitplan.open_model (bitplan.loading), which loads "
+                                              "checkpoints and plain models alike"):
+    """`path`'s config.json as transformers reads it, checked: readable, not a bitplan checkpoint (`checkpoint_hint`
+    says what to do instead), and a causal language model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     with _quiet_transformers():
         try:
             config = AutoConfig.from_pretrained(path)
         except Exception as e:
             raise BitplanError(f"{spec}: unreadable config.json ({type(e).__name__}: {e})") from None
-        qc = getattr(config, "quantization_config", None)
-        if isinstance(qc, dict) and qc.get("quant_method") == "bitplan":
-            raise BitplanError(f"{spec} is a bitplan checkpoint: open it with bitplan.open_model "
-                               "(bitplan.loading), which loads checkpoints and plain models alike")
-        archs = getattr(config, "architectures", None) or []
-        if type(config) not in AutoModelForCausalLM._model_mapping or (
-                archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)):
-            raise BitplanError(f"{spec} has no causal-LM head (architecture {', '.join(archs) or config.model_type}); "
-                               "bitplan quantizes decoder-only causal language models")
+    qc = getattr(config, "quantization_config", None)
+    if isinstance(qc, dict) and qc.get("quant_method") == "bitplan":
+        raise BitplanError(f"{spec} is a bitplan checkpoint: {checkpoint_hint}")
+    archs = getattr(config, "architectures", None) or []
+    if type(config) not in AutoModelForCausalLM._model_mapping or (
+            archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)):
+        raise BitplanError(f"{spec} has no causal-LM head (architecture {', '.join(archs) or config.model_type}); "
+                           "bitplan quantizes decoder-only causal language models")
+    return config
+
+
+def _load_folder(path: Path, spec: str, dtype: torch.dtype | str, device: torch.device = torch.device("cpu")):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = read_causal_config(path, spec)
+    with _quiet_transformers():
         dtype = resolve_dtype(dtype, device, config.to_dict())
         # Off the CPU the weights go straight to the device (accelerate's device_map), never through a host copy
         # of the whole model; on the CPU the plain load, as before devices existed.

@@ -38,7 +38,9 @@ def cli(monkeypatch, capsys):
     def run(*args):
         monkeypatch.setattr(sys, "argv", ["bitplan", *map(str, args)])
         monkeypatch.setenv("COLUMNS", "200")
-        monkeypatch.setattr(console, "width", 200)  # the console was made before any COLUMNS set here
+        # The console was made before any COLUMNS set here. Its private _width, not the width property: undoing a
+        # patched property would pin whatever width it had then for every later test in this process.
+        monkeypatch.setattr(console, "_width", 200)
         code = 0
         try:
             main()

@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from torch import nn
 
 from ..errors import BitplanError
 from ..formats import get_format
-from ..io import check_writable, write_failure
+from ..io import atomic_folder, check_writable
 from ..solve.accounting import codebook_key
 from .embedding import QuantizedEmbedding, TiedQuantizedHead, is_tied, module_name
 from .module import QuantizedLinear
@@ -243,9 +242,7 @@ def _write_folder(out_dir: str | Path, weights, config, tokenizer, formats: dict
     """The checkpoint folder around its weights file, written under a temporary name and moved into place;
     `weights(path)` writes model.safetensors at `path` and returns its sha256."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir, merge=_replace_files) as tmp:
         digest = weights(tmp / WEIGHTS)
         tokenizer.save_pretrained(tmp)
         qc = {"quant_method": QUANT_METHOD, "version": CHECKPOINT_VERSION, "modules": dict(formats),
@@ -254,18 +251,6 @@ def _write_folder(out_dir: str | Path, weights, config, tokenizer, formats: dict
         config = config.to_dict()
         config["quantization_config"] = qc
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-        if out_dir.is_dir() and any(out_dir.iterdir()):
-            _replace_files(tmp, out_dir)
-        else:  # a missing or empty folder: renamed into place whole
-            os.replace(tmp, out_dir)
-    except Exception as e:
-        failure = write_failure(e, out_dir)
-        if failure is None:
-            raise
-        raise failure from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

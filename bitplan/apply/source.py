@@ -89,21 +89,12 @@ class WeightSource:
 def skeleton(path: Path, spec: str) -> nn.Module:
     """The model of the folder `path` with empty weights: its structure, with no memory for its parameters."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from ..models import _quiet_transformers
+    from ..models import _quiet_transformers, read_causal_config
 
+    config = read_causal_config(path, spec, "not a model to quantize; pass the original model")
     with _quiet_transformers():
-        try:
-            config = AutoConfig.from_pretrained(path)
-        except Exception as e:
-            raise BitplanError(f"{spec}: unreadable config.json ({type(e).__name__}: {e})") from None
-        qc = getattr(config, "quantization_config", None)
-        if isinstance(qc, dict) and qc.get("quant_method") == "bitplan":
-            raise BitplanError(f"{spec} is a bitplan checkpoint, not a model to quantize; pass the original model")
-        if type(config) not in AutoModelForCausalLM._model_mapping:
-            raise BitplanError(f"{spec} has no causal-LM head ({config.model_type}); "
-                               "bitplan quantizes decoder-only causal language models")
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         # init_empty_weights gives every registered parameter a meta copy, which unties a tied head: tie again

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from ..apply.checkpoint import (CODEBOOK_PREFIX, WEIGHTS, file_sha256, read_quan
                                 written_files)
 from ..errors import BitplanError
 from ..formats import Format, get_format
-from ..io import check_writable, write_failure
+from ..io import atomic_folder, check_writable
 from ..models import find_linears, find_outer
 from ..progress import Progress
 from ..solve.runtime import runtime_violation
@@ -230,9 +229,7 @@ def export_compressed_tensors(checkpoint: str | Path, out_dir: str | Path, max_s
 
     weights = _check_sha(folder, qc)
     config = json.loads((folder / "config.json").read_text())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:   # `out` is missing or empty (checked above)
         shards = _Shards(tmp, max_shard_bytes)
         with safe_open(str(weights), framework="pt") as f, Progress(enabled=progress) as prog:
             keys = list(f.keys())
@@ -268,16 +265,5 @@ def export_compressed_tensors(checkpoint: str | Path, out_dir: str | Path, max_s
         if "torch_dtype" in config:
             config["torch_dtype"] = "float16"
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-        if out.is_dir():   # empty (checked above)
-            out.rmdir()
-        os.replace(tmp, out)
-    except Exception as e:
-        failure = write_failure(e, out)
-        if failure is None:
-            raise
-        raise failure from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return CompressedTensorsExport(path=out, schemes=schemes, ignored=ignored, shards=names,
                                    file_bytes=sum((out / n).stat().st_size for n in names))

@@ -144,17 +144,15 @@ def test_runtime_any_is_unchanged(profile):
     assert re.fullmatch(r"any", plan.to_json()["runtime"])
 
 
-def test_cli(profile, tmp_path, monkeypatch, capsys):
+def test_cli(profile, tmp_path, cli):
     """`bitplan solve --runtime vllm` writes a vllm plan; a format it cannot run is one line and exit code 2."""
-    from .test_cli import run
-
     profile.save(tmp_path / "prof" / "profile.json")
-    code, out, err = run(monkeypatch, capsys, tmp_path / "prof", "-b", "4.5bpw", "--runtime", "vllm",
+    code, out, err = cli("solve", tmp_path / "prof", "-b", "4.5bpw", "--runtime", "vllm",
                          "-o", tmp_path / "plan.json")
     assert code == 0 and "runtime vllm" in out
     plan = load_plan(tmp_path / "plan.json")
     assert plan.runtime == "vllm" and set(plan.formats.values()) <= {f.name for f in runtime_formats("vllm")}
-    code, out, err = run(monkeypatch, capsys, tmp_path / "prof", "-b", "4.5bpw", "--runtime", "vllm",
+    code, out, err = cli("solve", tmp_path / "prof", "-b", "4.5bpw", "--runtime", "vllm",
                          "--formats", "int3-g64", "-o", tmp_path / "bad.json")
     assert code == 2 and "int3-g64" in err and "Traceback" not in err and len(err.strip().splitlines()) <= 3
     assert not (tmp_path / "bad.json").exists()
