@@ -13,11 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
-import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,6 +27,7 @@ from bitplan.profile.directory import ProfileDir  # noqa: E402
 from bitplan.profile.factors import FactorSums  # noqa: E402
 from bitplan.profile.hessians import factors_path, save_half_factors  # noqa: E402
 from bitplan.resources import APPLY_WEIGHT_BUFFERS  # noqa: E402
+from benchmarks.timing import PeakResident  # noqa: E402
 
 NAME = "model.layers.0.mlp.down_proj"
 
@@ -60,24 +58,11 @@ def main() -> None:
         write_factors(Path(tmp), m, n)
         map_large_blocks()
         release_freed_memory()
-        proc, peak, done = psutil.Process(), [0], threading.Event()
-
-        def sample() -> None:
-            while not done.is_set():
-                peak[0] = max(peak[0], proc.memory_info().rss)
-                time.sleep(0.001)
-
-        before = proc.memory_info().rss
-        t = threading.Thread(target=sample)
-        t.start()
-        t0 = time.perf_counter()
-        H_in, H_out, _ = rounding_factors(ProfileDir(Path(tmp)), NAME, args.rounding, (m, n))
-        quantize_layer(NAME, W, get_format(args.format), args.rounding, H_in, H_out, shrink_out=args.shrink,
-                       shrink_in=args.shrink, consume_factors=True)
-        seconds = time.perf_counter() - t0
-        done.set()
-        t.join()
-    extra = peak[0] - before
+        with PeakResident() as p:
+            H_in, H_out, _ = rounding_factors(ProfileDir(Path(tmp)), NAME, args.rounding, (m, n))
+            quantize_layer(NAME, W, get_format(args.format), args.rounding, H_in, H_out, shrink_out=args.shrink,
+                           shrink_in=args.shrink, consume_factors=True)
+    seconds, extra = p.seconds, p.extra
     sides = 8 * (n * n + (m * m if args.rounding == "yaqa" else 0))
     forecast = max(APPLY_WEIGHT_BUFFERS * 8 * m * n + sides, sides + 8 * max(m * m, n * n) + 4 * m * n)
     print(f"{m}x{n} {args.rounding} {args.format}: {seconds:.0f} s; peak {extra / 2 ** 30:.2f} GiB above the start "

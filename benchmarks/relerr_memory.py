@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
-import time
 from pathlib import Path
 
-import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -23,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bitplan.formats.registry import ggml_candidates  # noqa: E402
 from bitplan.profile import relerr  # noqa: E402
 from bitplan.profile.inputs import candidate_formats  # noqa: E402
+from benchmarks.timing import PeakResident  # noqa: E402
 
 
 def main() -> None:
@@ -35,24 +33,12 @@ def main() -> None:
     fmts = candidate_formats(None) if args.formats == "default" else ggml_candidates()
     W = torch.randn(m, n, generator=torch.Generator().manual_seed(0))
     relerr.relative_errors(W[:8], "warm-up", fmts)          # libraries' one-time buffers outside the figure
-    proc, peak, done = psutil.Process(), [0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.001)
-
-    before = proc.memory_info().rss
-    t = threading.Thread(target=sample)
-    t.start()
-    t0 = time.perf_counter()
-    relerr.relative_errors(W, "bench", fmts, block_bytes=args.rows * n * relerr.WORK_BYTES_PER_WEIGHT)
-    seconds = time.perf_counter() - t0
-    done.set()
-    t.join()
-    work = peak[0] - before - 4 * m * n
+    with PeakResident() as p:
+        relerr.relative_errors(W, "bench", fmts, block_bytes=args.rows * n * relerr.WORK_BYTES_PER_WEIGHT)
+    seconds = p.seconds
+    work = p.extra - 4 * m * n
     print(f"{m}x{n}, {len(fmts)} {args.formats} formats, {args.rows} rows per block: {seconds:.1f} s, peak "
-          f"{(peak[0] - before) / 2 ** 20:.0f} MiB above the start, {work / (args.rows * n):.0f} bytes per weight "
+          f"{p.extra / 2 ** 20:.0f} MiB above the start, {work / (args.rows * n):.0f} bytes per weight "
           "of a block beyond the rotated copy")
 
 
