@@ -27,6 +27,7 @@ from torch import nn
 
 from .devices import resolve_device, resolve_dtype
 from .errors import BitplanError
+from .offload import describe, load_kwargs, plan_placement
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,16 @@ class LoadedModel:
     spec: str                  # what the user passed
     model_id: str              # a readable identity for reports and files
     path: Path                 # the local folder it was loaded from
+    memory_note: str = ""      # how a model that did not fit its memory runs (offloaded, dequantized per call)
+
+
+@dataclass(frozen=True)
+class MemoryLimit:
+    """Asks `load_model` to offload what does not fit (bitplan.offload): the weights may take `max_memory_gb` GiB
+    of the device, or when None what is free there less `working_bytes`; disk offloads go to `folder`."""
+    folder: Path
+    working_bytes: int = 0
+    max_memory_gb: float | None = None
 
 
 @dataclass(frozen=True)
@@ -97,16 +108,32 @@ def cache_dir() -> Path:
 
 
 def load_model(spec: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
-               device: torch.device | str = "cpu") -> LoadedModel:
+               device: torch.device | str = "cpu", memory: MemoryLimit | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer from a built-in name, folder, .gguf file or cached hub id
     (a bitplan checkpoint: `bitplan.loading.open_model`), its weights in `dtype` on `device` (both as
-    `bitplan.devices` resolves them: "auto" dtype is the checkpoint's own on a GPU, float32 on the CPU)."""
+    `bitplan.devices` resolves them: "auto" dtype is the checkpoint's own on a GPU, float32 on the CPU).
+    With `memory`, weights that do not fit it are offloaded by accelerate, and `memory_note` says where."""
     spec = str(spec)
     device = resolve_device(device)
     path = resolve_model_path(spec)
-    model, tokenizer = _load_folder(path, spec, dtype, device)
-    model_id = spec if spec in BUILTIN_MODELS else (path.name if Path(spec).exists() else spec)
-    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, model_id=model_id, path=path)
+    model, tokenizer, offload = _load_folder(path, spec, dtype, device, memory)
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, model_id=model_id(spec, path), path=path,
+                       memory_note=offload)
+
+
+def model_id(spec: str, path: Path) -> str:
+    """A readable identity for reports and files: a built-in's name, a local folder's name, else the hub id."""
+    return spec if spec in BUILTIN_MODELS else (path.name if Path(spec).exists() else spec)
+
+
+def load_tokenizer(path: Path, spec: str):
+    from transformers import AutoTokenizer
+
+    with _quiet_transformers():
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except Exception as e:
+            raise BitplanError(f"{spec} has no usable tokenizer ({type(e).__name__}: {e})") from None
 
 
 def resolve_model_path(spec: str) -> Path:
@@ -220,26 +247,36 @@ def read_causal_config(path: Path, spec: str,
     return config
 
 
-def _load_folder(path: Path, spec: str, dtype: torch.dtype | str, device: torch.device = torch.device("cpu")):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_folder(path: Path, spec: str, dtype: torch.dtype | str, device: torch.device = torch.device("cpu"),
+                 memory: MemoryLimit | None = None):
+    from transformers import AutoModelForCausalLM
 
     config = read_causal_config(path, spec)
     with _quiet_transformers():
         dtype = resolve_dtype(dtype, device, config.to_dict())
         # Off the CPU the weights go straight to the device (accelerate's device_map), never through a host copy
         # of the whole model; on the CPU the plain load, as before devices existed.
-        placement = {} if device.type == "cpu" else {"device_map": {"": device}}
+        placement = None
+        if memory is not None:
+            placement = plan_placement(path, config.to_dict(), dtype, device, memory.working_bytes,
+                                       memory.max_memory_gb)
+        if placement is not None and placement.offloaded:
+            memory.folder.mkdir(parents=True, exist_ok=True)
+            kwargs = load_kwargs(placement, memory.folder)
+        else:
+            kwargs = {} if device.type == "cpu" else {"device_map": {"": device}}
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placement)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
         except Exception as e:
             raise BitplanError(f"could not load {spec}: {type(e).__name__}: {e}") from None
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except Exception as e:
-            raise BitplanError(f"{spec} has no usable tokenizer ({type(e).__name__}: {e})") from None
+    tokenizer = load_tokenizer(path, spec)
     model.eval()
     model.requires_grad_(False)
-    return model, tokenizer
+    offload = ""
+    if placement is not None and placement.offloaded:
+        offload = describe(placement, getattr(model, "hf_device_map", None), decoder_prefix(model),
+                           len(decoder_layers(model)), spec)
+    return model, tokenizer, offload
 
 
 class _quiet_transformers:
@@ -255,12 +292,16 @@ class _quiet_transformers:
         self._warnings.__enter__()
         warnings.simplefilter("ignore")
         logging.getLogger("transformers").setLevel(logging.ERROR)
+        self._accelerate = logging.getLogger("accelerate")
+        self._accelerate_level = self._accelerate.level
+        self._accelerate.setLevel(logging.ERROR)   # its "offloaded to the disk" note: bitplan.offload says more
         return self
 
     def __exit__(self, *exc):
         from transformers.utils import logging as hf_logging
 
         self._warnings.__exit__(*exc)
+        self._accelerate.setLevel(self._accelerate_level)
         hf_logging.set_verbosity(self._level)
         hf_logging.enable_progress_bar()
         return False
@@ -402,8 +443,9 @@ def weights_sha256(model: nn.Module) -> str:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """Where the model's weights are (its first parameter's device; the CPU for a model without parameters)."""
-    p = next(model.parameters(), None)
+    """Where the model's weights are: its first parameter's device not `meta` (accelerate leaves disk-offloaded
+    weights there); the CPU for a model without such parameters."""
+    p = next((p for p in model.parameters() if not p.is_meta), None)
     return p.device if p is not None else torch.device("cpu")
 
 

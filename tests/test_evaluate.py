@@ -124,14 +124,14 @@ def test_exclude_calibration_draws_only_untouched_windows(tiny_model_dir, tmp_pa
     r = evaluate(str(tiny_model_dir), str(tmp_path / "q"), str(text), windows=40, seqlen=24, seed=1,
                  exclude_calibration=True, cache=False, progress=False)
     calib = starts(token_windows(lm.tokenizer, str(text), 60, 32, seed=0), 32)
-    scored = starts(seen[1::2], 24)   # the candidate's calls (the reference is scored first)
+    scored = starts(seen[40:], 24)   # the candidate's calls (the reference runs every window first)
     assert r.excluded_spans == 60 and not r.warnings and len(set(scored)) == 40
     assert all(s + 24 <= c or c + 32 <= s for s in scored for c in calib)
     # without it the same call draws windows the calibration saw, and warns that the figure is in-sample
     seen.clear()
     r = evaluate(str(tiny_model_dir), str(tmp_path / "q"), str(text), windows=40, seqlen=24, seed=1,
                  cache=False, progress=False)
-    assert r.warnings and any(not (s + 24 <= c or c + 32 <= s) for s in starts(seen[1::2], 24) for c in calib)
+    assert r.warnings and any(not (s + 24 <= c or c + 32 <= s) for s in starts(seen[40:], 24) for c in calib)
     with pytest.raises(BitplanError, match="records no calibration"):
         evaluate(str(tiny_model_dir), str(tiny_model_dir), str(text), windows=2, seqlen=24,
                  exclude_calibration=True, progress=False)
@@ -141,13 +141,15 @@ def test_reference_logits_cache(tiny_model_dir, tiny_text, tmp_path, monkeypatch
     """A second evaluation reads the reference logits from disk and gives the same figures."""
     noisy = noisy_copy_dir(tiny_model_dir, tmp_path / "noisy", 0.1)
     first = evaluate(str(tiny_model_dir), str(noisy), str(tiny_text), windows=2, seqlen=32, progress=False)
-    calls = []
+    calls, opened = [], []
     import bitplan.evaluate as ev
 
-    real = ev._logits
+    real, real_open = ev._logits, ev.open_model
     monkeypatch.setattr(ev, "_logits", lambda m, w: calls.append(1) or real(m, w))
+    monkeypatch.setattr(ev, "open_model", lambda spec, *a: opened.append(spec) or real_open(spec, *a))
     second = evaluate(str(tiny_model_dir), str(noisy), str(tiny_text), windows=2, seqlen=32, progress=False)
     assert len(calls) == 2  # the candidate's two windows only
+    assert opened == [str(noisy)]   # the reference's identity came from its shards: it was never loaded
     assert second.kl_mean == pytest.approx(first.kl_mean, rel=1e-12)
 
 

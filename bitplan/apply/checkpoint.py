@@ -314,7 +314,10 @@ def load_tensors(folder: Path, qc: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 def build_model(folder: Path, qc: dict[str, Any], tensors: dict[str, torch.Tensor], cache: bool = True) -> nn.Module:
     """A transformers model whose quantized modules are QuantizedLinear (a quantized token embedding a
-    QuantizedEmbedding, and the head tied to it a TiedQuantizedHead), every other weight from the file."""
+    QuantizedEmbedding, and the head tied to it a TiedQuantizedHead), every other weight from the file. The
+    model is built with empty weights (a float32 model of Llama-3.2-1B's shape initialized at random took more
+    memory than its checkpoint), and `tensors` is consumed: each plain weight leaves it as the model takes it."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..models import _quiet_transformers
@@ -323,7 +326,9 @@ def build_model(folder: Path, qc: dict[str, Any], tensors: dict[str, torch.Tenso
         config = AutoConfig.from_pretrained(folder)
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.tie_weights()   # init_empty_weights gives a tied head a meta copy of its own: tie it again
     model.eval()
     for fmt_name in set(qc["modules"].values()):
         fmt = get_format(fmt_name)
@@ -368,8 +373,13 @@ def build_model(folder: Path, qc: dict[str, Any], tensors: dict[str, torch.Tenso
         parent, _, child = head_name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child,
                 TiedQuantizedHead(embedding, bias.float() if bias is not None else None))
-    rest = {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items() if k not in used}
-    missing, unexpected = model.load_state_dict(rest, strict=False)
+    rest = {}
+    for k in [k for k in tensors if k not in used]:
+        v = tensors.pop(k)   # an fp16 original is freed as its float32 copy is made
+        # copies of their own: a tensor of the memory-mapped file would keep the whole file mapped and resident
+        rest[k] = v.to(torch.float32, copy=True) if v.is_floating_point() else v.clone()
+    missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
+    del rest
     quantized_prefixes = tuple(f"{n}." for n in qc["modules"])
     missing = [k for k in missing if not k.startswith(quantized_prefixes) and "rotary" not in k and not k.endswith("inv_freq")]
     if getattr(config, "tie_word_embeddings", False) and embedding is None:
@@ -378,25 +388,23 @@ def build_model(folder: Path, qc: dict[str, Any], tensors: dict[str, torch.Tenso
         missing = [k for k in missing if head is None or not k.startswith(next(n for n, m in model.named_modules() if m is head))]
     if missing or unexpected:
         raise BitplanError(f"checkpoint tensors do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:   # a weight neither quantized nor stored: it would have run with random values before
+        raise BitplanError(f"the checkpoint holds no value for {', '.join(empty[:3])}" +
+                           (f" (and {len(empty) - 3} more)" if len(empty) > 3 else ""))
     model.requires_grad_(False)
     return model
 
 
 def load_quantized(folder: str | Path, cache: bool = True):
     """Load a bitplan checkpoint as a LoadedModel (see bitplan.models) that runs on the CPU or any device."""
-    from ..models import LoadedModel, _quiet_transformers
+    from ..models import LoadedModel, load_tokenizer
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise BitplanError(f"no checkpoint at {folder} (config.json missing)")
     qc = read_quantization_config(folder)
     model = build_model(folder, qc, load_tensors(folder, qc), cache=cache)
-    from transformers import AutoTokenizer
-
-    with _quiet_transformers():
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-        except Exception as e:
-            raise BitplanError(f"{folder} has no usable tokenizer ({type(e).__name__}: {e})") from None
+    tokenizer = load_tokenizer(folder, str(folder))
     model.config.quantization_config = qc
     return LoadedModel(model=model, tokenizer=tokenizer, spec=str(folder), model_id=folder.name, path=folder)

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..devices import resolve_device, resolve_dtype
 from ..errors import BitplanError
-from ..models import BUILTIN_MODELS, LoadedModel, load_model, resolve_model_path, weights_sha256
+from ..models import LoadedModel, load_model, load_tokenizer, model_id, resolve_model_path, weights_sha256
 from ..shards import Shards, missing_tensors, shard_key, shards_sha256, state_names
 
 
@@ -133,10 +133,6 @@ def renamed(shards: Shards, model: nn.Module) -> tuple[Shards | None, str]:
 
 def open_lazy(spec: str) -> tuple[WeightSource | None, str]:
     """The model `spec` read from its shards, or None and why it cannot be."""
-    from transformers import AutoTokenizer
-
-    from ..models import _quiet_transformers
-
     path = resolve_model_path(spec)
     shards = Shards.open(path)
     if shards is None:
@@ -148,13 +144,8 @@ def open_lazy(spec: str) -> tuple[WeightSource | None, str]:
     missing = missing_tensors(model, shards)
     if missing:
         return None, f"its safetensors files hold no tensor named {missing[0]} (nor {len(missing) - 1} more)"
-    with _quiet_transformers():
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except Exception as e:
-            raise BitplanError(f"{spec} has no usable tokenizer ({type(e).__name__}: {e})") from None
-    model_id = spec if spec in BUILTIN_MODELS else (path.name if Path(spec).exists() else spec)
-    return WeightSource(model, tokenizer, spec, model_id, path, shards, state_names(model)), ""
+    return WeightSource(model, load_tokenizer(path, spec), spec, model_id(spec, path), path, shards,
+                        state_names(model)), ""
 
 
 def open_source(model: "str | LoadedModel | WeightSource", lazy: bool | None = None, note=None,

@@ -34,6 +34,10 @@ def eval_command(
                               "(the checkpoint's on a GPU, float32 on the CPU). bf16 halves the memory but adds a "
                               "KL of its own: an 8-bit candidate of smollm2-135m measured 0.0033 in bf16, 0.0014 in "
                               "float32"),
+    max_memory: Optional[float] = typer.Option(None, "--max-memory", help="GiB a plain model's weights may take on "
+                                               "the device (default: what is free there); what does not fit is "
+                                               "offloaded by accelerate, to host memory from a GPU and to disk "
+                                               "from the CPU, and runs slower"),
 ) -> None:
     """Compare a candidate with its reference on held-out text."""
     from ..evaluate import evaluate
@@ -43,7 +47,7 @@ def eval_command(
         check_writable(json_out, "file", "--json file")
     result = evaluate(reference, candidate, data, windows=windows, seqlen=seqlen, seed=seed, cache=cache,
                       cache_gb=cache_gb, json_out=json_out, exclude_calibration=exclude_calibration,
-                      device=device, dtype=dtype)
+                      device=device, dtype=dtype, max_memory_gb=max_memory)
     for note in result.warnings:
         err_console.print(f"[yellow]warning:[/] {note}")
     console.print(eval_table(result))

@@ -154,6 +154,13 @@ def test_eval_runs_a_checkpoint_with_a_quantized_embedding(model_dir, tmp_path, 
     want = evaluate(str(folder), ref, **kw)
     assert got.kl_mean > 0
     assert got.kl_mean == pytest.approx(want.kl_mean, rel=1e-4)
+    # with less memory than either model takes: the reference offloaded to disk, the checkpoint's layers and
+    # embedding dequantized at every call instead of kept; the same figures to float rounding
+    tight = evaluate(str(folder), str(tmp_path / "q"), **kw, max_memory_gb=1e-6)
+    assert not got.memory_notes and len(tight.memory_notes) == 2
+    assert "offloads the others to disk" in tight.memory_notes[0]
+    assert "dequantized again at every call" in tight.memory_notes[1]
+    assert tight.kl_mean == pytest.approx(got.kl_mean, rel=1e-5) and tight.ppl_ratio == pytest.approx(got.ppl_ratio)
 
 
 def test_a_solved_plan_with_the_embedding_and_head_becomes_a_checkpoint(tmp_path, tiny_tokenizer):
