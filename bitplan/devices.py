@@ -8,6 +8,7 @@ existed.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -75,3 +76,32 @@ def resolve_dtype(spec: str | torch.dtype | None = "auto", device: torch.device 
     if spec not in DTYPES:
         raise BitplanError(f"unknown --dtype {spec!r}; use one of {', '.join(DTYPE_CHOICES)}")
     return DTYPES[spec]
+
+
+@dataclass
+class Available:
+    """Memory free now: on the host, and on the device asked about."""
+    host_bytes: float
+    device_bytes: float | None       # None: not on a GPU (or none here to ask)
+
+
+def available(device: str = "cpu") -> Available:
+    """Free host memory (psutil) and, on CUDA, the device's free memory."""
+    import psutil
+
+    host = float(psutil.virtual_memory().available)
+    dev = None
+    if device.startswith("cuda"):
+        if torch.cuda.is_available():
+            index = int(device.split(":", 1)[1]) if ":" in device else 0
+            dev = float(torch.cuda.mem_get_info(index)[0])
+    return Available(host, dev)
+
+
+def fmt_bytes(b: float) -> str:
+    """A size for people: 512 MiB, 1.9 GiB, 1.2 TiB."""
+    if b >= 1000 * 2 ** 30:
+        return f"{b / 2 ** 40:.1f} TiB"
+    if b >= 2 ** 30 / 10:
+        return f"{b / 2 ** 30:.1f} GiB"
+    return f"{b / 2 ** 20:.0f} MiB"

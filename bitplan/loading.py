@@ -13,10 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from .apply.checkpoint import is_checkpoint, load_quantized
-from .devices import resolve_device, resolve_dtype
+from .devices import fmt_bytes, resolve_device, resolve_dtype
 from .io import read_json
 from .offload import device_budget
-from .resources import fmt_bytes
 from .models import (LoadedModel, MemoryLimit, load_model, load_tokenizer, model_id, read_causal_config,
                      resolve_model_path)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .errors import BitplanError
-from .resources import available, fmt_bytes
+from .devices import available, checkpoint_dtype, fmt_bytes
 from .shards import Shards
 
 GIB = 2**30
@@ -39,13 +39,16 @@ class Placement:
         return {self.device.index or 0: self.budget_bytes, "cpu": self.host_bytes}
 
 
-def weight_bytes(path: Path, dtype: torch.dtype, params: int) -> int:
+def weight_bytes(path: Path, dtype: torch.dtype, config: dict | None = None) -> int:
     """The bytes of the folder's weights once loaded in `dtype`: from the safetensors headers (floating tensors at
-    `dtype`'s size, others at their own), else `params` floating parameters (from the config)."""
-    shards = Shards.open(path)
+    `dtype`'s size, others at their own). Weights saved otherwise: their files' size, scaled from the dtype the
+    config names (float32 when it names none) to `dtype`."""
     size = torch.empty((), dtype=dtype).element_size()
+    shards = Shards.open(path)
     if shards is None:
-        return params * size
+        stored = torch.empty((), dtype=checkpoint_dtype(config) or torch.float32).element_size()
+        files = sum(f.stat().st_size for pattern in ("*.bin", "*.pt", "*.pth") for f in path.glob(pattern))
+        return files * size // stored
     total = 0
     for info in shards.tensors.values():
         numel = 1
@@ -71,9 +74,7 @@ def device_budget(device: torch.device, working_bytes: int, max_memory_gb: float
 def plan_placement(path: Path, config: dict, dtype: torch.dtype, device: torch.device, working_bytes: int,
                    max_memory_gb: float | None = None) -> Placement:
     """How a plain model in `path` is placed for evaluation on `device` (its weights within `device_budget`)."""
-    from .resources import ModelShape
-
-    weights = weight_bytes(path, dtype, ModelShape.from_config(config).params)
+    weights = weight_bytes(path, dtype, config)
     budget = device_budget(device, working_bytes, max_memory_gb)
     host = 0 if device.type == "cpu" else max(0, int(available("cpu").host_bytes) - PROCESS_BYTES)
     return Placement(device, weights, budget, host)

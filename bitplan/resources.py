@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .devices import Available, available, fmt_bytes
 from .errors import BitplanError
 
 GIB = 2 ** 30
@@ -492,27 +493,6 @@ def apply_plan_resources(config: dict | ModelShape, formats: dict[str, str], set
 
 # ------------------------------------------------------------------------------------------ does it fit
 
-@dataclass
-class Available:
-    host_bytes: float
-    device_bytes: float | None       # None: not on a GPU (or none here to ask)
-
-
-def available(device: str = "cpu") -> Available:
-    """Free host memory (psutil) and, on CUDA, the device's free memory."""
-    import psutil
-
-    host = float(psutil.virtual_memory().available)
-    dev = None
-    if device.startswith("cuda"):
-        import torch
-
-        if torch.cuda.is_available():
-            index = int(device.split(":", 1)[1]) if ":" in device else 0
-            dev = float(torch.cuda.mem_get_info(index)[0])
-    return Available(host, dev)
-
-
 def check(plan: ResourcePlan, free: Available) -> str | None:
     """None when the plan fits `free`, else one line: which phases do not fit, and what to change for each."""
     dev_short = free.device_bytes is not None and plan.device_bytes > free.device_bytes
@@ -724,14 +704,6 @@ def dtype_bytes(dtype: str, device: str, config: dict | None = None) -> int:
     import torch
 
     return torch.empty(0, dtype=resolve_dtype(dtype, "cpu" if device == "cpu" else "cuda", config)).element_size()
-
-
-def fmt_bytes(b: float) -> str:
-    if b >= 1000 * GIB:
-        return f"{b / 2 ** 40:.1f} TiB"
-    if b >= GIB / 10:
-        return f"{b / GIB:.1f} GiB"
-    return f"{b / 2 ** 20:.0f} MiB"
 
 
 def plan_table(plan: ResourcePlan, measured: dict[str, dict] | None = None, title: str | None = None):

@@ -13,7 +13,7 @@ from bitplan.evaluate import evaluate
 from bitplan.io import read_json
 from bitplan.models import load_model
 from bitplan.offload import GIB, PROCESS_BYTES, block_places, plan_placement, weight_bytes
-from bitplan.resources import Available
+from bitplan.devices import Available
 
 from tests.test_evaluate import noisy_copy_dir
 
@@ -23,10 +23,12 @@ FIGURES = ("kl_mean", "kl_max", "kl_p99", "top1_agreement", "ppl_reference", "pp
 def test_weight_bytes_from_the_safetensors_headers(tiny_model_dir):
     state = load_model(str(tiny_model_dir)).model.state_dict()
     stored = sum(t.numel() * t.element_size() for t in state.values())   # float32 as saved
-    assert weight_bytes(tiny_model_dir, torch.float32, params=0) == stored
-    assert weight_bytes(tiny_model_dir, torch.bfloat16, params=0) == stored // 2
-    (tiny_model_dir / "model.safetensors").unlink()   # no shards to read: the config's parameter count
-    assert weight_bytes(tiny_model_dir, torch.float32, params=1000) == 4000
+    assert weight_bytes(tiny_model_dir, torch.float32) == stored
+    assert weight_bytes(tiny_model_dir, torch.bfloat16) == stored // 2
+    (tiny_model_dir / "model.safetensors").unlink()   # no shards to read: the weight files' size
+    (tiny_model_dir / "pytorch_model.bin").write_bytes(bytes(4000))
+    assert weight_bytes(tiny_model_dir, torch.float32) == 4000
+    assert weight_bytes(tiny_model_dir, torch.float32, {"torch_dtype": "bfloat16"}) == 8000
 
 
 def test_block_places_from_a_device_map():
@@ -40,7 +42,7 @@ def test_block_places_from_a_device_map():
 
 def test_placement_budget(tiny_model_dir, monkeypatch):
     config = read_json(tiny_model_dir / "config.json", "config")
-    weights = weight_bytes(tiny_model_dir, torch.float32, 0)
+    weights = weight_bytes(tiny_model_dir, torch.float32)
     free = {"host": 10 * GIB, "device": None}
     monkeypatch.setattr(offload, "available", lambda device: Available(free["host"], free["device"]))
     cpu = torch.device("cpu")
