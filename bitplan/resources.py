@@ -414,23 +414,24 @@ def profile_plan(config: dict | ModelShape, settings: ProfileSettings) -> Resour
     phases.append(Phase("formats", flops / fb, host, dev, f"{s.formats} formats; {fmt_bytes(fmt_peak)} for the "
                                                           "largest matrix, in blocks of rows"))
 
-    # judge: sampled windows, their factors for every layer at once (no groups), then one layer's judging
+    # judge: sampled windows, their factors one group of layers at a time (as the factors'), one layer's judging
     if s.judge_samples:
         j_tokens = s.judge_samples * T
-        j_sums = factor_sum_bytes(linears, moments=False) // W
+        j_sums = max(factor_sum_bytes(g, moments=False) for g in groups) // W
         kv_cache = s.judge_samples * T * shape.layers * 2 * shape.kv_dim * db
         host, dev = _split(s.device, weights + max(j_sums + batch_tokens * act + hooked + stats, kv_cache))
         j_acc = sum(0.55 * (x.out_features ** 2 + x.in_features ** 2) for x in linears)
         judging = sum(2 * 4 * 0.83 * (x.out_features ** 3 + x.in_features ** 3) for x in linears) / W
-        flops = j_tokens * (fwd + fb_token + 2 * j_acc * f32) + judging * f64
+        flops = j_tokens * (fwd + G * fb_token + 2 * j_acc * f32) + judging * f64
         phases.append(Phase("judge", flops / fb, host, dev, f"{s.judge_samples} sampled windows; "
-                                                            f"{fmt_bytes(j_sums)} of float64 sums (all layers)"))
+                                                            f"{fmt_bytes(j_sums)} of float64 sums "
+                                                            f"({'all layers' if G == 1 else 'the largest group'})"))
 
     disk = 2 * hessian_file_bytes(linears) + 2 * 4 * shape.hidden ** 2
     if s.judge_samples:
         disk += hessian_file_bytes(linears, moments=False)
     peak_disk = disk + (max(factor_sum_bytes(g) for g in groups) if checkpoints else 0)
-    passes = G + (1 if n_outer else 0) + (1 if s.judge_samples else 0)
+    passes = G + (1 if n_outer else 0) + (G if s.judge_samples else 0)
     return ResourcePlan("profile", shape, s.device, phases, disk, peak_disk, G, passes, fb)
 
 
@@ -518,8 +519,8 @@ def _advice(plan: ResourcePlan, worst: Phase, where: str) -> str:
         return ("more --factor-groups (each pass keeps 1/G of the float64 sums), more processes (torchrun: each "
                 "keeps 1/world of them), or fewer tokens per batch (--batch-size)")
     if worst.name == "judge":
-        return ("--judge-samples 0 (the judge keeps every layer's float64 factors at once), or more processes "
-                "(torchrun)")
+        return ("more --factor-groups (the judge keeps one group's float64 factors at a time), fewer "
+                "--judge-samples (0: no judge), or more processes (torchrun)")
     if worst.name == "noise":
         return "fewer --noise-samples (each caches every block's input and the vocab-wide log-probs)"
     if worst.name == "formats":
@@ -537,20 +538,21 @@ def fits(plan: ResourcePlan, free: Available | None = None) -> bool:
 
 def choose_factor_groups(config: dict | ModelShape, settings: ProfileSettings,
                          free: Available) -> tuple[int, ResourcePlan]:
-    """The smallest --factor-groups whose forecast fits `free`, with its plan. When another phase than the
-    factors' does not fit, more groups cannot help: G = 1 and its plan; when no G fits, the largest's (check()
-    then says what to change)."""
+    """The smallest --factor-groups whose forecast fits `free`, with its plan. When another phase than those
+    groups divide (the factors', the judge's) does not fit, more groups cannot help: G = 1 and its plan; when no G
+    fits, the largest's (check() then says what to change)."""
     shape = config if isinstance(config, ModelShape) else ModelShape.from_config(config)
 
     def fits_in(p: Phase) -> bool:
         return p.host_bytes <= free.host_bytes and (free.device_bytes is None or p.device_bytes <= free.device_bytes)
 
+    grouped = ("factors", "judge")
     plan = profile_plan(shape, replace(settings, factor_groups=1))
-    if not all(fits_in(p) for p in plan.phases if p.name != "factors"):
+    if not all(fits_in(p) for p in plan.phases if p.name not in grouped):
         return 1, plan
     for G in _group_candidates(len(shape.linears())):
         plan = profile_plan(shape, replace(settings, factor_groups=G))
-        if fits_in(plan.phase("factors")):
+        if all(fits_in(p) for p in plan.phases if p.name in grouped):
             return G, plan
     return plan.factor_groups, plan
 

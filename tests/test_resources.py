@@ -52,6 +52,11 @@ def test_tiny_config_by_hand():
     two = profile_plan(TINY, replace(s, factor_groups=2))
     assert plan.phase("factors").host_bytes - two.phase("factors").host_bytes == TINY_SUMS - 16128
     assert (plan.passes, two.passes) == (2, 3)   # the groups' passes and the outer phase's
+    # the judge's float64 sums keep h_out and h_in, 8·(m² + n²) = 2 × 5504 per block: all layers, or one block
+    judged = replace(s, judge_samples=2)
+    one, halves = profile_plan(TINY, judged), profile_plan(TINY, replace(judged, factor_groups=2))
+    assert one.phase("judge").host_bytes - halves.phase("judge").host_bytes == 2 * 5504
+    assert (one.passes, halves.passes) == (3, 5)   # the judge's windows pass once per group too
     # two processes: rank 0 owns layers 0, 2, 4, … (round-robin): q, v, gate, down of block 0 and k, o, up of 1
     rank0 = 1536 + 1152 + 3072 + 4608 + 1152 + 1536 + 3072
     assert plan.phase("factors").host_bytes - profile_plan(TINY, replace(s, processes=2)).phase(

@@ -23,21 +23,22 @@ from .factors import FactorSums
 from .hessians import HESSIAN_DIR, factors_path, load_factors, read_half_factors, save_half_factors
 from .judge import JUDGE, JUDGE_WINDOW_OFFSET, JudgedGains, judged_gains, sample_windows, start_token
 from .output import write_profile
-from .phases import Events
+from .phases import Events, layer_groups
 from .schema import LayerRecord, Profile
 from .sketch import accumulate_batch
 
 
 def judge_phase(profile: Profile, out: Path, loaded: LoadedModel, infos: list[LinearInfo], judge: dict,
-                batch_size: int, progress: Progress, emit: Events) -> Profile:
-    """`judge`: samples, seqlen, seed, sketch_chunk (what profile.json records as the judge's settings)."""
+                batch_size: int, progress: Progress, emit: Events, factor_groups: int = 1) -> Profile:
+    """`judge`: samples, seqlen, seed, sketch_chunk (what profile.json records as the judge's settings).
+    `factor_groups` as for the profile's factors: the judge's windows pass once per group of layers."""
     folder = out / HESSIAN_DIR / JUDGE
     settings = {**judge, "weights_sha256": profile.model["weights_sha256"]}
     marker = folder / "settings.json"
     t0 = time.perf_counter()
     if not (marker.is_file() and read_json(marker, "judge settings") == settings):
         marker.unlink(missing_ok=True)
-        judge_factors(out, loaded, infos, judge, batch_size, progress, emit)
+        judge_factors(out, loaded, infos, judge, batch_size, progress, emit, factor_groups)
         write_json(marker, settings)
     task = progress.task("judge: judging each layer's fit", len(infos))
     for k, rec in enumerate(profile.layers):
@@ -62,8 +63,10 @@ def judge_layer(out: Path, rec: LayerRecord, device: torch.device | str = "cpu")
 
 
 def judge_factors(out: Path, loaded: LoadedModel, infos: list[LinearInfo], judge: dict, batch_size: int,
-                  progress: Progress, emit: Events) -> None:
-    """The judge's windows (and their text, for people to read) and every layer's factors on them."""
+                  progress: Progress, emit: Events, factor_groups: int = 1) -> None:
+    """The judge's windows (and their text, for people to read) and every layer's factors on them: sampled once,
+    then one pass over them per group of layers (`layer_groups`), which holds only that group's float64 sums.
+    A layer's sums do not depend on which others are hooked beside it, so any grouping writes the same files."""
     net, folder = loaded.model, out / HESSIAN_DIR / JUDGE
     n, T, seed, chunk = judge["samples"], judge["seqlen"], judge["seed"], judge["sketch_chunk"]
     start = start_token(net, loaded.tokenizer)
@@ -73,16 +76,18 @@ def judge_factors(out: Path, loaded: LoadedModel, infos: list[LinearInfo], judge
         with atomic_path(folder / "samples.jsonl") as tmp:
             Path(tmp).write_text("".join(json.dumps({"id": f"judge-{w}", "text": loaded.tokenizer.decode(ids[1:])})
                                          + "\n" for w, ids in enumerate(windows.tolist())))
-    modules = {i.name: get_module(net, i.name) for i in infos}
-    # judging reads the factors and Σ‖G_c‖² only: no Σxxᵀ, no window sums
     device = model_device(net)
-    sums = {i.name: FactorSums.zeros(i.out_features, i.in_features, moments=False, device=device) for i in infos}
-    task = progress.task("judge: factors", n)
-    for s in range(0, n, batch_size):
-        idx = list(range(s, min(n, s + batch_size)))
-        accumulate_batch(net, modules, windows[idx], [JUDGE_WINDOW_OFFSET + w for w in idx], seed, chunk, sums,
-                         moments=False)
-        task.advance(len(idx))
-        emit("judge-factors", idx[-1] + 1)
-    for info in infos:
-        save_half_factors(factors_path(out, info.name, JUDGE), info.name, JUDGE, sums.pop(info.name), chunk)
+    groups = layer_groups(infos, factor_groups)
+    for g, group in enumerate(groups):
+        modules = {i.name: get_module(net, i.name) for i in group}
+        # judging reads the factors and Σ‖G_c‖² only: no Σxxᵀ, no window sums
+        sums = {i.name: FactorSums.zeros(i.out_features, i.in_features, moments=False, device=device) for i in group}
+        task = progress.task("judge: factors" + (f", layers {g + 1}/{len(groups)}" if len(groups) > 1 else ""), n)
+        for s in range(0, n, batch_size):
+            idx = list(range(s, min(n, s + batch_size)))
+            accumulate_batch(net, modules, windows[idx], [JUDGE_WINDOW_OFFSET + w for w in idx], seed, chunk, sums,
+                             moments=False)
+            task.advance(len(idx))
+            emit("judge-factors", g * n + idx[-1] + 1)
+        for info in group:
+            save_half_factors(factors_path(out, info.name, JUDGE), info.name, JUDGE, sums.pop(info.name), chunk)

@@ -118,7 +118,8 @@ def _run_job(job, complete, loaded, infos, fmts, cal, split, fingerprint, judge_
     def with_judge(p: Profile) -> Profile:
         if not judge_samples or p.extra.get("judge", {}).get("settings") == judge:
             return p
-        return rewrite_on_main(lambda p, bars: judge_phase(p, out, loaded, infos, judge, batch_size, bars, emit), p)
+        return rewrite_on_main(lambda p, bars: judge_phase(p, out, loaded, infos, judge, batch_size, bars, emit,
+                                                           job.options.get("factor_groups", 1)), p)
 
     if complete:
         existing = load_profile(out)

@@ -158,6 +158,20 @@ def test_profile_judge_accumulates_the_samples_and_judges_every_layer(tmp_path):
     assert not (out / "hessians" / JUDGE / "samples.jsonl").exists()   # token ids, no tokenizer: nothing to decode
 
 
+def test_judge_factors_in_groups_of_layers_are_the_same_files(tmp_path):
+    """--factor-groups 3 passes the judge's windows once per group of layers, holding one group's sums; every
+    layer's judge factors and judged gains are bit for bit those of one pass over all layers."""
+    whole = run(tmp_path / "whole")
+    calls = []
+    grouped = run(tmp_path / "grouped", factor_groups=3, events=lambda p, c: calls.append((p, c)))
+    judge_counts = [c for p, c in calls if p == "judge-factors"]
+    assert judge_counts == sorted(judge_counts) and judge_counts[-1] == 3 * 4   # 3 groups × 4 windows
+    for a, b in zip(whole.layers, grouped.layers):
+        assert factors_path(tmp_path / "whole", a.name, JUDGE).read_bytes() == \
+            factors_path(tmp_path / "grouped", b.name, JUDGE).read_bytes()
+        assert a.extra["yaqa_gain_judged"] == b.extra["yaqa_gain_judged"]
+
+
 def test_a_finished_profile_asked_for_a_judge_computes_only_the_judge(tmp_path):
     plain = run(tmp_path / "prof", judge_samples=0)
     assert "judge" not in plain.extra and forecast_ratios(plain, "int3-g64", "samples") is None
