@@ -146,9 +146,17 @@ def relative_error_of_blocks(blocks, block_bytes: int = 16 * 2 ** 20) -> float:
     taken in float64 a few rows at a time: about four float64 copies of `block_bytes` at once."""
     num = den = 0.0
     for W, W_hat in blocks:
-        rows = max(1, block_bytes // (8 * max(1, W[0].numel() if W.dim() > 1 else 1)))
-        for r in range(0, W.shape[0], rows):
-            w = W[r:r + rows].to(torch.float64)
-            num += float((w - W_hat[r:r + rows].to(torch.float64)).pow(2).sum())
-            den += float(w.pow(2).sum())
+        a, b = error_sums(W, W_hat, block_bytes)
+        num, den = num + a, den + b
     return num / max(den, 1e-300)
+
+
+def error_sums(W: torch.Tensor, W_hat: torch.Tensor, block_bytes: int = 16 * 2 ** 20) -> tuple[float, float]:
+    """(‖W − Ŵ‖², ‖W‖²) in float64, a few rows at a time."""
+    num = den = 0.0
+    rows = max(1, block_bytes // (8 * max(1, W[0].numel() if W.dim() > 1 else 1)))
+    for r in range(0, W.shape[0], rows):
+        w = W[r:r + rows].to(torch.float64)
+        num += float((w - W_hat[r:r + rows].to(torch.float64)).pow(2).sum())
+        den += float(w.pow(2).sum())
+    return num, den

@@ -209,3 +209,34 @@ def test_a_mixture_of_experts_config_is_refused_in_one_line():
     with pytest.raises(BitplanError, match="mixture-of-experts model \\(8 experts"):
         ModelShape.from_config(config, "moe")
     ModelShape.from_config({**config, "num_local_experts": 1}, "dense")  # one expert is a dense MLP
+
+
+def test_apply_forecast_by_hand_at_llama_3_2_1b():
+    """apply's per-layer peak: the larger of the factors' LDL and the rounding's buffers, by hand. Llama-3.2-1B:
+    hidden 2048, MLP 8192, vocabulary 128256."""
+    from bitplan.resources import APPLY_WEIGHT_BUFFERS, LAZY_OPEN_BYTES, ApplySettings, apply_plan_resources
+
+    config = load("llama-3.2-1b")
+    s = ApplySettings(rounding="yaqa", workers=1)
+    base = BASE_HOST_BYTES + LAZY_OPEN_BYTES
+
+    def peak(formats, settings=s):
+        return round(apply_plan_resources(config, formats, settings).host_bytes - base)   # the bases are floats
+
+    m, n = 2048, 8192   # down_proj, yaqa: L of both sides (8·(n² + m²)) beside 8 float64 m×n buffers
+    assert APPLY_WEIGHT_BUFFERS == 8
+    down = 8 * 8 * m * n + 8 * (n * n + m * m)
+    assert peak({"model.layers.0.mlp.down_proj": "int4-g128"}) == down == 1644167168
+    # its LDL step: two n×n of the side being split beside the other side's, and W in float32
+    assert 8 * (n * n + m * m + n * n) + 4 * m * n < down
+    # the embedding, 128256 × 2048, one-sided under the head's input moment (n = 2048)
+    V, H = 128256, 2048
+    emb = "model.embed_tokens"
+    rotated = 8 * 8 * V * H + 8 * H * H   # int4-g128 rotates the vocabulary side: the whole matrix at once
+    assert peak({emb: "int4-g128"}, replace(s, rounding="ldlq")) == rotated == 16844324864
+    # q4_K's rows round alone: blocks of 8192 rows (128 MiB in float64), and the packed matrix twice as it is joined
+    rows = 128 * 2**20 // (8 * H)
+    blocked = 8 * 8 * rows * H + 8 * H * H + 2 * 147750912
+    assert rows == 8192 and peak({emb: "q4_K"}, replace(s, rounding="ldlq")) == blocked == 1402798080
+    # a whole model with the embedding in q4_K peaks at its widest layer, not at the embedding
+    assert peak({emb: "q4_K", "model.layers.0.mlp.down_proj": "int4-g128"}) == down

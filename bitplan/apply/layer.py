@@ -25,7 +25,7 @@ from ..formats import Format, QuantizedWeight, rotate_weight, unrotate_weight
 from ..formats.hadamard import RandomizedHadamard, rotate_in_place
 from ..heldout import DEFAULT_SHRINK_TARGET, rotated_target
 from ..memory import release_freed_memory
-from ..linalg import LDL, BlockLDL, block_ldl, normalize, relative_error
+from ..linalg import LDL, BlockLDL, block_ldl, error_sums, normalize, relative_error
 from .ldlq import ldlq_round, proxy_from_ldl
 from .module import encode_seeds
 from ..profile.relerr import rotation_seeds
@@ -39,7 +39,8 @@ class LayerResult:
     name: str
     format: str
     tensors: dict[str, torch.Tensor]    # what the checkpoint stores for this layer (packed)
-    W_hat: torch.Tensor                 # dequantized weights in the original basis, float32 [m, n]
+    W_hat: torch.Tensor | None          # dequantized weights in the original basis, float32 [m, n] (None: rounded
+                                        # a block of rows at a time, not kept)
     stats: dict = field(default_factory=dict)
 
 
@@ -87,6 +88,93 @@ def prepare_factor(H: torch.Tensor, seed: int | None, block: int, lam: float, na
     return ldl
 
 
+@dataclass
+class _Prepared:
+    """What every block of a layer's rows is rounded with: the factors' LDLs, the rotation seeds, the ggml
+    formats' column importance."""
+    seed_out: int | None
+    seed_in: int | None
+    importance: torch.Tensor | None
+    ldl_in: BlockLDL | None = None
+    ldl_out: BlockLDL | None = None
+    tile_cols: int = 0
+
+
+def _prepare(name: str, m: int, n: int, fmt: Format, rounding: str, H_in: torch.Tensor | None,
+             H_out: torch.Tensor | None, shrink_out: float, shrink_in: float, target: str, seed: int,
+             device: torch.device, consume_factors: bool) -> tuple[_Prepared, dict]:
+    if rounding not in ROUNDINGS:
+        raise BitplanError(f"unknown rounding {rounding!r}; choose one of {', '.join(ROUNDINGS)}")
+    if not fmt.applicable(m, n):
+        raise BitplanError(f"{name}: {fmt.name} cannot store a {m}×{n} layer (rows must be whole "
+                           f"{getattr(fmt, 'block_size', 1)}-weight blocks); choose another format for it")
+    seed_out, seed_in = rotation_seeds(name, seed) if fmt.rotated else (None, None)
+    # ggml formats (unrotated) weight their scales by the inputs' second moments where known
+    importance = (H_in.detach().diagonal().to("cpu", torch.float64, copy=True)   # a copy: H_in may be consumed
+                  if H_in is not None and not fmt.rotated else None)
+    prep, stats = _Prepared(seed_out, seed_in, importance), {}
+    if rounding != "rtn":
+        # The factors first, while no weight-sized buffer is held: their LDL is the largest step (two n × n).
+        if H_in is None or (rounding == "yaqa" and H_out is None):
+            raise BitplanError(f"{name}: {rounding} rounding needs the profile's Hessian factors for this layer")
+        prep.tile_cols = bi = tile_width(fmt)
+        if n % bi or m % TILE:
+            raise BitplanError(f"{name}: a {m}×{n} layer does not split into {TILE}×{bi} tiles for {fmt.name}; "
+                               f"use --rounding rtn or a format with vector length 1, 2 or 4")
+        prep.ldl_in = prepare_factor(H_in, seed_in, bi, shrink_in if rounding == "yaqa" else 0.0,
+                                     f"{name} (H_in)", target, device, consume_factors)
+        prep.ldl_out = (prepare_factor(H_out, seed_out, TILE, shrink_out, f"{name} (H_out)", target, device,
+                                       consume_factors) if rounding == "yaqa" else None)
+        stats.update(sigma_in=prep.ldl_in.sigma, sigma_out=prep.ldl_out.sigma if prep.ldl_out else 0.0)
+    return prep, stats
+
+
+def _round_rows(W: torch.Tensor, fmt: Format, rounding: str, prep: _Prepared, device: torch.device,
+                stats: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Round W (the whole weight, or a block of its rows where rows round independently) and pack it; returns
+    the packed tensors and Ŵ in the original basis (float64), and adds the proxies to `stats`."""
+    m, n = W.shape
+    if fmt.rotated:
+        W_rot = rotate_weight(W.to(torch.float64), prep.seed_out, prep.seed_in)
+        params = fmt.fit(W_rot.to(torch.float32))
+    else:
+        W_rot = W.to(torch.float64)
+        params = fmt.fit(W.to(torch.float32), prep.importance)
+    scale, zero = fmt.per_weight(params, n)
+    scale, zero = scale.double(), (zero.double() if zero is not None else None)
+    if rounding == "rtn":
+        if fmt.rotated:
+            codes = fmt.quantize(W_rot.to(torch.float32)).codes  # fit is deterministic: the same params
+        else:
+            codes = fmt.encode(W_rot.to(torch.float32), scale, zero)
+        del W_rot, scale, zero
+    else:
+        ldl_in, ldl_out = prep.ldl_in, prep.ldl_out
+        W_dev, scale_dev = W_rot.to(device), scale.to(device)
+        zero_dev = zero.to(device) if zero is not None else None
+        del W_rot, scale, zero
+        rounded = ldlq_round(W_dev, fmt, scale_dev, zero_dev, ldl_in.L, ldl_out.L if ldl_out else None,
+                             prep.tile_cols, TILE, keep_targets=False)
+        codes = rounded.codes.cpu()
+        E = W_dev - rounded.W_hat
+        del rounded
+        release_freed_memory()   # the rounding's many small temporaries, before the proxies' large ones
+        E_rtn = W_dev.sub_(fmt.round(W_dev, scale_dev, zero_dev))   # W_dev is spent: its buffer holds E_rtn
+        del W_dev, scale_dev, zero_dev
+        stats["proxy"] = stats.get("proxy", 0.0) + proxy_from_ldl(E, ldl_in, ldl_out)
+        del E
+        stats["proxy_rtn"] = stats.get("proxy_rtn", 0.0) + proxy_from_ldl(E_rtn, ldl_in, ldl_out)
+        del E_rtn
+    qw = QuantizedWeight(fmt.name, (m, n), codes.to(torch.int32), params)
+    tensors = fmt.pack(qw)
+    # Dequantize from what is stored, so W_hat is exactly what a loaded checkpoint computes with.
+    W_hat_rot = fmt.dequantize(fmt.unpack(tensors, m, n))
+    if fmt.rotated:
+        tensors["rotation_seeds"] = encode_seeds(prep.seed_out, prep.seed_in)
+        return tensors, unrotate_weight(W_hat_rot.to(torch.float64), prep.seed_out, prep.seed_in)
+    return tensors, W_hat_rot.to(torch.float64)
+
+
 def quantize_layer(name: str, W: torch.Tensor, fmt: Format, rounding: str = "yaqa",
                    H_in: torch.Tensor | None = None, H_out: torch.Tensor | None = None,
                    shrink_out: float = 0.0, shrink_in: float = 0.0, target: str = DEFAULT_SHRINK_TARGET,
@@ -111,67 +199,54 @@ def quantize_layer(name: str, W: torch.Tensor, fmt: Format, rounding: str = "yaq
     if fmt.kind == "fp16":
         w16 = W.to(torch.float16)
         return LayerResult(name, fmt.name, {"weight": w16}, w16.to(torch.float32), {"rel_err": relative_error(W, w16)})
-
-    if not fmt.applicable(m, n):
-        raise BitplanError(f"{name}: {fmt.name} cannot store a {m}×{n} layer (rows must be whole "
-                           f"{getattr(fmt, 'block_size', 1)}-weight blocks); choose another format for it")
-    seed_out, seed_in = rotation_seeds(name, seed) if fmt.rotated else (None, None)
-    # ggml formats (unrotated) weight their scales by the inputs' second moments where known
-    importance = (H_in.detach().diagonal().to("cpu", torch.float64, copy=True)   # a copy: H_in may be consumed
-                  if H_in is not None and not fmt.rotated else None)
-    stats: dict = {}
-    if rounding != "rtn":
-        # The factors first, while no weight-sized buffer is held: their LDL is the largest step (two n × n).
-        if H_in is None or (rounding == "yaqa" and H_out is None):
-            raise BitplanError(f"{name}: {rounding} rounding needs the profile's Hessian factors for this layer")
-        bi = tile_width(fmt)
-        if n % bi or m % TILE:
-            raise BitplanError(f"{name}: a {m}×{n} layer does not split into {TILE}×{bi} tiles for {fmt.name}; "
-                               f"use --rounding rtn or a format with vector length 1, 2 or 4")
-        ldl_in = prepare_factor(H_in, seed_in, bi, shrink_in if rounding == "yaqa" else 0.0,
-                                f"{name} (H_in)", target, device, consume_factors)
-        ldl_out = (prepare_factor(H_out, seed_out, TILE, shrink_out, f"{name} (H_out)", target, device,
-                                  consume_factors) if rounding == "yaqa" else None)
-        del H_in, H_out
-        stats.update(sigma_in=ldl_in.sigma, sigma_out=ldl_out.sigma if ldl_out else 0.0)
-    if fmt.rotated:
-        W_rot = rotate_weight(W.to(torch.float64), seed_out, seed_in)
-        params = fmt.fit(W_rot.to(torch.float32))
-    else:
-        W_rot = W.to(torch.float64)
-        params = fmt.fit(W.to(torch.float32), importance)
-    scale, zero = fmt.per_weight(params, n)
-    scale, zero = scale.double(), (zero.double() if zero is not None else None)
-    if rounding == "rtn":
-        if fmt.rotated:
-            codes = fmt.quantize(W_rot.to(torch.float32)).codes  # fit is deterministic: the same params
-        else:
-            codes = fmt.encode(W_rot.to(torch.float32), scale, zero)
-        del W_rot, scale, zero
-    else:
-        W_dev, scale_dev = W_rot.to(device), scale.to(device)
-        zero_dev = zero.to(device) if zero is not None else None
-        del W_rot, scale, zero
-        rounded = ldlq_round(W_dev, fmt, scale_dev, zero_dev, ldl_in.L, ldl_out.L if ldl_out else None, bi, TILE,
-                             keep_targets=False)
-        codes = rounded.codes.cpu()
-        E = W_dev - rounded.W_hat
-        del rounded
-        release_freed_memory()   # the rounding's many small temporaries, before the proxies' large ones
-        E_rtn = W_dev.sub_(fmt.round(W_dev, scale_dev, zero_dev))   # W_dev is spent: its buffer holds E_rtn
-        del W_dev, scale_dev, zero_dev
-        stats["proxy"] = proxy_from_ldl(E, ldl_in, ldl_out)
-        del E
-        stats["proxy_rtn"] = proxy_from_ldl(E_rtn, ldl_in, ldl_out)
-        del E_rtn, ldl_in, ldl_out
-    qw = QuantizedWeight(fmt.name, (m, n), codes.to(torch.int32), params)
-    tensors = fmt.pack(qw)
-    # Dequantize from what is stored, so W_hat is exactly what a loaded checkpoint computes with.
-    W_hat_rot = fmt.dequantize(fmt.unpack(tensors, m, n))
-    if fmt.rotated:
-        tensors["rotation_seeds"] = encode_seeds(seed_out, seed_in)
-        W_hat = unrotate_weight(W_hat_rot.to(torch.float64), seed_out, seed_in)
-    else:
-        W_hat = W_hat_rot.to(torch.float64)
+    prep, stats = _prepare(name, m, n, fmt, rounding, H_in, H_out, shrink_out, shrink_in, target, seed, device,
+                           consume_factors)
+    del H_in, H_out
+    tensors, W_hat = _round_rows(W, fmt, rounding, prep, device, stats)
+    del prep
     stats["rel_err"] = relative_error(W, W_hat)
     return LayerResult(name, fmt.name, tensors, W_hat.to(torch.float32), stats)
+
+
+def rows_round_alone(fmt: Format, rounding: str) -> bool:
+    """Whether each row of a weight rounds independently of the others, so that rounding a block of rows at a
+    time gives the whole weight's codes: a format without rotation (a rotation along the output dimension mixes
+    rows; ggml's blocks and the sint/uint groups lie along a row) and no output-side factor (rtn, ldlq)."""
+    return fmt.kind != "fp16" and not fmt.rotated and rounding in ("rtn", "ldlq")
+
+
+def quantize_rows(name: str, blocks, shape: tuple[int, int], fmt: Format, rounding: str,
+                  H_in: torch.Tensor | None = None, seed: int = 0, device: torch.device | str | None = None,
+                  consume_factors: bool = False) -> LayerResult:
+    """`quantize_layer` of a weight given as consecutive blocks of rows (`blocks` yields them; each a multiple of
+    the 16-row tile), for a format and rounding whose rows round alone (`rows_round_alone`): the same packed
+    tensors and statistics, with the weight's float64 work one block at a time (a 128256 × 4096 embedding is
+    2 GiB in float32, and its whole-matrix rounding held eight float64 copies). Ŵ is not kept (W_hat None)."""
+    if not rows_round_alone(fmt, rounding):
+        raise BitplanError(f"{name}: {fmt.name} with {rounding} does not round a row at a time")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    m, n = shape
+    prep, stats = _prepare(name, m, n, fmt, rounding, H_in, None, 0.0, 0.0, DEFAULT_SHRINK_TARGET, seed, device,
+                           consume_factors)
+    del H_in
+    parts: dict[str, list[torch.Tensor]] = {}
+    num = den = 0.0
+    done = 0
+    for W in blocks:
+        W = W.detach().to("cpu")
+        if not torch.isfinite(W).all():
+            raise BitplanError(f"{name}: weight has NaN or Inf values")
+        if W.shape[1] != n or (done + W.shape[0] < m and W.shape[0] % TILE):
+            raise BitplanError(f"{name}: a block of {tuple(W.shape)} does not continue a {m}×{n} weight in whole "
+                               f"{TILE}-row tiles")
+        tensors, W_hat = _round_rows(W, fmt, rounding, prep, device, stats)
+        for key, t in tensors.items():
+            parts.setdefault(key, []).append(t)
+        a, b = error_sums(W, W_hat)
+        num, den, done = num + a, den + b, done + W.shape[0]
+        del W, W_hat, tensors
+        release_freed_memory()
+    if done != m:
+        raise BitplanError(f"{name}: its blocks held {done} of {m} rows")
+    stats["rel_err"] = num / max(den, 1e-300)
+    return LayerResult(name, fmt.name, {k: torch.cat(v) for k, v in parts.items()}, None, stats)

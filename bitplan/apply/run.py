@@ -30,6 +30,7 @@ from ..errors import BitplanError
 from ..formats import get_format
 from ..heldout import DEFAULT_SHRINK_TARGET, Shrinkage, check_target
 from ..io import atomic_path
+from ..resources import ROW_BLOCK_BYTES
 from ..linalg import relative_error_of_blocks
 from ..memory import map_large_blocks, release_freed_memory
 from ..models import LoadedModel, find_linears
@@ -37,7 +38,7 @@ from ..profile.directory import ProfileDir
 from ..progress import Progress
 from .checkpoint import check_out_dir, mark_owned, remove_owned, sibling, write_checkpoint, write_checkpoint_parts
 from .embedding import is_tied, module_name, vocab_matrices
-from .layer import ROUNDINGS, LayerResult, quantize_layer
+from .layer import ROUNDINGS, TILE, LayerResult, quantize_layer, quantize_rows, rows_round_alone
 from .source import WeightSource, open_source
 
 
@@ -273,11 +274,18 @@ def apply_formats(model: str | LoadedModel | WeightSource, formats: dict[str, st
             lams = Shrinkage(lam if method == "yaqa" else 0.0, 0.0, shrink_target)
         H_in, H_out, one_sided = (rounding_factors(profile, name, method, shape) if method != "rtn"
                                   else (None, None, False))
-        W = source.weight(name)
-        res: LayerResult = quantize_layer(name, W.to(weight_dtype), fmt, method, H_in, H_out, shrink_out=lams.out,
-                                          shrink_in=lams.inp, target=shrink_target, device=device,
-                                          consume_factors=True)
-        del W, H_in, H_out
+        if rows_round_alone(fmt, method) and 8 * shape[0] * shape[1] > ROW_BLOCK_BYTES:
+            # a large matrix whose rows round alone (an embedding in a ggml type, say): a block of rows at a time
+            rows = max(TILE, ROW_BLOCK_BYTES // (8 * shape[1]) // TILE * TILE)
+            blocks = (W.to(weight_dtype) for W in source.weight_rows(name, rows))
+            res: LayerResult = quantize_rows(name, blocks, shape, fmt, method, H_in, device=device,
+                                             consume_factors=True)
+        else:
+            W = source.weight(name)
+            res = quantize_layer(name, W.to(weight_dtype), fmt, method, H_in, H_out, shrink_out=lams.out,
+                                 shrink_in=lams.inp, target=shrink_target, device=device, consume_factors=True)
+            del W
+        del H_in, H_out
         stats = {**res.stats, **lams.stats(), "format": fmt.name, "rounding": method}
         if name in vocab:
             stats.update(kind=vocab[name], rounding_note=vocab_rounding(vocab[name], rounding, sides[name], tied)[1])

@@ -80,6 +80,20 @@ class WeightSource:
             return self.model.get_submodule(module).weight.detach()
         return self.tensor(f"{module}.weight")
 
+    def weight_rows(self, module: str, rows: int):
+        """The weight of module `module` as consecutive float32 blocks of `rows` rows (lazy: each read from the
+        shards when it is needed, so one block is in memory at a time)."""
+        name = f"{module}.weight"
+        key = shard_key(self.names, name, self.shards) if self.lazy else None
+        if key is None:
+            W = self.weight(module)
+            for start in range(0, W.shape[0], rows):
+                yield W[start:start + rows].to(torch.float32)
+            return
+        m = self.shards.tensors[key].shape[0]
+        for start in range(0, m, rows):
+            yield self.shards.read(key, start, min(start + rows, m)).to(torch.float32)
+
     @functools.cached_property
     def weights_sha256(self) -> str:
         """The model's identity (`bitplan.models.weights_sha256`, whatever dtype the model is held in)."""
