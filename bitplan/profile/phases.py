@@ -251,17 +251,22 @@ def format_phase(work: Work, fmts: list[Format]) -> dict[str, dict[str, float]]:
 
 
 def update_formats(profile: Profile, out: Path, net: nn.Module, fmts: list[Format], progress: Progress,
-                   emit: Events) -> Profile:
-    """A finished profile asked for with another candidate list: measure the formats it lacks, keep the rest."""
+                   emit: Events, job: Job | None = None) -> Profile:
+    """A finished profile asked for with another candidate list: measure the formats it lacks, keep the rest.
+    With the profile's `job`, each layer's errors are saved as they are measured (as format_phase saves them),
+    so a killed update resumes at the layer it reached; the profile itself is rewritten once, at the end."""
     t0 = time.perf_counter()
     task = progress.task("format errors", len(profile.plannable))
     for k, rec in enumerate(profile.plannable):
         usable = [f for f in fmts if applicable(f, rec.shape)]
-        missing = [f for f in usable if f.name not in rec.rel_err]
+        known = {**rec.rel_err, **((job.result("formats", rec.name) or {}) if job is not None else {})}
+        missing = [f for f in usable if f.name not in known]
         if missing:
             W = get_module(net, rec.name).weight.detach()
-            rec.rel_err.update(relative_errors(W, rec.name, missing))
-        rec.rel_err = {f.name: rec.rel_err[f.name] for f in usable}
+            known.update(relative_errors(W, rec.name, missing))
+            if job is not None:
+                job.save_result("formats", rec.name, known)
+        rec.rel_err = {f.name: known[f.name] for f in usable}
         set_inapplicable(rec, fmts)
         task.advance()
         emit("formats", k + 1)

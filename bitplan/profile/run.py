@@ -124,7 +124,9 @@ def _run_job(job, complete, loaded, infos, fmts, cal, split, fingerprint, judge_
     if complete:
         existing = load_profile(out)
         if existing.formats != [f.name for f in fmts]:
-            existing = rewrite_on_main(lambda p, bars: update_formats(p, out, net, fmts, bars, emit), existing)
+            existing = rewrite_on_main(lambda p, bars: update_formats(p, out, net, fmts, bars, emit, job), existing)
+            if ranks.main:
+                job.finish(keep_job)   # the per-layer errors it saved are in profile.json now
         return with_judge(existing)
     if progress and job.resumed:
         Console(stderr=True).print(f"[dim]resuming the profile job in {job.dir}[/]")

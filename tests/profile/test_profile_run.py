@@ -164,6 +164,27 @@ def test_finished_profile_asked_for_other_formats_measures_only_those(tmp_path):
         assert b.alpha_hessian == a.alpha_hessian and b.alpha_noise == a.alpha_noise
 
 
+def test_a_killed_format_update_resumes_at_the_layer_it_reached(tmp_path, monkeypatch):
+    import bitplan.profile.phases as phases
+
+    out = tmp_path / "prof"
+    run(out)
+    before = snapshot(out)
+    with pytest.raises(Interrupt):
+        run(out, formats="int4-g32,int2-g32", events=stop_at("formats", 3))
+    assert {k: v for k, v in snapshot(out).items() if not k.startswith(".job")} == before   # nothing rewritten
+    measured = []
+    real = phases.relative_errors
+    monkeypatch.setattr(phases, "relative_errors", lambda W, name, f: measured.append(name) or real(W, name, f))
+    resumed = run(out, formats="int4-g32,int2-g32")
+    layers = [r.name for r in resumed.plannable]
+    assert measured == layers[3:]   # the first three layers' errors were saved before the kill
+    run(tmp_path / "fresh")   # the same update, never killed
+    fresh = run(tmp_path / "fresh", formats="int4-g32,int2-g32")
+    assert [r.rel_err for r in resumed.plannable] == [r.rel_err for r in fresh.plannable]
+    assert not (out / ".job").exists()   # the saved errors are in profile.json; the job folder is gone
+
+
 def test_other_model_in_out_dir_is_refused(tmp_path):
     out = tmp_path / "prof"
     run(out)
