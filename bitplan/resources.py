@@ -55,8 +55,9 @@ COEF_BUFFERS = 12
 # APPLY_WEIGHT_BUFFERS of them, fitted to the peak of a 8192×2048 yaqa higgs-p2 layer at Llama-3.2-1B's shape,
 # 1.51 GiB above the process (benchmarks/apply_memory.py; 2026-12-06, 2-core CPU beside a profile)
 APPLY_WEIGHT_BUFFERS = 8
-# a matrix whose rows round alone (no rotation, no output-side factor: bitplan.apply.layer.rows_round_alone) and
-# whose float64 copy is larger than this is rounded a block of rows of this size at a time (bitplan.apply.run)
+# a matrix whose rows round alone (no output-side factor: bitplan.apply.layer.rows_round_alone) and whose float64
+# copy is larger than this is rounded a block of rows of this size at a time (bitplan.apply.run); a rotated
+# format's blocks are rows of the whole weight rotated first, in one float64 buffer
 ROW_BLOCK_BYTES = 128 * 2 ** 20
 # the format errors of one m×n matrix (bitplan.profile.relerr): its rotated float32 copy (4 bytes per weight, and 4
 # more for a float32 copy of weights held in another dtype or on a device), then one block of rows at a time, of
@@ -478,12 +479,14 @@ def apply_plan_resources(config: dict | ModelShape, formats: dict[str, str], set
         # the factors' block LDL (two n×n buffers of the side being split, the other side's sum or L beside them),
         # or later both L and the rounding's weight-sized buffers, whichever is larger; a large matrix whose rows
         # round alone has those buffers for one block of rows, and its packed blocks (twice, as they are joined)
+        # beside the whole weight rotated when its format rotates
         sides = [n * n] + ([m * m] if two_sided else []) if one_sided else []
         ldl_bytes = 8 * (sum(sides) + max(sides)) + 4 * m * n if sides else 0
-        if not fmt.rotated and not two_sided and 8 * m * n > ROW_BLOCK_BYTES:
+        if not two_sided and 8 * m * n > ROW_BLOCK_BYTES:
             rows = max(16, ROW_BLOCK_BYTES // (8 * n) // 16 * 16)
             ldl_bytes = 8 * (sum(sides) + max(sides)) if sides else 0
-            rounding_bytes = APPLY_WEIGHT_BUFFERS * 8 * rows * n + 8 * sum(sides) + 2 * fmt.storage_bits(m, n) / 8
+            rounding_bytes = (APPLY_WEIGHT_BUFFERS * 8 * rows * n + 8 * sum(sides) + 2 * fmt.storage_bits(m, n) / 8
+                              + (8 * m * n if fmt.rotated else 0))   # a rotated format's whole rotated weight
         else:
             rounding_bytes = APPLY_WEIGHT_BUFFERS * 8 * m * n + 8 * sum(sides)
         layer_peak = max(layer_peak, ldl_bytes, rounding_bytes)

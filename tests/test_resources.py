@@ -232,11 +232,15 @@ def test_apply_forecast_by_hand_at_llama_3_2_1b():
     # the embedding, 128256 × 2048, one-sided under the head's input moment (n = 2048)
     V, H = 128256, 2048
     emb = "model.embed_tokens"
-    rotated = 8 * 8 * V * H + 8 * H * H   # int4-g128 rotates the vocabulary side: the whole matrix at once
-    assert peak({emb: "int4-g128"}, replace(s, rounding="ldlq")) == rotated == 16844324864
-    # q4_K's rows round alone: blocks of 8192 rows (128 MiB in float64), and the packed matrix twice as it is joined
+    # its rows round alone (no output-side factor): blocks of 8192 rows (128 MiB in float64) with L beside them,
+    # and the packed matrix twice as it is joined (q4_K: 147750912 bytes)
     rows = 128 * 2**20 // (8 * H)
     blocked = 8 * 8 * rows * H + 8 * H * H + 2 * 147750912
     assert rows == 8192 and peak({emb: "q4_K"}, replace(s, rounding="ldlq")) == blocked == 1402798080
+    # int4-g128 rotates the vocabulary side, which mixes rows: the whole weight rotated in one float64 buffer
+    rotated = 8 * 8 * rows * H + 8 * H * H + 2 * 139542544 + 8 * V * H
+    assert peak({emb: "int4-g128"}, replace(s, rounding="ldlq")) == rotated == 3487727648
+    # whole, as before row blocks: eight float64 copies of the 128256 × 2048 matrix
+    assert 8 * 8 * V * H + 8 * H * H == 16844324864
     # a whole model with the embedding in q4_K peaks at its widest layer, not at the embedding
     assert peak({emb: "q4_K", "model.layers.0.mlp.down_proj": "int4-g128"}) == down

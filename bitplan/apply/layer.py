@@ -130,11 +130,15 @@ def _prepare(name: str, m: int, n: int, fmt: Format, rounding: str, H_in: torch.
 
 
 def _round_rows(W: torch.Tensor, fmt: Format, rounding: str, prep: _Prepared, device: torch.device,
-                stats: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                stats: dict, rotated: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Round W (the whole weight, or a block of its rows where rows round independently) and pack it; returns
-    the packed tensors and Ŵ in the original basis (float64), and adds the proxies to `stats`."""
+    the packed tensors and Ŵ in the original basis (float64), and adds the proxies to `stats`. `rotated`: W is
+    a block of rows of the weight already rotated (float64), and Ŵ is returned in that basis."""
     m, n = W.shape
-    if fmt.rotated:
+    if rotated:
+        W_rot = W
+        params = fmt.fit(W_rot.to(torch.float32))
+    elif fmt.rotated:
         W_rot = rotate_weight(W.to(torch.float64), prep.seed_out, prep.seed_in)
         params = fmt.fit(W_rot.to(torch.float32))
     else:
@@ -150,7 +154,8 @@ def _round_rows(W: torch.Tensor, fmt: Format, rounding: str, prep: _Prepared, de
         del W_rot, scale, zero
     else:
         ldl_in, ldl_out = prep.ldl_in, prep.ldl_out
-        W_dev, scale_dev = W_rot.to(device), scale.to(device)
+        W_dev = W_rot.to(device, copy=rotated)   # a rotated block is a view of the caller's buffer: not spent
+        scale_dev = scale.to(device)
         zero_dev = zero.to(device) if zero is not None else None
         del W_rot, scale, zero
         rounded = ldlq_round(W_dev, fmt, scale_dev, zero_dev, ldl_in.L, ldl_out.L if ldl_out else None,
@@ -169,7 +174,7 @@ def _round_rows(W: torch.Tensor, fmt: Format, rounding: str, prep: _Prepared, de
     tensors = fmt.pack(qw)
     # Dequantize from what is stored, so W_hat is exactly what a loaded checkpoint computes with.
     W_hat_rot = fmt.dequantize(fmt.unpack(tensors, m, n))
-    if fmt.rotated:
+    if fmt.rotated and not rotated:
         tensors["rotation_seeds"] = encode_seeds(prep.seed_out, prep.seed_in)
         return tensors, unrotate_weight(W_hat_rot.to(torch.float64), prep.seed_out, prep.seed_in)
     return tensors, W_hat_rot.to(torch.float64)
@@ -209,10 +214,11 @@ def quantize_layer(name: str, W: torch.Tensor, fmt: Format, rounding: str = "yaq
 
 
 def rows_round_alone(fmt: Format, rounding: str) -> bool:
-    """Whether each row of a weight rounds independently of the others, so that rounding a block of rows at a
-    time gives the whole weight's codes: a format without rotation (a rotation along the output dimension mixes
-    rows; ggml's blocks and the sint/uint groups lie along a row) and no output-side factor (rtn, ldlq)."""
-    return fmt.kind != "fp16" and not fmt.rotated and rounding in ("rtn", "ldlq")
+    """Whether each row of a weight, in the format's basis, rounds independently of the others, so that rounding
+    a block of rows at a time gives the whole weight's codes: no output-side factor (rtn, ldlq), and groups, ggml
+    blocks and vectors that lie along a row (every format here). A rotation along the output dimension mixes the
+    rows of the original weight, so a rotated format's rows are those of the whole weight rotated first."""
+    return fmt.kind != "fp16" and rounding in ("rtn", "ldlq")
 
 
 def quantize_rows(name: str, blocks, shape: tuple[int, int], fmt: Format, rounding: str,
@@ -220,8 +226,10 @@ def quantize_rows(name: str, blocks, shape: tuple[int, int], fmt: Format, roundi
                   consume_factors: bool = False) -> LayerResult:
     """`quantize_layer` of a weight given as consecutive blocks of rows (`blocks` yields them; each a multiple of
     the 16-row tile), for a format and rounding whose rows round alone (`rows_round_alone`): the same packed
-    tensors and statistics, with the weight's float64 work one block at a time (a 128256 × 4096 embedding is
-    2 GiB in float32, and its whole-matrix rounding held eight float64 copies). Ŵ is not kept (W_hat None)."""
+    tensors and statistics, with the rounding's float64 buffers for one block of rows at a time (a 128256 × 4096
+    embedding is 2 GiB in float32, and its whole-matrix rounding held eight float64 copies). A rotated format
+    first gathers the weight into one float64 buffer and rotates it in place (its rows mix), then rounds blocks
+    of it as large as the first block given. Ŵ is not kept (W_hat None)."""
     if not rows_round_alone(fmt, rounding):
         raise BitplanError(f"{name}: {fmt.name} with {rounding} does not round a row at a time")
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -229,8 +237,36 @@ def quantize_rows(name: str, blocks, shape: tuple[int, int], fmt: Format, roundi
     prep, stats = _prepare(name, m, n, fmt, rounding, H_in, None, 0.0, 0.0, DEFAULT_SHRINK_TARGET, seed, device,
                            consume_factors)
     del H_in
+    blocks = _checked_blocks(name, blocks, m, n)
+    if fmt.rotated:   # the whole weight, rotated in one buffer; its blocks of rows are views of it
+        W_rot = torch.empty(m, n, dtype=torch.float64)
+        done, step = 0, None
+        for W in blocks:
+            step = step or W.shape[0]
+            W_rot[done:done + W.shape[0]] = W
+            done += W.shape[0]
+            del W
+        rotate_in_place(W_rot, RandomizedHadamard(m, prep.seed_out), RandomizedHadamard(n, prep.seed_in))
+        blocks = (W_rot[r:r + step] for r in range(0, m, step))
     parts: dict[str, list[torch.Tensor]] = {}
     num = den = 0.0
+    for W in blocks:
+        tensors, W_hat = _round_rows(W, fmt, rounding, prep, device, stats, rotated=fmt.rotated)
+        for key, t in tensors.items():
+            parts.setdefault(key, []).append(t)
+        a, b = error_sums(W, W_hat)   # a rotated block's error is the original's (the rotation is orthogonal)
+        num, den = num + a, den + b
+        del W, W_hat, tensors
+        release_freed_memory()
+    stats["rel_err"] = num / max(den, 1e-300)
+    tensors = {k: torch.cat(v) for k, v in parts.items()}
+    if fmt.rotated:
+        tensors["rotation_seeds"] = encode_seeds(prep.seed_out, prep.seed_in)
+    return LayerResult(name, fmt.name, tensors, None, stats)
+
+
+def _checked_blocks(name: str, blocks, m: int, n: int):
+    """`blocks` on the CPU, checked as they come: finite, n wide, whole tiles but the last, m rows in all."""
     done = 0
     for W in blocks:
         W = W.detach().to("cpu")
@@ -239,14 +275,7 @@ def quantize_rows(name: str, blocks, shape: tuple[int, int], fmt: Format, roundi
         if W.shape[1] != n or (done + W.shape[0] < m and W.shape[0] % TILE):
             raise BitplanError(f"{name}: a block of {tuple(W.shape)} does not continue a {m}×{n} weight in whole "
                                f"{TILE}-row tiles")
-        tensors, W_hat = _round_rows(W, fmt, rounding, prep, device, stats)
-        for key, t in tensors.items():
-            parts.setdefault(key, []).append(t)
-        a, b = error_sums(W, W_hat)
-        num, den, done = num + a, den + b, done + W.shape[0]
-        del W, W_hat, tensors
-        release_freed_memory()
+        done += W.shape[0]
+        yield W
     if done != m:
         raise BitplanError(f"{name}: its blocks held {done} of {m} rows")
-    stats["rel_err"] = num / max(den, 1e-300)
-    return LayerResult(name, fmt.name, {k: torch.cat(v) for k, v in parts.items()}, None, stats)

@@ -14,7 +14,8 @@ from bitplan.models import load_model
 from tests.apply.test_embedding import EMB, model_dir, plan_formats  # noqa: F401 (model_dir: a fixture)
 from tests.test_linalg import spd
 
-UNROTATED = ["q4_0", "q8_0", "q5_1", "iq4_nl", "q4_K", "q6_K", "sint4-g64", "uint3-g32"]
+FORMATS = ["q4_0", "q8_0", "q5_1", "iq4_nl", "q4_K", "q6_K", "sint4-g64", "uint3-g32",   # no rotation
+           "int4-g64", "int2-g128", "higgs-p2-n64-g64", "higgs-p1-n16-g128"]                 # rotated
 
 
 def weight(m: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -30,7 +31,7 @@ def blocks_of(W: torch.Tensor, sizes: list[int]):
 
 
 @pytest.mark.parametrize("rounding", ["rtn", "ldlq"])
-@pytest.mark.parametrize("name", UNROTATED)
+@pytest.mark.parametrize("name", FORMATS)
 def test_rows_in_blocks_give_the_whole_matrix_bytes(name, rounding):
     fmt = get_format(name)
     m, n = 96, 256
@@ -48,23 +49,24 @@ def test_rows_in_blocks_give_the_whole_matrix_bytes(name, rounding):
     assert rows.W_hat is None
 
 
-def test_only_formats_whose_rows_round_alone():
-    assert rows_round_alone(get_format("q4_K"), "ldlq") and rows_round_alone(get_format("sint4-g64"), "rtn")
+def test_only_roundings_whose_rows_round_alone():
+    assert rows_round_alone(get_format("q4_K"), "ldlq") and rows_round_alone(get_format("int4-g64"), "rtn")
     assert not rows_round_alone(get_format("q4_K"), "yaqa")           # the output-side factor couples rows
-    assert not rows_round_alone(get_format("int4-g64"), "rtn")        # the output-side rotation mixes rows
     assert not rows_round_alone(get_format("fp16"), "rtn")
     W = weight(32, 64)
     with pytest.raises(BitplanError, match="does not round a row at a time"):
-        quantize_rows("x", iter([W]), (32, 64), get_format("int4-g64"), "rtn")
+        quantize_rows("x", iter([W]), (32, 64), get_format("int4-g64"), "yaqa")
     with pytest.raises(BitplanError, match="whole 16-row tiles"):
         quantize_rows("x", blocks_of(W, [8, 24]), (32, 64), get_format("q4_0"), "rtn")
     with pytest.raises(BitplanError, match="held 16 of 32 rows"):
         quantize_rows("x", blocks_of(W, [16]), (32, 64), get_format("q4_0"), "rtn")
 
 
-def test_apply_rounds_a_large_embedding_in_row_blocks_to_the_same_checkpoint(model_dir, tmp_path, monkeypatch):  # noqa: F811
+@pytest.mark.parametrize("emb", ["q4_0", "int4-g32"])   # int4-g32 rotates the 384-row vocabulary side
+def test_apply_rounds_a_large_embedding_in_row_blocks_to_the_same_checkpoint(model_dir, tmp_path, monkeypatch,  # noqa: F811
+                                                                             emb):
     folder, tied = model_dir
-    formats = plan_formats(load_model(str(folder)), "q4_0", None if tied else "q8_0", linears="q5_1")
+    formats = plan_formats(load_model(str(folder)), emb, None if tied else "q8_0", linears="q5_1")
     apply_formats(load_model(str(folder)), formats, tmp_path / "whole", rounding="rtn", progress=False)
     calls = []
     real = apply_run.quantize_rows
@@ -76,7 +78,8 @@ def test_apply_rounds_a_large_embedding_in_row_blocks_to_the_same_checkpoint(mod
         (tmp_path / "whole" / "model.safetensors").read_bytes()
 
 
-def test_a_tied_embedding_under_the_head_input_moment_in_row_blocks(tmp_path, tiny_tokenizer, monkeypatch):
+@pytest.mark.parametrize("emb", ["q4_0", "higgs-p2-n64-g64"])
+def test_a_tied_embedding_under_the_head_input_moment_in_row_blocks(tmp_path, tiny_tokenizer, monkeypatch, emb):
     """ldlq under the profile's E[hhᵀ] (the tied embedding's rounding): the same checkpoint a block of rows at a
     time as whole."""
     from tests.apply.test_embedding import tied_model_dir, write_moment
@@ -84,12 +87,12 @@ def test_a_tied_embedding_under_the_head_input_moment_in_row_blocks(tmp_path, ti
     folder = tied_model_dir(tmp_path, tiny_tokenizer, tie=True)
     write_moment(tmp_path / "prof", EMB, load_model(str(folder)).model.config.hidden_size)
     kw = dict(rounding="ldlq", profile_dir=tmp_path / "prof", shrink=0.0, progress=False)
-    whole = apply_formats(load_model(str(folder)), {EMB: "q4_0"}, tmp_path / "whole", **kw)
+    whole = apply_formats(load_model(str(folder)), {EMB: emb}, tmp_path / "whole", **kw)
     calls = []
     real = apply_run.quantize_rows
     monkeypatch.setattr(apply_run, "quantize_rows", lambda name, *a, **k: calls.append(name) or real(name, *a, **k))
     monkeypatch.setattr(apply_run, "ROW_BLOCK_BYTES", 8 * 32 * 64)   # 32 of the 384 rows per block
-    rows = apply_formats(load_model(str(folder)), {EMB: "q4_0"}, tmp_path / "rows", **kw)
+    rows = apply_formats(load_model(str(folder)), {EMB: emb}, tmp_path / "rows", **kw)
     assert calls == [EMB] and rows.stats[EMB]["rounding"] == "ldlq"
     assert rows.stats[EMB]["proxy"] == pytest.approx(whole.stats[EMB]["proxy"], rel=1e-10)
     assert (tmp_path / "rows" / "model.safetensors").read_bytes() == \
