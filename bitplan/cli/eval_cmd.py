@@ -34,10 +34,11 @@ def eval_command(
                               "(the checkpoint's on a GPU, float32 on the CPU). bf16 halves the memory but adds a "
                               "KL of its own: an 8-bit candidate of smollm2-135m measured 0.0033 in bf16, 0.0014 in "
                               "float32"),
-    max_memory: Optional[float] = typer.Option(None, "--max-memory", help="GiB a plain model's weights may take on "
-                                               "the device (default: what is free there); what does not fit is "
-                                               "offloaded by accelerate, to host memory from a GPU and to disk "
-                                               "from the CPU, and runs slower"),
+    max_memory: Optional[float] = typer.Option(None, "--max-memory", help="GiB each model may take on the device "
+                                               "(default: what is free there). A plain model's weights beyond it "
+                                               "are offloaded by accelerate, to host memory from a GPU and to "
+                                               "disk from the CPU; a checkpoint dequantizes its layers at each "
+                                               "call instead of keeping them. Either runs slower"),
 ) -> None:
     """Compare a candidate with its reference on held-out text."""
     from ..evaluate import evaluate
