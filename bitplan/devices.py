@@ -15,6 +15,12 @@ import torch
 from .errors import BitplanError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
+# Measured on this repository's CPU machine (docs/big-models.md, "How the forecast is made"):
+# resident memory of a process with torch, transformers and bitplan imported and the model's code loaded;
+BASE_HOST_BYTES = 0.22 * 2 ** 30
+# what the first forward+backward leaves resident (autograd's engine, the math libraries' buffers): a 16-token
+# pass of the default model raised the resident memory by 0.32 GiB, and it stays for the rest of the process
+RUNTIME_HOST_BYTES = 0.32 * 2 ** 30
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
 

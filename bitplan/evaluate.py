@@ -35,6 +35,7 @@ from .io import check_writable, write_json
 from .loading import open_header, open_model
 from .logit_cache import LogitCache, default_cap
 from .memory import release_freed_memory
+from .offload import check_max_memory
 from .models import LoadedModel, MemoryLimit, cache_dir, model_device, same_tokenizer, weights_sha256
 from .progress import Progress
 
@@ -192,7 +193,7 @@ def _reference_identity(reference: str | LoadedModel, dtype: torch.dtype) -> str
         return None
     if source is None:
         return None
-    return source.weights_sha256 + (f"|{dtype}" if dtype != torch.float32 else "")
+    return _identity(source.weights_sha256, dtype)
 
 
 def evaluate(reference: str | LoadedModel, candidate: str | LoadedModel, data: str, windows: int = 32,
@@ -223,8 +224,7 @@ def evaluate(reference: str | LoadedModel, candidate: str | LoadedModel, data: s
     device = resolve_device(device)
     if not isinstance(dtype, torch.dtype):
         resolve_dtype(dtype, device)  # a bad name fails before any model is loaded
-    if max_memory_gb is not None and max_memory_gb <= 0:
-        raise BitplanError(f"--max-memory must be positive (got {max_memory_gb})")
+    check_max_memory(max_memory_gb)   # before any model is loaded
     ref_head = open_header(reference)
     same_spec = isinstance(reference, str) and isinstance(candidate, str) and reference == candidate
     cand_head = ref_head if same_spec else open_header(candidate)
@@ -281,7 +281,12 @@ def _loaded_identity(model: torch.nn.Module) -> str:
     if any(p.is_meta for p in model.parameters()):
         return f"this-run-only-{uuid.uuid4().hex}"
     dtype = next(model.parameters()).dtype
-    return weights_sha256(model) + (f"|{dtype}" if dtype != torch.float32 else "")
+    return _identity(weights_sha256(model), dtype)
+
+
+def _identity(weights_hash: str, dtype: torch.dtype) -> str:
+    """The logit cache's key for a reference: its weights (hashed dtype-free) and, other than float32, its dtype."""
+    return weights_hash + (f"|{dtype}" if dtype != torch.float32 else "")
 
 
 def _stage_reference(reference: str | LoadedModel, tokens: list[torch.Tensor], cached: LogitCache | None,

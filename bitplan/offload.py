@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 from .errors import BitplanError
-from .devices import available, checkpoint_dtype, fmt_bytes
+from .devices import BASE_HOST_BYTES, RUNTIME_HOST_BYTES, available, checkpoint_dtype, fmt_bytes
 from .shards import Shards
 
 GIB = 2**30
-PROCESS_BYTES = GIB // 2   # torch, transformers and the tokenizer, measured about 0.5 GiB resident on the CPU
+PROCESS_BYTES = int(BASE_HOST_BYTES + RUNTIME_HOST_BYTES)   # the process itself, once a model has run
 
 
 @dataclass(frozen=True)
@@ -58,12 +58,16 @@ def weight_bytes(path: Path, dtype: torch.dtype, config: dict | None = None) -> 
     return total
 
 
+def check_max_memory(max_memory_gb: float | None) -> None:
+    if max_memory_gb is not None and max_memory_gb <= 0:
+        raise BitplanError(f"--max-memory must be positive (got {max_memory_gb})")
+
+
 def device_budget(device: torch.device, working_bytes: int, max_memory_gb: float | None = None) -> int:
     """What a model may take on `device`: `max_memory_gb` GiB when given, else what is free there less
     `working_bytes` (activations, logits) and, on the CPU, the process itself."""
+    check_max_memory(max_memory_gb)
     if max_memory_gb is not None:
-        if max_memory_gb <= 0:
-            raise BitplanError(f"--max-memory must be positive (got {max_memory_gb})")
         return int(max_memory_gb * GIB)
     free = available(str(device))
     if device.type == "cpu":

@@ -24,17 +24,13 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .devices import Available, available, fmt_bytes
+from .devices import BASE_HOST_BYTES, RUNTIME_HOST_BYTES, Available, available, fmt_bytes
 from .errors import BitplanError
 
 GIB = 2 ** 30
 
-# Measured on this repository's CPU machine (docs/big-models.md, "How the forecast is made"):
-# resident memory of a process with torch, transformers and bitplan imported and the model's code loaded;
-BASE_HOST_BYTES = 0.22 * GIB
-# what the first forward+backward leaves resident (autograd's engine, the math libraries' buffers): a 16-token
-# pass of the default model raised the resident memory by 0.32 GiB, and it stays for the rest of the process;
-RUNTIME_HOST_BYTES = 0.32 * GIB
+# Measured on this repository's CPU machine (docs/big-models.md, "How the forecast is made"): the process itself
+# (BASE_HOST_BYTES, RUNTIME_HOST_BYTES: bitplan.devices, which eval's offloading also counts with);
 # a CUDA context with cuBLAS/cuSOLVER loaded adds host memory of its own (not measured here: a nominal figure);
 CUDA_HOST_BYTES = 1.5 * GIB
 # what opening a model for lazy apply adds (its skeleton on the meta device, buffers, tokenizer, the model's code):
@@ -303,6 +299,14 @@ def hessian_file_bytes(linears: list[Linear], moments: bool = True) -> int:
     return factor_sum_bytes(linears, moments) // 2
 
 
+def row_block_rows(m: int, n: int, tile: int = 16) -> int | None:
+    """Rows per block when an m×n matrix whose rows round alone is rounded a block of rows at a time (whole
+    `tile`-row tiles of ROW_BLOCK_BYTES in float64), or None when its float64 copy fits one such block."""
+    if 8 * m * n <= ROW_BLOCK_BYTES:
+        return None
+    return max(tile, ROW_BLOCK_BYTES // (8 * n) // tile * tile)
+
+
 def layer_groups(linears: list[Linear], groups: int) -> list[list[Linear]]:
     """The contiguous runs `profile.phases.layer_groups` makes."""
     bounds = [round(k * len(linears) / groups) for k in range(groups + 1)]
@@ -481,10 +485,10 @@ def apply_plan_resources(config: dict | ModelShape, formats: dict[str, str], set
         # round alone has those buffers for one block of rows, and its packed blocks (twice, as they are joined)
         # beside the whole weight rotated when its format rotates
         sides = [n * n] + ([m * m] if two_sided else []) if one_sided else []
-        ldl_bytes = 8 * (sum(sides) + max(sides)) + 4 * m * n if sides else 0
-        if not two_sided and 8 * m * n > ROW_BLOCK_BYTES:
-            rows = max(16, ROW_BLOCK_BYTES // (8 * n) // 16 * 16)
-            ldl_bytes = 8 * (sum(sides) + max(sides)) if sides else 0
+        rows = None if two_sided else row_block_rows(m, n)
+        # in blocks, the weight is not read whole (in float32) beside the factors' LDL
+        ldl_bytes = 8 * (sum(sides) + max(sides)) + (0 if rows else 4 * m * n) if sides else 0
+        if rows:
             rounding_bytes = (APPLY_WEIGHT_BUFFERS * 8 * rows * n + 8 * sum(sides) + 2 * fmt.storage_bits(m, n) / 8
                               + (8 * m * n if fmt.rotated else 0))   # a rotated format's whole rotated weight
         else:

@@ -97,14 +97,12 @@ class _Prepared:
     importance: torch.Tensor | None
     ldl_in: BlockLDL | None = None
     ldl_out: BlockLDL | None = None
-    tile_cols: int = 0
 
 
 def _prepare(name: str, m: int, n: int, fmt: Format, rounding: str, H_in: torch.Tensor | None,
              H_out: torch.Tensor | None, shrink_out: float, shrink_in: float, target: str, seed: int,
              device: torch.device, consume_factors: bool) -> tuple[_Prepared, dict]:
-    if rounding not in ROUNDINGS:
-        raise BitplanError(f"unknown rounding {rounding!r}; choose one of {', '.join(ROUNDINGS)}")
+    """The factors' LDLs and what else every block of rows shares (`rounding` already checked by the caller)."""
     if not fmt.applicable(m, n):
         raise BitplanError(f"{name}: {fmt.name} cannot store a {m}×{n} layer (rows must be whole "
                            f"{getattr(fmt, 'block_size', 1)}-weight blocks); choose another format for it")
@@ -117,7 +115,7 @@ def _prepare(name: str, m: int, n: int, fmt: Format, rounding: str, H_in: torch.
         # The factors first, while no weight-sized buffer is held: their LDL is the largest step (two n × n).
         if H_in is None or (rounding == "yaqa" and H_out is None):
             raise BitplanError(f"{name}: {rounding} rounding needs the profile's Hessian factors for this layer")
-        prep.tile_cols = bi = tile_width(fmt)
+        bi = tile_width(fmt)
         if n % bi or m % TILE:
             raise BitplanError(f"{name}: a {m}×{n} layer does not split into {TILE}×{bi} tiles for {fmt.name}; "
                                f"use --rounding rtn or a format with vector length 1, 2 or 4")
@@ -135,11 +133,8 @@ def _round_rows(W: torch.Tensor, fmt: Format, rounding: str, prep: _Prepared, de
     the packed tensors and Ŵ in the original basis (float64), and adds the proxies to `stats`. `rotated`: W is
     a block of rows of the weight already rotated (float64), and Ŵ is returned in that basis."""
     m, n = W.shape
-    if rotated:
-        W_rot = W
-        params = fmt.fit(W_rot.to(torch.float32))
-    elif fmt.rotated:
-        W_rot = rotate_weight(W.to(torch.float64), prep.seed_out, prep.seed_in)
+    if fmt.rotated:
+        W_rot = W if rotated else rotate_weight(W.to(torch.float64), prep.seed_out, prep.seed_in)
         params = fmt.fit(W_rot.to(torch.float32))
     else:
         W_rot = W.to(torch.float64)
@@ -159,7 +154,7 @@ def _round_rows(W: torch.Tensor, fmt: Format, rounding: str, prep: _Prepared, de
         zero_dev = zero.to(device) if zero is not None else None
         del W_rot, scale, zero
         rounded = ldlq_round(W_dev, fmt, scale_dev, zero_dev, ldl_in.L, ldl_out.L if ldl_out else None,
-                             prep.tile_cols, TILE, keep_targets=False)
+                             tile_width(fmt), TILE, keep_targets=False)
         codes = rounded.codes.cpu()
         E = W_dev - rounded.W_hat
         del rounded

@@ -30,7 +30,7 @@ from ..errors import BitplanError
 from ..formats import get_format
 from ..heldout import DEFAULT_SHRINK_TARGET, Shrinkage, check_target
 from ..io import atomic_path
-from ..resources import ROW_BLOCK_BYTES
+from ..resources import row_block_rows
 from ..linalg import relative_error_of_blocks
 from ..memory import map_large_blocks, release_freed_memory
 from ..models import LoadedModel, find_linears
@@ -274,10 +274,9 @@ def apply_formats(model: str | LoadedModel | WeightSource, formats: dict[str, st
             lams = Shrinkage(lam if method == "yaqa" else 0.0, 0.0, shrink_target)
         H_in, H_out, one_sided = (rounding_factors(profile, name, method, shape) if method != "rtn"
                                   else (None, None, False))
-        if rows_round_alone(fmt, method) and 8 * shape[0] * shape[1] > ROW_BLOCK_BYTES:
-            # a large matrix whose rows round alone (an embedding in a ggml type, say): a block of rows at a time
-            rows = max(TILE, ROW_BLOCK_BYTES // (8 * shape[1]) // TILE * TILE)
-            blocks = (W.to(weight_dtype) for W in source.weight_rows(name, rows))
+        rows = row_block_rows(*shape, TILE) if rows_round_alone(fmt, method) else None
+        if rows:   # a large matrix whose rows round alone (an embedding, say): a block of rows at a time
+            blocks = (W.to(weight_dtype) for W in source.chunks(f"{name}.weight", rows))
             res: LayerResult = quantize_rows(name, blocks, shape, fmt, method, H_in, device=device,
                                              consume_factors=True)
         else:

@@ -53,13 +53,15 @@ class WeightSource:
         t = self.shards.get(key) if key is not None else self.model.get_buffer(name)
         return t.to(torch.float32) if t.is_floating_point() else t
 
-    def chunks(self, name: str):
-        """`tensor(name)` in blocks of rows (lazy: read a block at a time; see bitplan.shards.Shards.chunks)."""
+    def chunks(self, name: str, rows: int | None = None):
+        """`tensor(name)` in blocks of rows: of `rows` rows each, or (None) as bitplan.shards.Shards.chunks sizes
+        them, the whole tensor when it is not read lazily (lazy: read a block at a time)."""
         key = shard_key(self.names, name, self.shards) if self.lazy else None
         if key is None:
-            yield self.tensor(name)
+            t = self.tensor(name)
+            yield from ([t] if rows is None else (t[start:start + rows] for start in range(0, t.shape[0], rows)))
             return
-        for t in self.shards.chunks(key):
+        for t in self.shards.chunks(key, rows * self.shards.tensors[key].row_bytes if rows else None):
             yield t.to(torch.float32) if t.is_floating_point() else t
 
     def tensor_info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
@@ -79,20 +81,6 @@ class WeightSource:
         if not self.lazy:
             return self.model.get_submodule(module).weight.detach()
         return self.tensor(f"{module}.weight")
-
-    def weight_rows(self, module: str, rows: int):
-        """The weight of module `module` as consecutive float32 blocks of `rows` rows (lazy: each read from the
-        shards when it is needed, so one block is in memory at a time)."""
-        name = f"{module}.weight"
-        key = shard_key(self.names, name, self.shards) if self.lazy else None
-        if key is None:
-            W = self.weight(module)
-            for start in range(0, W.shape[0], rows):
-                yield W[start:start + rows].to(torch.float32)
-            return
-        m = self.shards.tensors[key].shape[0]
-        for start in range(0, m, rows):
-            yield self.shards.read(key, start, min(start + rows, m)).to(torch.float32)
 
     @functools.cached_property
     def weights_sha256(self) -> str:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import bitplan.apply.run as apply_run
+import bitplan.resources as resources
 from bitplan.apply import apply_formats
 from bitplan.apply.layer import quantize_layer, quantize_rows, rows_round_alone
 from bitplan.errors import BitplanError
@@ -71,7 +72,7 @@ def test_apply_rounds_a_large_embedding_in_row_blocks_to_the_same_checkpoint(mod
     calls = []
     real = apply_run.quantize_rows
     monkeypatch.setattr(apply_run, "quantize_rows", lambda name, *a, **k: calls.append(name) or real(name, *a, **k))
-    monkeypatch.setattr(apply_run, "ROW_BLOCK_BYTES", 8 * 16 * 64)   # 16 rows of the 64-wide matrices per block
+    monkeypatch.setattr(resources, "ROW_BLOCK_BYTES", 8 * 16 * 64)   # 16 rows of the 64-wide matrices per block
     apply_formats(load_model(str(folder)), formats, tmp_path / "rows", rounding="rtn", progress=False)
     assert EMB in calls and len(calls) == len(formats)   # every matrix here is larger than such a block
     assert (tmp_path / "rows" / "model.safetensors").read_bytes() == \
@@ -91,7 +92,7 @@ def test_a_tied_embedding_under_the_head_input_moment_in_row_blocks(tmp_path, ti
     calls = []
     real = apply_run.quantize_rows
     monkeypatch.setattr(apply_run, "quantize_rows", lambda name, *a, **k: calls.append(name) or real(name, *a, **k))
-    monkeypatch.setattr(apply_run, "ROW_BLOCK_BYTES", 8 * 32 * 64)   # 32 of the 384 rows per block
+    monkeypatch.setattr(resources, "ROW_BLOCK_BYTES", 8 * 32 * 64)   # 32 of the 384 rows per block
     rows = apply_formats(load_model(str(folder)), {EMB: emb}, tmp_path / "rows", **kw)
     assert calls == [EMB] and rows.stats[EMB]["rounding"] == "ldlq"
     assert rows.stats[EMB]["proxy"] == pytest.approx(whole.stats[EMB]["proxy"], rel=1e-10)
