@@ -240,6 +240,7 @@ class ApplySettings:
     device: str = "cpu"
     lazy: bool = True                    # weights read per layer from the shards (never the whole model)
     processes: int = 1
+    choose_shrink: bool = False          # yaqa's λs chosen in apply (the profile holds none for its settings)
 
 
 @dataclass
@@ -297,6 +298,17 @@ def format_bytes(m: int, n: int, grid_keys: int, copied: bool = False) -> int:
 def hessian_file_bytes(linears: list[Linear], moments: bool = True) -> int:
     """One half's float32 files (h_out, h_in, xtx), tensor bytes only."""
     return factor_sum_bytes(linears, moments) // 2
+
+
+def coefficient_bytes(m: int, n: int) -> float:
+    """One m×n layer's held-out LDLs (the profile's layer phase, or apply choosing λ): both halves' H_O, H_I and
+    Σxxᵀ in float64, and the buffers of the LDLs judged on them."""
+    return 16 * (m ** 2 + 2 * n ** 2) + COEF_BUFFERS * 8 * (m ** 2 + n ** 2)
+
+
+def coefficient_flops(m: int, n: int) -> float:
+    """The same layer's multiply-adds: every λ's Cholesky and triangular solve, both ways, on both sides."""
+    return 2 * (11.0 * m ** 3 + 12.7 * n ** 3)
 
 
 def row_block_rows(m: int, n: int, tile: int = 16) -> int | None:
@@ -404,10 +416,9 @@ def profile_plan(config: dict | ModelShape, settings: ProfileSettings) -> Resour
                         f"{n_outer} windows, embedding{' and head' if not shape.tied else ''} gradients"))
 
     # layers: one layer's loaded halves and its block LDLs, the widest layer sets the peak
-    coef = max(16 * (x.out_features ** 2 + 2 * x.in_features ** 2)
-               + COEF_BUFFERS * 8 * (x.out_features ** 2 + x.in_features ** 2) for x in linears)
+    coef = max(coefficient_bytes(x.out_features, x.in_features) for x in linears)
     host, dev = _split(s.device, weights + coef)
-    flops = sum(2 * (11.0 * x.out_features ** 3 + 12.7 * x.in_features ** 3) for x in linears) / W
+    flops = sum(coefficient_flops(x.out_features, x.in_features) for x in linears) / W
     phases.append(Phase("layers", flops * f64 / fb, host, dev, "block LDL, held-out gains and λ of every layer"))
 
     # formats: every matrix in every candidate format, a block of rows at a time; the largest sets the peak
@@ -493,7 +504,11 @@ def apply_plan_resources(config: dict | ModelShape, formats: dict[str, str], set
                               + (8 * m * n if fmt.rotated else 0))   # a rotated format's whole rotated weight
         else:
             rounding_bytes = APPLY_WEIGHT_BUFFERS * 8 * m * n + 8 * sum(sides)
-        layer_peak = max(layer_peak, ldl_bytes, rounding_bytes)
+        # λ chosen here: every factor of both halves read and judged first, as the profile's layer phase does
+        choice = two_sided and s.choose_shrink
+        if choice:
+            flops += f64 * coefficient_flops(m, n)
+        layer_peak = max(layer_peak, ldl_bytes, rounding_bytes, coefficient_bytes(m, n) if choice else 0)
     # lazy: a block of rows of one tensor at a time (bitplan.shards) and each layer's packed tensors in its part
     # file; else the whole model and every packed layer until the checkpoint is written
     held = LAZY_OPEN_BYTES if s.lazy else shape.params * db + packed
@@ -502,7 +517,9 @@ def apply_plan_resources(config: dict | ModelShape, formats: dict[str, str], set
     planned = sum(by_name[n].params if n in by_name else shape.embedding_params for n in formats)
     fp16_rest = (shape.params - planned) * 2     # every tensor the plan leaves out is stored fp16
     phase = Phase("rounding", flops / max(1, s.processes) / fb, host, dev,
-                  f"{rounding_layers} layers, {s.rounding}, {workers} at once")
+                  f"{rounding_layers} layers, {s.rounding}, {workers} at once"
+                  + ("; λ chosen from both halves (the profile has none for these settings)"
+                     if s.choose_shrink and s.rounding == "yaqa" else ""))
     plan = ResourcePlan("apply", shape, s.device, [phase], packed + fp16_rest, packed + fp16_rest + packed,
                         fb_flops=fb)
     return plan
@@ -632,9 +649,14 @@ def profile_job(model: str, *, samples: int, seqlen: int, batch_size: int, facto
 
 def apply_job(plan_path: str | Path, *, model: str | None = None, rounding: str | None = None,
               profile_dir: str | Path | None = None, workers: int | None = None, device: str = "auto",
-              dtype: str = "auto", free: Available | None = None) -> tuple[ResourcePlan, str | None]:
-    """(plan, refusal) of `bitplan apply PLAN` from the plan's formats and the model's config.json."""
+              dtype: str = "auto", shrink: str | float = "auto", shrink_target: str | None = None,
+              free: Available | None = None) -> tuple[ResourcePlan, str | None]:
+    """(plan, refusal) of `bitplan apply PLAN` from the plan's formats and the model's config.json; with the
+    profile's hessians/ at hand, it also says whether apply must choose yaqa's λs itself (`shrink` auto, and the
+    profile chose none for these factors and `shrink_target`, None: apply's default)."""
+    from .heldout import DEFAULT_SHRINK_TARGET
     from .profile.directory import ProfileDir
+    from .profile.hessians import factors_path
     from .solve import load_plan
 
     plan_path = Path(plan_path)
@@ -650,9 +672,13 @@ def apply_job(plan_path: str | Path, *, model: str | None = None, rounding: str 
     if prof is not None and (prof.path / "profile.json").is_file():
         fp = json.loads((prof.path / "profile.json").read_text()).get("settings", {}).get("fingerprint", {})
         samples, seqlen = int(fp.get("samples", samples)), int(fp.get("seqlen", seqlen))
-    settings = ApplySettings(samples=samples, seqlen=seqlen, rounding=rounding or solved.rounding or "yaqa",
+    rounding = rounding or solved.rounding or "yaqa"
+    choose = (rounding == "yaqa" and str(shrink) == "auto" and prof is not None and prof.has_hessians
+              and any(prof.chosen_shrinkage(n, shrink_target or DEFAULT_SHRINK_TARGET) is None for n, f in solved.formats.items()
+                      if f != "fp16" and factors_path(prof.path, n, "a").is_file()))
+    settings = ApplySettings(samples=samples, seqlen=seqlen, rounding=rounding,
                              workers=workers or os.cpu_count() or 1, dtype_bytes=dtype_bytes(dtype, kind, config),
-                             device=kind, processes=processes())
+                             device=kind, processes=processes(), choose_shrink=choose)
     plan = apply_plan_resources(ModelShape.from_config(config, name), solved.formats, settings)
     free = free or available(device if kind == "cuda" else "cpu")
     return plan, check(plan, free)

@@ -264,12 +264,10 @@ def apply_formats(model: str | LoadedModel | WeightSource, formats: dict[str, st
             return name, *cached
         shape = tuple(source.tensor_info(f"{name}.weight")[1])   # the weight is read after its factors
         if method == "yaqa" and lam == "auto":
-            known = _profile_with_factors(profile, method).shrinkage(name)
-            # the profile's choice when it was made from these factors (same samples and target), else
-            # recomputed from both halves (read for that alone, before the sums the rounding reads)
-            fits = (known is not None and known.samples == profile.factor_samples(name)
-                    and known.target == shrink_target)
-            lams = known if fits else auto_shrink(layer_factors(profile, name, method, shape), name, shrink_target)
+            # the profile's choice when it was made from these factors, else recomputed from both halves (read
+            # for that alone, before the sums the rounding reads)
+            lams = (_profile_with_factors(profile, method).chosen_shrinkage(name, shrink_target)
+                    or auto_shrink(layer_factors(profile, name, method, shape), name, shrink_target))
         else:
             lams = Shrinkage(lam if method == "yaqa" else 0.0, 0.0, shrink_target)
         H_in, H_out, one_sided = (rounding_factors(profile, name, method, shape) if method != "rtn"

@@ -43,7 +43,7 @@ def apply_command(
         from ..resources import apply_job, plan_table
 
         job, refusal = apply_job(plan, model=model, rounding=rounding, profile_dir=profile, workers=workers,
-                                 device=device, dtype=dtype)
+                                 device=device, dtype=dtype, shrink=shrink, shrink_target=shrink_target)
         print_table(plan_table(job), console)
         if refusal:
             console.print(f"[yellow]would not fit: {refusal}[/]", soft_wrap=True)

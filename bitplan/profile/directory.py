@@ -90,6 +90,14 @@ class ProfileDir:
         samples they were chosen on; None when profile.json is missing or holds no choice for the layer."""
         return self._shrinkages.get(layer)
 
+    def chosen_shrinkage(self, layer: str, target: str) -> Shrinkage | None:
+        """The profile's λs of `layer` when they were chosen on these factors (same samples) toward `target`;
+        None when apply has to choose them itself, from both halves' factors (all read at once for that)."""
+        known = self.shrinkage(layer)
+        if known is None or known.target != target or not self.has_hessians:
+            return None
+        return known if known.samples == self.factor_samples(layer) else None
+
     @cached_property
     def _shrinkages(self) -> dict[str, Shrinkage]:
         if self.profile is None:

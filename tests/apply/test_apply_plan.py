@@ -109,6 +109,37 @@ def test_apply_takes_the_profile_s_lambdas_only_when_chosen_on_the_same_factors(
     assert layers[other["name"]]["shrink_out"] == expected.out != 0.1234
 
 
+def test_the_apply_forecast_counts_the_lambda_choice_only_when_apply_makes_one(tiny_plan, tiny_model_dir, tmp_path):
+    """apply chooses yaqa's λs itself (reading both halves of every factor) exactly when the profile holds none
+    for its factors and target: the dry-run says so and counts that layer's held-out LDLs."""
+    from bitplan.resources import Available, ModelShape, apply_job, coefficient_bytes
+
+    lm, plan, plan_path = tiny_plan
+    free = Available(float("inf"), None)
+
+    def job(**kw):
+        return apply_job(plan_path, model=str(tiny_model_dir), profile_dir=tmp_path / "prof", workers=1,
+                         device="cpu", free=free, **kw)[0]
+
+    said = "λ chosen from both halves"
+    plain = job()
+    assert said not in plain.phases[0].note
+    chosen = job(shrink_target="diagonal")     # the profile chose its λs toward the identity
+    assert said in chosen.phases[0].note
+    shape = ModelShape.from_config(json.loads((tiny_model_dir / "config.json").read_text()))
+    widest = max(coefficient_bytes(x.out_features, x.in_features) for x in shape.linears()
+                 if plan.formats.get(x.name, "fp16") != "fp16")
+    assert plain.host_bytes < chosen.host_bytes <= plain.host_bytes + widest
+    assert chosen.phases[0].times_fb > plain.phases[0].times_fb
+    assert said not in job(shrink=0.1, shrink_target="diagonal").phases[0].note   # a λ given: nothing to choose
+    assert said not in job(rounding="ldlq", shrink_target="diagonal").phases[0].note
+    path = tmp_path / "prof" / "profile.json"
+    data = json.loads(path.read_text())
+    next(r for r in data["layers"] if plan.formats[r["name"]] != "fp16")["extra"]["n_samples"] += 1
+    path.write_text(json.dumps(data))      # one layer's λs chosen on other factors: apply chooses again
+    assert said in job().phases[0].note
+
+
 def test_apply_rounds_as_the_plan_was_solved_for_unless_told_otherwise(tiny_plan, tmp_path, capsys):
     """The common path needs no choice: a hessian plan from a profile without factors rounds to nearest, a yaqa
     plan with YAQA, a plan file from before plans recorded their rounding by its objective's."""
