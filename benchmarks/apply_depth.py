@@ -5,7 +5,8 @@
 scale_bench.py runs the whole pipeline, but on a 2-core CPU only a model's first blocks fit in its time: the
 profile's per-layer phases dominate. Apply does not read what those phases measure, only the factor files, so
 this benchmark runs what apply needs at every block:
-  1. builds the random-weight model (scale_bench.build_model);
+  1. builds the random-weight model (scale_bench.build_model) and times one plain forward+backward over the
+     calibration (scale_bench.time_fb: the forecast's time unit);
   2. runs the profile's noise-free factor phase alone: `profile_model` stops once both halves' hessians/ files
      are written (its later phases are skipped; the job stays unfinished);
   3. gives every block linear layer a format: `--plan`'s format of the same layer in block b mod the plan's
@@ -32,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.scale_bench import SHAPES, build_model, load_config, own_peak_bytes  # noqa: E402
+from benchmarks.scale_bench import SHAPES, build_model, load_config, own_peak_bytes, time_fb  # noqa: E402
 
 
 class _FactorsWritten(Exception):
@@ -138,16 +139,17 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     folder = out / "model"
     build_model(load_config(args.config), args.blocks, folder, args.seed)
+    fb = time_fb(folder, out, args.samples, args.seqlen, 4, "cpu", "float32", args.threads)
     fac = step(out, "factors", [str(folder), str(out / "prof"), str(args.samples), str(args.seqlen),
                                 str(args.factor_groups)], args.threads)
     formats = plan_formats(folder, args.plan, args.formats.split(","))
     (out / "formats.json").write_text(json.dumps(formats, indent=1))
     app = step(out, "apply", [str(folder), str(out / "prof"), str(out / "formats.json"), str(out / "q"),
                               args.shrink], args.threads)
-    report(out, args, folder, formats, fac, app)
+    report(out, args, folder, formats, fb["seconds"], fac, app)
 
 
-def report(out: Path, args, folder: Path, formats: dict[str, str], fac: dict, app: dict) -> None:
+def report(out: Path, args, folder: Path, formats: dict[str, str], fb: float, fac: dict, app: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -162,17 +164,21 @@ def report(out: Path, args, folder: Path, formats: dict[str, str], fac: dict, ap
     f32 = 4 * shape.params
     table = Table(title=f"apply of {args.config}{f', first {args.blocks} blocks' if args.blocks else ''} "
                         f"({shape.params / 1e9:.2f} B parameters, {fmt_bytes(f32)} in float32), "
-                        f"{len(formats)} layers in yaqa, one worker")
-    for col in ("step", "wall", "peak host", "forecast", "÷ forecast", "÷ half the float32 model"):
+                        f"{sum(f != 'fp16' for f in formats.values())} of {len(formats)} layers in yaqa, one "
+                        f"worker; one forward+backward over {args.samples} × "
+                        f"{args.seqlen} tokens {fb:.1f} s")
+    for col in ("step", "wall", "forecast", "peak host", "forecast", "÷ forecast", "÷ half the float32 model"):
         table.add_column(col, justify="left" if col == "step" else "right")
-    table.add_row("factors (2 halves)", f"{fac['wall_s']:.0f} s", fmt_bytes(fac["host_bytes"]), "–", "–", "–")
-    table.add_row("apply", f"{app['wall_s']:.0f} s", f"{app['host_bytes'] / 2 ** 30:.2f} GiB",
+    table.add_row("factors (2 halves)", f"{fac['wall_s']:.0f} s", "–", fmt_bytes(fac["host_bytes"]), "–", "–", "–")
+    table.add_row("apply", f"{app['wall_s']:.0f} s", f"{forecast.times_fb * fb:.0f} s",
+                  f"{app['host_bytes'] / 2 ** 30:.2f} GiB",
                   f"{forecast.host_bytes / 2 ** 30:.2f} GiB", f"{app['host_bytes'] / forecast.host_bytes:.2f}",
                   f"{app['host_bytes'] / (f32 / 2):.2f}")
     Console().print(table)
     (out / "results.json").write_text(json.dumps({
         "config": args.config, "blocks": args.blocks, "params": shape.params, "float32_bytes": f32,
-        "layers": len(formats), "factors": fac, "apply": app, "apply_forecast_bytes": forecast.host_bytes},
+        "layers": len(formats), "forward_backward_s": fb, "factors": fac, "apply": app,
+        "apply_forecast_bytes": forecast.host_bytes, "apply_forecast_s": forecast.times_fb * fb},
         indent=2))
     print(f"wrote {out / 'results.json'}")
 
