@@ -159,7 +159,7 @@ def report(out: Path, args, folder: Path, formats: dict[str, str], fb: float, fa
     shape = ModelShape.from_config(config, args.config)
     settings = ApplySettings(samples=args.samples, seqlen=args.seqlen, rounding="yaqa", workers=1,
                              dtype_bytes=dtype_bytes("float32", "cpu", config), device="cpu", processes=1,
-                             choose_shrink=args.shrink == "auto")
+                             choose_shrink=frozenset(formats if args.shrink == "auto" else ()))
     forecast = apply_plan_resources(shape, formats, settings)
     f32 = 4 * shape.params
     table = Table(title=f"apply of {args.config}{f', first {args.blocks} blocks' if args.blocks else ''} "

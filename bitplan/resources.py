@@ -240,7 +240,7 @@ class ApplySettings:
     device: str = "cpu"
     lazy: bool = True                    # weights read per layer from the shards (never the whole model)
     processes: int = 1
-    choose_shrink: bool = False          # yaqa's λs chosen in apply (the profile holds none for its settings)
+    choose_shrink: frozenset[str] = frozenset()   # layers whose yaqa λs apply chooses (the profile has none)
 
 
 @dataclass
@@ -471,6 +471,7 @@ def apply_plan_resources(config: dict | ModelShape, formats: dict[str, str], set
     flops = 0.0
     layer_peak = 0.0
     rounding_layers = 0
+    choosing = 0
     fmts = {}
     for name, fname in formats.items():
         fmt = fmts.get(fname) or fmts.setdefault(fname, get_format(fname))
@@ -505,8 +506,9 @@ def apply_plan_resources(config: dict | ModelShape, formats: dict[str, str], set
         else:
             rounding_bytes = APPLY_WEIGHT_BUFFERS * 8 * m * n + 8 * sum(sides)
         # λ chosen here: every factor of both halves read and judged first, as the profile's layer phase does
-        choice = two_sided and s.choose_shrink
+        choice = two_sided and name in s.choose_shrink
         if choice:
+            choosing += 1
             flops += f64 * coefficient_flops(m, n)
         layer_peak = max(layer_peak, ldl_bytes, rounding_bytes, coefficient_bytes(m, n) if choice else 0)
     # lazy: a block of rows of one tensor at a time (bitplan.shards) and each layer's packed tensors in its part
@@ -518,8 +520,8 @@ def apply_plan_resources(config: dict | ModelShape, formats: dict[str, str], set
     fp16_rest = (shape.params - planned) * 2     # every tensor the plan leaves out is stored fp16
     phase = Phase("rounding", flops / max(1, s.processes) / fb, host, dev,
                   f"{rounding_layers} layers, {s.rounding}, {workers} at once"
-                  + ("; λ chosen from both halves (the profile has none for these settings)"
-                     if s.choose_shrink and s.rounding == "yaqa" else ""))
+                  + (f"; λs of {choosing} chosen from both halves (the profile has none for these settings)"
+                     if choosing else ""))
     plan = ResourcePlan("apply", shape, s.device, [phase], packed + fp16_rest, packed + fp16_rest + packed,
                         fb_flops=fb)
     return plan
@@ -673,9 +675,11 @@ def apply_job(plan_path: str | Path, *, model: str | None = None, rounding: str 
         fp = json.loads((prof.path / "profile.json").read_text()).get("settings", {}).get("fingerprint", {})
         samples, seqlen = int(fp.get("samples", samples)), int(fp.get("seqlen", seqlen))
     rounding = rounding or solved.rounding or "yaqa"
-    choose = (rounding == "yaqa" and str(shrink) == "auto" and prof is not None and prof.has_hessians
-              and any(prof.chosen_shrinkage(n, shrink_target or DEFAULT_SHRINK_TARGET) is None for n, f in solved.formats.items()
-                      if f != "fp16" and factors_path(prof.path, n, "a").is_file()))
+    choose = frozenset()
+    if rounding == "yaqa" and str(shrink) == "auto" and prof is not None and prof.has_hessians:
+        target = shrink_target or DEFAULT_SHRINK_TARGET
+        choose = frozenset(n for n in solved.formats if factors_path(prof.path, n, "a").is_file()
+                           and prof.chosen_shrinkage(n, target) is None)
     settings = ApplySettings(samples=samples, seqlen=seqlen, rounding=rounding,
                              workers=workers or os.cpu_count() or 1, dtype_bytes=dtype_bytes(dtype, kind, config),
                              device=kind, processes=processes(), choose_shrink=choose)

@@ -109,7 +109,8 @@ def test_apply_takes_the_profile_s_lambdas_only_when_chosen_on_the_same_factors(
     assert layers[other["name"]]["shrink_out"] == expected.out != 0.1234
 
 
-def test_the_apply_forecast_counts_the_lambda_choice_only_when_apply_makes_one(tiny_plan, tiny_model_dir, tmp_path):
+def test_the_apply_forecast_counts_the_lambda_choice_only_when_apply_makes_one(tiny_plan, tiny_model_dir, tmp_path,
+                                                                             cli):
     """apply chooses yaqa's λs itself (reading both halves of every factor) exactly when the profile holds none
     for its factors and target: the dry-run says so and counts that layer's held-out LDLs."""
     from bitplan.resources import Available, ModelShape, apply_job, coefficient_bytes
@@ -121,23 +122,27 @@ def test_the_apply_forecast_counts_the_lambda_choice_only_when_apply_makes_one(t
         return apply_job(plan_path, model=str(tiny_model_dir), profile_dir=tmp_path / "prof", workers=1,
                          device="cpu", free=free, **kw)[0]
 
-    said = "λ chosen from both halves"
+    said = "chosen from both halves"
     plain = job()
     assert said not in plain.phases[0].note
     chosen = job(shrink_target="diagonal")     # the profile chose its λs toward the identity
-    assert said in chosen.phases[0].note
+    rounded = [n for n, f in plan.formats.items() if f != "fp16" and ".layers." in n]
+    assert f"λs of {len(rounded)} {said}" in chosen.phases[0].note
     shape = ModelShape.from_config(json.loads((tiny_model_dir / "config.json").read_text()))
     widest = max(coefficient_bytes(x.out_features, x.in_features) for x in shape.linears()
                  if plan.formats.get(x.name, "fp16") != "fp16")
     assert plain.host_bytes < chosen.host_bytes <= plain.host_bytes + widest
     assert chosen.phases[0].times_fb > plain.phases[0].times_fb
+    code, out, _ = cli("apply", plan_path, "-o", tmp_path / "q", "--model", tiny_model_dir, "--profile",
+                       tmp_path / "prof", "--dry-run", "--shrink-target", "diagonal")
+    assert code == 0 and f"λs of {len(rounded)} {said}" in " ".join(out.split())   # the CLI passes its options
     assert said not in job(shrink=0.1, shrink_target="diagonal").phases[0].note   # a λ given: nothing to choose
     assert said not in job(rounding="ldlq", shrink_target="diagonal").phases[0].note
     path = tmp_path / "prof" / "profile.json"
     data = json.loads(path.read_text())
     next(r for r in data["layers"] if plan.formats[r["name"]] != "fp16")["extra"]["n_samples"] += 1
     path.write_text(json.dumps(data))      # one layer's λs chosen on other factors: apply chooses again
-    assert said in job().phases[0].note
+    assert f"λs of 1 {said}" in job().phases[0].note
 
 
 def test_apply_rounds_as_the_plan_was_solved_for_unless_told_otherwise(tiny_plan, tmp_path, capsys):
