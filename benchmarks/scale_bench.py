@@ -6,8 +6,8 @@ Builds a model from a config of that shape (`AutoModelForCausalLM.from_config`, 
 keeps the first N decoder blocks) with the default model's tokenizer (its ids all lie inside these vocabularies),
 times one plain forward+backward over the calibration, then runs `bitplan profile` → `solve` → `apply` → `eval`,
 each as its own process, and prints per phase: wall time, that time as a multiple of the forward+backward, peak
-resident memory (and peak device memory on a GPU), and the resource plan's forecast beside each. The profile's
-own phases come from its timing. Every step's result is kept in OUT (model/, fb.json, prof/, plan.json, q/,
+resident memory (and peak device memory on a GPU), and the resource plan's forecast beside each (eval's, on a
+CPU: what its offloading decision assumes it needs). The profile's own phases come from its timing. Every step's result is kept in OUT (model/, fb.json, prof/, plan.json, q/,
 eval.json, each command's peaks in peaks/); a rerun skips the steps already done. results.json holds the table.
 """
 from __future__ import annotations
@@ -244,6 +244,18 @@ def main() -> None:
     report(out, args, fb, steps, *forecasts(folder, out, args))
 
 
+def eval_forecast(folder: Path, seqlen: int) -> float:
+    """What eval's offloading decision assumes it needs on the CPU (bitplan.offload.plan_placement): the process,
+    the reference's float32 weights, and one window's working set (evaluate.working_bytes)."""
+    import torch
+
+    from bitplan.evaluate import working_bytes
+    from bitplan.offload import PROCESS_BYTES, weight_bytes
+
+    config = json.loads((folder / "config.json").read_text())
+    return PROCESS_BYTES + weight_bytes(folder, torch.float32, config) + working_bytes(config, seqlen)
+
+
 def report(out: Path, args, fb: dict, steps: dict, prof, app) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -271,7 +283,8 @@ def report(out: Path, args, fb: dict, steps: dict, prof, app) -> None:
     row("solve", steps["solve"]["wall_s"], steps["solve"]["host_bytes"], None, None)
     row("apply (whole process)", steps["apply"]["wall_s"], steps["apply"]["host_bytes"],
         steps["apply"].get("device_bytes"), None if app is None else (app.times_fb, app.host_bytes, app.device_bytes))
-    row("eval", steps["eval"]["wall_s"], steps["eval"]["host_bytes"], steps["eval"].get("device_bytes"), None)
+    row("eval", steps["eval"]["wall_s"], steps["eval"]["host_bytes"], steps["eval"].get("device_bytes"),
+        None if gpu else (None, eval_forecast(out / "model", args.seqlen), None))
 
     table = Table(title=f"{args.config}{f', first {args.blocks} blocks' if args.blocks else ''} "
                         f"({prof.model.params / 1e9:.2f} B parameters), {args.samples} × {args.seqlen} tokens on "
