@@ -18,7 +18,8 @@ halves of every factor, a step (and a peak) a finished profile spares it. So λ 
 default 1.0, what the first 4 blocks' profile of Llama-3.2-1B's shape chose for most layers; H_I unshrunk), and
 `--shrink auto` measures apply choosing them.
 Apply's memory and time do not depend on the calibration's size (every factor is n×n), so a short calibration
-serves. Each step's result is kept in OUT (model/, prof/, q/, steps.json); a rerun skips the steps done.
+serves. Each step's result is kept in OUT (model/, fb.json, prof/, q/, each step's peaks in peaks/); a rerun
+skips the steps done.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.scale_bench import SHAPES, build_model, load_config, own_peak_bytes, time_fb  # noqa: E402
+from benchmarks.scale_bench import (SHAPES, build_model, load_config, run_child, run_recording_peaks,  # noqa: E402
+                                    time_fb)
 
 
 class _FactorsWritten(Exception):
@@ -66,62 +68,30 @@ def apply_child(folder: str, prof: str, formats_json: str, out: str, shrink: str
 
 def step(out: Path, name: str, argv: list[str], threads: int) -> dict:
     """This script in `--NAME` mode as a child process: wall time and peak resident memory (skipped when done)."""
-    record = out / "steps.json"
-    done = json.loads(record.read_text()) if record.is_file() else {}
-    if name in done:
-        return done[name]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    peaks = out / f"{name}.peak"
-    t0 = time.perf_counter()
-    if subprocess.call([sys.executable, __file__, f"--{name}", str(peaks), *argv], env=env, cwd=REPO) != 0:
-        sys.exit(f"{name} failed; rerun to resume")
-    done[name] = {"wall_s": time.perf_counter() - t0, "host_bytes": int(peaks.read_text())}
-    record.write_text(json.dumps(done, indent=2))
-    return done[name]
+    return run_child(out, name, [__file__, f"--{name}"], argv, threads, name, f"{name} {' '.join(argv)}")
 
 
-def plan_formats(folder: Path, plan: Path | None, formats: list[str]) -> dict[str, str]:
-    """Each block linear layer's format: the plan's for the same layer of block b mod the plan's blocks, else
+def plan_formats(config: dict, plan: Path | None, formats: list[str]) -> dict[str, str]:
+    """Each block linear layer's format: the plan's for the same layer kind of block b mod the plan's blocks, else
     `formats` in turn."""
-    import re
+    from bitplan.resources import ModelShape
 
-    from safetensors import safe_open
-
-    def block(name: str) -> int | None:
-        found = re.search(r"\.layers\.(\d+)\.", name)
-        return int(found.group(1)) if found else None
-
-    names = []
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(f, "pt") as st:
-            names += [k.removesuffix(".weight") for k in st.keys()
-                      if block(k) is not None and k.endswith("_proj.weight")]
-    names.sort(key=lambda n: (block(n), n))
+    linears = ModelShape.from_config(config).linears()
     if plan is None:
-        return {n: formats[k % len(formats)] for k, n in enumerate(names)}
-    given = {lay["name"]: lay["format"] for lay in json.loads(plan.read_text())["layers"]
-             if block(lay["name"]) is not None}
-    blocks = 1 + max(block(n) for n in given)
-
-    def source(n: str) -> str:
-        return re.sub(r"\.layers\.\d+\.", f".layers.{block(n) % blocks}.", n)
-
-    missing = sorted({source(n) for n in names} - set(given))
+        return {x.name: formats[k % len(formats)] for k, x in enumerate(linears)}
+    given = {(lay["block"], lay["kind"]): lay["format"] for lay in json.loads(plan.read_text())["layers"]
+             if lay["block"] >= 0}   # the embedding and the head are block -1
+    blocks = 1 + max(b for b, _ in given)
+    missing = sorted({(x.block % blocks, x.kind) for x in linears} - set(given))
     if missing:
-        sys.exit(f"--plan gives no format to {missing[0]}")
-    return {n: given[source(n)] for n in names}
+        sys.exit(f"--plan gives no format to the {missing[0][1]} of block {missing[0][0]}")
+    return {x.name: given[(x.block % blocks, x.kind)] for x in linears}
 
 
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] in ("--factors", "--apply"):
-        peaks, args = Path(sys.argv[2]), sys.argv[3:]
-        try:
-            (factors_child if sys.argv[1] == "--factors" else apply_child)(*args)
-        finally:
-            peaks.write_text(str(own_peak_bytes()))
-        return
+        return run_recording_peaks(sys.argv[2], factors_child if sys.argv[1] == "--factors" else apply_child,
+                                   *sys.argv[4:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help=f"{', '.join(SHAPES)} or a config.json")
     ap.add_argument("--blocks", type=int, default=None, help="keep only the first N decoder blocks")
@@ -142,7 +112,7 @@ def main() -> None:
     fb = time_fb(folder, out, args.samples, args.seqlen, 4, "cpu", "float32", args.threads)
     fac = step(out, "factors", [str(folder), str(out / "prof"), str(args.samples), str(args.seqlen),
                                 str(args.factor_groups)], args.threads)
-    formats = plan_formats(folder, args.plan, args.formats.split(","))
+    formats = plan_formats(json.loads((folder / "config.json").read_text()), args.plan, args.formats.split(","))
     (out / "formats.json").write_text(json.dumps(formats, indent=1))
     app = step(out, "apply", [str(folder), str(out / "prof"), str(out / "formats.json"), str(out / "q"),
                               args.shrink], args.threads)

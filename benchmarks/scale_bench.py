@@ -7,8 +7,9 @@ keeps the first N decoder blocks) with the default model's tokenizer (its ids al
 times one plain forward+backward over the calibration, then runs `bitplan profile` → `solve` → `apply` → `eval`,
 each as its own process, and prints per phase: wall time, that time as a multiple of the forward+backward, peak
 resident memory (and peak device memory on a GPU), and the resource plan's forecast beside each (eval's, on a
-CPU: what its offloading decision assumes it needs). The profile's own phases come from its timing. Every step's result is kept in OUT (model/, fb.json, prof/, plan.json, q/,
-eval.json, each command's peaks in peaks/); a rerun skips the steps already done. results.json holds the table.
+CPU: what its offloading decision assumes it needs). The profile's own phases come from its timing. Every step's
+result is kept in OUT (model/, fb.json, prof/, plan.json, q/, eval.json, each command's peaks in peaks/); a rerun
+skips the steps already done. results.json holds the table.
 """
 from __future__ import annotations
 
@@ -29,12 +30,19 @@ GIB = 2 ** 30
 
 def child(peaks_file: str, argv: list[str]) -> None:
     """Run `bitplan ARGV` in this process and write its peak resident (and device) memory, however it ends."""
-    code = 0
-    try:
-        from bitplan.cli import main
+    from bitplan.cli import main
 
-        sys.argv = ["bitplan", *argv]
-        main()
+    sys.argv = ["bitplan", *argv]
+    run_recording_peaks(peaks_file, main)
+
+
+def run_recording_peaks(peaks_file: str, fn, *args) -> None:
+    """`fn(*args)`, then its exit status and this process's peak resident (and device) memory written to
+    `peaks_file` as JSON, however it ends (an exception records exit 1, so a rerun does not take it as done)."""
+    code = 1
+    try:
+        fn(*args)
+        code = 0
     except SystemExit as e:
         code = e.code or 0
     finally:
@@ -65,6 +73,12 @@ def own_peak_bytes() -> int:
 
 def run_step(out: Path, name: str, argv: list[str], threads: int) -> dict:
     """`bitplan ARGV` as a child process (skipped when its peaks are already recorded): wall time and peaks."""
+    return run_child(out, name, [__file__, "--child"], argv, threads, f"bitplan {argv[0]}", f"bitplan {' '.join(argv)}")
+
+
+def run_child(out: Path, name: str, command: list[str], argv: list[str], threads: int, what: str, shown: str) -> dict:
+    """`python COMMAND PEAKS -- ARGV` as a child process that writes its peaks to PEAKS (run_recording_peaks), with
+    `threads` OpenMP threads, skipped when its peaks record a clean exit already: wall time and peaks."""
     peaks = out / "peaks" / f"{name}.json"
     if peaks.is_file() and json.loads(peaks.read_text()).get("exit") == 0:
         return json.loads(peaks.read_text())
@@ -72,12 +86,12 @@ def run_step(out: Path, name: str, argv: list[str], threads: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    print(f"$ bitplan {' '.join(argv)}", flush=True)
+    print(f"$ {shown}", flush=True)
     t0 = time.perf_counter()
-    code = subprocess.call([sys.executable, __file__, "--child", str(peaks), "--", *argv], env=env, cwd=REPO)
+    code = subprocess.call([sys.executable, *command, str(peaks), "--", *argv], env=env, cwd=REPO)
     wall = time.perf_counter() - t0
     if code != 0:
-        sys.exit(f"bitplan {argv[0]} failed (exit {code}); fix it and rerun: finished steps are kept in {out}")
+        sys.exit(f"{what} failed (exit {code}); fix it and rerun: finished steps are kept in {out}")
     data = {**json.loads(peaks.read_text()), "wall_s": wall}
     peaks.write_text(json.dumps(data))
     return data
